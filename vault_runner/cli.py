@@ -1,0 +1,263 @@
+"""The `vault-runner` command line. Thin: it turns arguments into engine calls.
+
+Exit codes (README): 0 every block ran as expected, 1 a block failed (or a region was
+edited by hand), 2 a usage or input error (a note that cannot be processed safely).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from . import __version__
+from .engine import Engine, Event, NoteReport, clean_note, could_have_blocks
+from .vault import Vault, VaultError, find_root, load_vault
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+CommandAdder = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+
+
+def _err_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def default_target(paths: Sequence[str]) -> list[Path]:
+    if paths:
+        return [Path(p) for p in paths]
+    if Path("sample_vault").is_dir():
+        return [Path("sample_vault")]
+    raise VaultError(
+        Path.cwd(), "no vault given; pass a vault folder or notes (e.g. `vault-runner render sample_vault`)"
+    )
+
+
+def notes_under(paths: Iterable[Path]) -> list[tuple[Vault, Path]]:
+    """Expand folders into their notes; each note with the vault it belongs to."""
+    found: list[tuple[Vault, Path]] = []
+    vaults: dict[Path, Vault] = {}
+    for path in paths:
+        if not path.exists():
+            raise VaultError(path, "does not exist")
+        root = find_root(path)
+        vault = vaults.get(root) or vaults.setdefault(root, load_vault(path))
+        if path.is_dir():
+            if path.resolve() != vault.root:
+                inner = Vault(
+                    path.resolve(),
+                    vault.attachment_folder,
+                    vault.use_markdown_links,
+                    vault.new_link_format,
+                    vault.ignore_filters,
+                    vault.config,
+                )
+                found.extend((vault, p) for p in inner.notes())
+            else:
+                found.extend((vault, p) for p in vault.notes())
+        else:
+            found.append((vault, path))
+    return found
+
+
+class Progress:
+    """Shows engine events: a live rich status on a terminal, one line per note otherwise."""
+
+    def __init__(self, console: Console, enabled: bool) -> None:
+        self.console = console
+        self.enabled = enabled
+        self.status = None
+
+    def __call__(self, event: Event) -> None:
+        if not self.enabled:
+            return
+        if event.kind == "block-started":
+            self._show(f"[bold]{event.note}[/] · block at line {event.line}")
+        elif event.kind == "note-started":
+            self._show(f"[bold]{event.note}[/] · starting kernel")
+
+    def _show(self, text: str) -> None:
+        if not self.console.is_terminal:
+            return
+        if self.status is None:
+            self.status = self.console.status(text)
+            self.status.start()
+        else:
+            self.status.update(text)
+
+    def stop(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+
+_ICONS = {
+    "ok": "[green]✓[/]",
+    "raised": "[green]✓[/]",
+    "error": "[red]✗[/]",
+    "timeout": "[red]⏱[/]",
+    "dead": "[red]☠[/]",
+    "skipped": "[yellow]·[/]",
+    "not-run": "[dim]·[/]",
+    "hand-edited": "[yellow]✎[/]",
+    "unwritten": "[yellow]↻[/]",
+}
+
+
+def print_note(console: Console, report: NoteReport) -> None:
+    if report.status == "refused":
+        console.print(f"[red]error[/] {report.message}")
+        return
+    if report.status in {"not-opted-in", "no-blocks", "current"}:
+        return
+    written = "written" if report.written else "unchanged"
+    ran = [b for b in report.blocks if b.status not in {"not-run", "skipped"}]
+    seconds = sum(b.duration for b in report.blocks)
+    console.print(
+        f"[bold]{report.note}[/] · {len(ran)} block(s) in {seconds:.2f} s · {report.device or '?'} · {written}"
+    )
+    for block in report.blocks:
+        if block.failed or block.status in {"skipped", "unwritten"}:
+            detail = block.message or ""
+            if block.status == "error" and not detail:
+                errors = [o for o in block.outputs if o.get("type") == "error"]
+                detail = f"{errors[0]['ename']}: {errors[0]['evalue']}" if errors else "error"
+            console.print(f"  {_ICONS.get(block.status, '?')} {report.note}:{block.line}: {block.status}: {detail}")
+    if report.message:
+        console.print(f"  [red]{report.message}[/]")
+
+
+def summarize(console: Console, reports: Sequence[NoteReport]) -> None:
+    notes_by: dict[str, int] = {}
+    blocks_by: dict[str, int] = {}
+    for report in reports:
+        notes_by[report.status] = notes_by.get(report.status, 0) + 1
+        for block in report.blocks:
+            blocks_by[block.status] = blocks_by.get(block.status, 0) + 1
+    written = sum(1 for r in reports if r.written)
+    note_part = ", ".join(f"{n} {s}" for s, n in sorted(notes_by.items()))
+    block_part = ", ".join(f"{n} {s}" for s, n in sorted(blocks_by.items())) or "no blocks"
+    console.print(f"{len(reports)} note(s): {note_part}; blocks: {block_part}; {written} note(s) written")
+
+
+def exit_code(reports: Sequence[NoteReport]) -> int:
+    if any(r.status == "refused" for r in reports):
+        return EXIT_USAGE
+    if any(r.failed for r in reports):
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _run_notes(args: argparse.Namespace, require_opt_in: bool, paths: list[Path]) -> int:
+    console = _err_console()
+    progress = Progress(console, not args.json)
+    reports: list[NoteReport] = []
+    try:
+        for vault, path in notes_under(paths):
+            if require_opt_in:
+                try:
+                    if not could_have_blocks(path.read_bytes()):
+                        continue
+                except OSError:
+                    pass
+            engine = Engine(vault, on_event=progress, force=args.force)
+            report = engine.run_note(path, require_opt_in=require_opt_in and not args.all)
+            progress.stop()
+            reports.append(report)
+            if not args.json:
+                print_note(console, report)
+    finally:
+        progress.stop()
+    if args.json:
+        print(json.dumps({"notes": [r.to_json() for r in reports]}, ensure_ascii=False, indent=2))
+    else:
+        summarize(console, reports)
+    return exit_code(reports)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    paths = [Path(p) for p in args.notes]
+    for path in paths:
+        if path.is_dir():
+            raise VaultError(path, "is a folder; `run` takes notes (use `render` for a vault)")
+    return _run_notes(args, require_opt_in=False, paths=paths)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    return _run_notes(args, require_opt_in=True, paths=default_target(args.paths))
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    console = _err_console()
+    cleaned = 0
+    for vault, path in notes_under(default_target(args.paths)):
+        try:
+            if not could_have_blocks(path.read_bytes()):
+                continue
+        except OSError:
+            pass
+        if clean_note(vault, path):
+            cleaned += 1
+            console.print(f"cleaned {path}")
+    console.print(f"{cleaned} note(s) cleaned")
+    return EXIT_OK
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the per-block report as JSON on stdout")
+    parser.add_argument(
+        "--force", action="store_true", help="run even when outputs are current, and overwrite hand-edited regions"
+    )
+
+
+def add_core_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = sub.add_parser("run", help="run the named notes (opted in or not) and write their outputs")
+    run.add_argument("notes", nargs="+", metavar="NOTE")
+    _add_run_options(run)
+    run.set_defaults(func=cmd_run, all=True)
+
+    render = sub.add_parser("render", help="run every opted-in note of a vault whose outputs are not current")
+    render.add_argument("paths", nargs="*", metavar="VAULT", help="vault folder (or notes); default ./sample_vault")
+    render.add_argument("--all", action="store_true", help="ignore opt-in: run every note with python blocks")
+    _add_run_options(render)
+    render.set_defaults(func=cmd_render)
+
+    clean = sub.add_parser("clean", help="remove output regions and the attachments vault-runner made")
+    clean.add_argument("paths", nargs="*", metavar="PATH")
+    clean.set_defaults(func=cmd_clean)
+
+
+COMMANDS: list[CommandAdder] = [add_core_commands]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vault-runner",
+        description="Run the python blocks of Obsidian notes in a Jupyter kernel and write outputs back.",
+    )
+    parser.add_argument("--version", action="version", version=f"vault-runner {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except VaultError as exc:
+        _err_console().print(f"[red]error[/] {exc.one_line()}", markup=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _err_console().print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
