@@ -232,6 +232,23 @@ def add_core_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 COMMANDS: list[CommandAdder] = [add_core_commands]
+# Each front end module offers `add_commands(subparsers)`; one module per front end.
+FRONT_ENDS = ("vault_runner.ci_cli", "vault_runner.admin_cli", "vault_runner.watch_cli", "vault_runner.server_cli")
+
+
+def _front_end_adders() -> list[CommandAdder]:
+    import importlib
+
+    adders = list(COMMANDS)
+    for name in FRONT_ENDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue  # that front end is not part of this build
+            raise
+        adders.append(module.add_commands)
+    return adders
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vault-runner {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in COMMANDS:
+    for add in _front_end_adders():
         add(sub)
     return parser
 

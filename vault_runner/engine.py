@@ -252,6 +252,20 @@ class _Result:
     report: BlockReport
 
 
+class KernelSetupError(Exception):
+    pass
+
+
+@dataclass
+class Run:
+    """What one execution of a note produced, before it is written back."""
+
+    loaded: Loaded
+    report: NoteReport
+    results: dict[int, _Result]
+    kernel_restarted: bool = False
+
+
 class Engine:
     def __init__(
         self,
@@ -300,47 +314,70 @@ class Engine:
                     for p in loaded.runnable
                 ],
             )
-        report = self.execute(loaded)
+        run = self.execute(loaded)
+        report = run.report
         report.duration = time.monotonic() - started
         if write and loaded.runnable:
-            self.write_back(loaded, report)
+            self.write_back(run)
         self.on_event(
             Event("note-finished", loaded.relative, data={"failed": report.failed, "written": report.written})
         )
         return report
 
     # -- execution -----------------------------------------------------------------------
-    def execute(self, loaded: Loaded, kernel: Kernel | None = None) -> NoteReport:
+    def start_kernel(self, loaded: Loaded) -> Kernel:
+        kernel = self.kernel_factory(loaded.path.parent, self._kernel_env(loaded), loaded.note_options.values)
+        kernel.start()
+        return kernel
+
+    def prepare(self, kernel: Kernel, loaded: Loaded) -> str:
+        """Run the setup code (device, seeds) in a kernel; return the device. Raises KernelSetupError."""
+        setup = kernel.execute(
+            setup_code(loaded.note_options, _needs_torch(loaded)),
+            SETUP_TIMEOUT,
+            silent=True,
+            user_expressions={"device": "__vault_runner_device"},
+        )
+        if setup.status != "ok":
+            raise KernelSetupError(f"{loaded.relative}: the kernel could not be prepared: {_setup_failure(setup)}")
+        return _expression_text(setup.user_expressions.get("device")) or "cpu"
+
+    def execute(
+        self,
+        loaded: Loaded,
+        kernel: Kernel | None = None,
+        *,
+        device: str | None = None,
+        start_at: int = 0,
+        sources: dict[int, CellSource] | None = None,
+    ) -> Run:
+        """Run the note's blocks from `start_at` (block index) on.
+
+        Without `kernel`, a fresh one is started, prepared and shut down. With one, the
+        caller owns it and has prepared it (`device` is what `prepare` returned); blocks
+        before `start_at` are taken as already run in it. `sources` maps execution counts
+        to note lines for tracebacks and is updated, so a caller can keep it per kernel.
+        """
         relative = loaded.relative
-        report = NoteReport(note=relative, status="ran")
+        run = Run(loaded, NoteReport(note=relative, status="ran"), {})
+        report = run.report
         report.warnings = list(loaded.note_options.warnings)
         self.on_event(Event("note-started", relative, data={"blocks": len(loaded.runnable)}))
-        self._results: dict[int, _Result] = {}
         owns_kernel = kernel is None
-        sources: dict[int, CellSource] = {}
-        device: str | None = None
+        sources = {} if sources is None else sources
         stop_reason: str | None = None
         try:
             if kernel is None:
-                kernel = self.kernel_factory(loaded.path.parent, self._kernel_env(loaded), loaded.note_options.values)
-                kernel.start()
-            setup = kernel.execute(
-                setup_code(loaded.note_options, _needs_torch(loaded)),
-                SETUP_TIMEOUT,
-                silent=True,
-                user_expressions={"device": "__vault_runner_device"},
-            )
-            if setup.status != "ok":
-                message = _setup_failure(setup)
-                report.status = "failed"
-                report.message = f"{relative}: the kernel could not be prepared: {message}"
-                return report
-            device = _expression_text(setup.user_expressions.get("device")) or "cpu"
+                kernel = self.start_kernel(loaded)
+                device = self.prepare(kernel, loaded)
             report.device = device
             for planned in loaded.plan:
                 block = planned.block
                 if planned.code_hash is None:
                     report.blocks.append(self._report(loaded, planned, "not-run", message="eval: false"))
+                    continue
+                if block.index < start_at:
+                    report.blocks.append(self._report(loaded, planned, "current", message="kept"))
                     continue
                 if stop_reason is not None:
                     report.blocks.append(self._report(loaded, planned, "skipped", message=stop_reason))
@@ -350,7 +387,7 @@ class Engine:
                 if execution.execution_count is not None:
                     sources[execution.execution_count] = CellSource(loaded.path.name, block.code_line)
                 result = self._finish_block(loaded, planned, execution, sources, device)
-                self._results[block.index] = result
+                run.results[block.index] = result
                 report.blocks.append(result.report)
                 self.on_event(
                     Event(
@@ -362,6 +399,7 @@ class Engine:
                     )
                 )
                 if execution.kernel_restarted:
+                    run.kernel_restarted = True
                     stop_reason = (
                         f"not run: the kernel was restarted after the block at line "
                         f"{block.fence_line}; fix it and run the note again"
@@ -371,13 +409,13 @@ class Engine:
                         f"not run: the block at line {block.fence_line} raised and "
                         f"`error: false` stops the note at the first error"
                     )
-        except KernelDied as exc:
+        except (KernelDied, KernelSetupError) as exc:
             report.status = "failed"
-            report.message = f"{relative}: {exc}"
+            report.message = str(exc) if isinstance(exc, KernelSetupError) else f"{relative}: {exc}"
         finally:
             if owns_kernel and kernel is not None:
                 kernel.shutdown()
-        return report
+        return run
 
     def _execute_block(self, kernel: Kernel, planned: PlannedBlock, relative: str) -> Execution:
         block = planned.block
@@ -506,9 +544,9 @@ class Engine:
         }
 
     # -- write-back ----------------------------------------------------------------------
-    def write_back(self, loaded: Loaded, report: NoteReport) -> None:
+    def write_back(self, run: Run) -> None:
         """Compare-and-swap the new regions into the note (DESIGN.md contract 5)."""
-        results: dict[int, _Result] = getattr(self, "_results", {})
+        loaded, report, results = run.loaded, run.report, run.results
         ran = [(p, results.get(p.block.index)) for p in loaded.plan]
         by_report = {b.index: b for b in report.blocks}
         attachment_dir = self.vault.attachment_dir(loaded.path)
