@@ -12,7 +12,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote
@@ -250,6 +250,8 @@ class _Result:
     planned: PlannedBlock
     rendered: Rendered | None  # None: nothing to write for this block
     report: BlockReport
+    # Renders again with other traceback line numbers; set when the outputs hold an error.
+    rerender: Callable[[Mapping[int, CellSource]], Rendered] | None = None
 
 
 class KernelSetupError(Exception):
@@ -264,6 +266,7 @@ class Run:
     report: NoteReport
     results: dict[int, _Result]
     kernel_restarted: bool = False
+    sources: dict[int, CellSource] = field(default_factory=dict)
 
 
 class Engine:
@@ -365,6 +368,7 @@ class Engine:
         self.on_event(Event("note-started", relative, data={"blocks": len(loaded.runnable)}))
         owns_kernel = kernel is None
         sources = {} if sources is None else sources
+        run.sources = sources
         stop_reason: str | None = None
         try:
             if kernel is None:
@@ -385,7 +389,7 @@ class Engine:
                 self.on_event(Event("block-started", relative, block.index, block.fence_line))
                 execution = self._execute_block(kernel, planned, relative)
                 if execution.execution_count is not None:
-                    sources[execution.execution_count] = CellSource(loaded.path.name, block.code_line)
+                    sources[execution.execution_count] = CellSource(loaded.path.name, block.code_line, block.index)
                 result = self._finish_block(loaded, planned, execution, sources, device)
                 run.results[block.index] = result
                 report.blocks.append(result.report)
@@ -481,13 +485,17 @@ class Engine:
                 }
             )
         shown = outputs if planned.options["output"] else [o for o in outputs if o.get("output_type") == "error"]
-        rendered = render_outputs(
-            shown,
-            note_stem=_attachment_stem(loaded),
-            embed=lambda name: self.vault.embed(loaded.path, self.vault.attachment_dir(loaded.path) / name),
-            sources=sources,
-            output_lines=int(planned.options["output-lines"]),
-        )
+
+        def rerender(cell_sources: Mapping[int, CellSource]) -> Rendered:
+            return render_outputs(
+                shown,
+                note_stem=_attachment_stem(loaded),
+                embed=lambda name: self.vault.embed(loaded.path, self.vault.attachment_dir(loaded.path) / name),
+                sources=cell_sources,
+                output_lines=int(planned.options["output-lines"]),
+            )
+
+        rendered = rerender(sources)
         status = execution.status
         expected = planned.options["raises"]
         if expected:
@@ -504,7 +512,8 @@ class Engine:
         report.attachments = [
             (attachment_dir / a.name).relative_to(self.vault.root).as_posix() for a in rendered.attachments
         ]
-        return _Result(planned, rendered, report)
+        has_error = any(o.get("output_type") == "error" for o in shown)
+        return _Result(planned, rendered, report, rerender if has_error else None)
 
     def _report(
         self,
@@ -573,8 +582,11 @@ class Engine:
                     )
                     report.status = "failed"
                     return
-            regions, old_links, unwritten = self._regions_for(note, ran, by_report)
+            regions, old_links, unwritten, matched = self._regions_for(note, ran, by_report)
             new_text = notes.splice(note, regions)
+            if self._reline_tracebacks(new_text, matched, ran, run.sources):
+                regions, old_links, unwritten, matched = self._regions_for(note, ran, by_report)
+                new_text = notes.splice(note, regions)
             new = new_text.encode("utf-8", "surrogatepass")
             needed = {
                 a.name: a
@@ -605,22 +617,56 @@ class Engine:
             "vault-runner tried to save it; run it again"
         )
 
+    def _reline_tracebacks(
+        self,
+        new_text: str,
+        matched: Mapping[int, int],
+        ran: list[tuple[PlannedBlock, _Result | None]],
+        sources: Mapping[int, CellSource],
+    ) -> bool:
+        """Point tracebacks at the lines blocks have in the note as written, not as read.
+
+        Regions inserted above a block move it down; re-rendering an error only changes
+        digits, never the number of lines, so one extra pass settles every line number.
+        """
+        errors = [r for _, r in ran if r is not None and r.rerender is not None]
+        if not errors:
+            return False
+        written = notes.parse_note(new_text)
+        line_of = {
+            planned: written.blocks[current].code_line
+            for planned, current in matched.items()
+            if current < len(written.blocks)
+        }
+        relined = {
+            count: replace(source, first_code_line=line_of.get(source.block_index, source.first_code_line))
+            if source.block_index is not None
+            else source
+            for count, source in sources.items()
+        }
+        if relined == dict(sources):
+            return False
+        for result in errors:
+            assert result.rerender is not None
+            result.rendered = result.rerender(relined)
+        return True
+
     def _regions_for(
         self, note: notes.Note, ran: list[tuple[PlannedBlock, _Result | None]], by_report: Mapping[int, BlockReport]
-    ) -> tuple[dict[int, list[str] | None], set[str], set[int]]:
+    ) -> tuple[dict[int, list[str] | None], set[str], set[int], dict[int, int]]:
         """Match the blocks of the (re-read) note to what ran, by code, occurrence by occurrence."""
         queues: dict[str, list[tuple[PlannedBlock, _Result | None]]] = {}
         for planned, result in ran:
             queues.setdefault(planned.block.code, []).append((planned, result))
         regions: dict[int, list[str] | None] = {}
         old_links: set[str] = set()
-        matched: set[int] = set()
+        matched: dict[int, int] = {}  # planned block index -> index in the re-read note
         for block in note.blocks:
             candidates = queues.get(block.code)
             if not candidates:
                 continue
             planned, result = candidates.pop(0)
-            matched.add(planned.block.index)
+            matched[planned.block.index] = block.index
             if planned.code_hash is None:
                 if block.region is not None:
                     old_links |= _attachment_names(block.region.body)
@@ -641,7 +687,7 @@ class Engine:
                 old_links |= _attachment_names(block.region.body)
             regions[block.index] = notes.region_lines(block, planned.code_hash, result.rendered.body)
         unwritten = {p.block.index for p, r in ran if r is not None and p.block.index not in matched}
-        return regions, old_links, unwritten
+        return regions, old_links, unwritten, matched
 
     def _remove_stale_attachments(self, folder: Path, old_links: set[str], new_text: str) -> None:
         for name in old_links:

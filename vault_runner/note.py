@@ -210,16 +210,6 @@ def _fence_prefix(line: str, fence_char: str) -> str:
     return body[:position] if position >= 0 else ""
 
 
-def _is_closing_fence(line: str, prefix: str, markup: str) -> bool:
-    body = _strip_ending(line)
-    if not body.startswith(prefix):
-        stripped = body.lstrip(" >\t")
-    else:
-        stripped = body[len(prefix) :]
-    stripped = stripped.strip()
-    return len(stripped) >= len(markup) and set(stripped) == {markup[0]}
-
-
 def _strip_prefix(line: str, prefix: str) -> str:
     body = _strip_ending(line)
     if body.startswith(prefix):
@@ -293,9 +283,9 @@ def parse_note(text: str) -> Note:
         if open_index < region_until:
             continue  # a fence that is part of one of our output regions
         close_index = stop_index - 1
-        closed = close_index > open_index and _is_closing_fence(
-            lines[close_index], _fence_prefix(lines[close_index], token.markup[0]), token.markup
-        )
+        # markdown-it records no "closed" flag; a closed fence has one line fewer of content
+        # than its line map spans (the closing line is in the map, not in the content).
+        closed = token.content.count("\n") == stop_index - open_index - 2
         if not closed:
             problems.append(
                 NoteError(

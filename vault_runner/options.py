@@ -107,10 +107,11 @@ def resolve(
             if name not in DEFAULTS:
                 warnings.append(f"unknown option `{name}` in {origin} is ignored")
                 continue
+            _check(name, value)
             if origin == "block" and name in NOTE_LEVEL:
                 warnings.append(f"option `{name}` applies to the whole note; set it in the frontmatter")
                 continue
-            values[name] = _check(name, value)
+            values[name] = value
     return Resolved(values, tuple(warnings))
 
 

@@ -44,6 +44,7 @@ class CellSource:
 
     note_name: str
     first_code_line: int  # 1-based note line of the cell's line 1
+    block_index: int | None = None
 
 
 def strip_ansi(text: str) -> str:
@@ -127,9 +128,12 @@ def map_traceback(lines: list[str], sources: Mapping[int, CellSource]) -> list[s
             for line in chunk_lines[1:]:
                 gutter = _GUTTER_RE.match(line)
                 if gutter:
-                    number = int(gutter.group(2)) + offset
-                    width = len(gutter.group(2))
-                    line = f"{gutter.group(1)}{number:>{width}}{gutter.group(3)}"
+                    lead, digits = gutter.group(1), gutter.group(2)
+                    number = str(int(digits) + offset)
+                    extra = len(number) - len(digits)
+                    if extra > 0 and lead.endswith(" " * (extra + 1)):
+                        lead = lead[:-extra]  # keep the gutter's width where it has room
+                    line = f"{lead}{number}{gutter.group(3)}"
                 out.append(line)
         elif chunk_lines and chunk_lines[0].lstrip().startswith("File "):
             hidden += 1

@@ -141,9 +141,12 @@ class Vault:
 
 def find_root(path: Path) -> Path:
     """The vault a path belongs to: the nearest folder above it with `.obsidian` or our config."""
-    start = path.resolve()
+    # Only the folders are resolved: a note that is a symlink belongs to the vault it sits
+    # in, not to wherever it points (that is checked, and refused, when it is read).
+    start = path.absolute()
     if not start.is_dir():
         start = start.parent
+    start = start.resolve()
     for folder in (start, *start.parents):
         if (folder / ".obsidian").is_dir() or (folder / CONFIG_NAME).is_file():
             return folder
