@@ -146,8 +146,15 @@ def load(vault: Vault, path: Path) -> Loaded:
     try:
         text = notes.decode_note(data)
     except notes.NoteError as exc:
+        # Bytes we cannot decode only matter in a note we would run or write.
+        if _without_blocks(notes.parse_note(data.decode("utf-8", "replace"))):
+            return _nothing_to_run(path, relative, data)
         raise VaultError(path, exc.message, exc.line) from None
     note = notes.parse_note(text)
+    if _without_blocks(note):
+        # A note with no python block is never run nor written, so its frontmatter,
+        # however broken, is none of our business (real vaults have plenty of those).
+        return _nothing_to_run(path, relative, data, note)
     if note.problems:
         problem = note.problems[0]
         raise VaultError(path, problem.message, problem.line)
@@ -181,6 +188,15 @@ def load(vault: Vault, path: Path) -> Loaded:
         note_options=note_options,
         plan=tuple(plan),
     )
+
+
+def _without_blocks(note: notes.Note) -> bool:
+    return not note.blocks and not note.problems
+
+
+def _nothing_to_run(path: Path, relative: str, data: bytes, note: notes.Note | None = None) -> Loaded:
+    empty = note or notes.parse_note("")
+    return Loaded(path, relative, data, empty, opted_in=False, note_options=resolve({}, {}), plan=())
 
 
 def setup_code(note_options: Mapping[str, Any], need_torch: bool) -> str:
@@ -290,10 +306,10 @@ class Engine:
             loaded = load(self.vault, path)
         except VaultError as exc:
             return NoteReport(note=str(path), status="refused", message=exc.one_line())
-        if require_opt_in and not loaded.opted_in:
-            return NoteReport(note=loaded.relative, status="not-opted-in")
         if not loaded.plan:
             return NoteReport(note=loaded.relative, status="no-blocks")
+        if require_opt_in and not loaded.opted_in:
+            return NoteReport(note=loaded.relative, status="not-opted-in")
         edited = loaded.hand_edited()
         if not self.force and loaded.is_current():
             return NoteReport(
