@@ -9,10 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
 
 from . import __version__
 from .engine import Engine, Event, NoteReport, clean_note, could_have_blocks
@@ -65,34 +70,40 @@ def notes_under(paths: Iterable[Path]) -> list[tuple[Vault, Path]]:
 
 
 class Progress:
-    """Shows engine events: a live rich status on a terminal, one line per note otherwise."""
+    """Engine events as a rich progress bar (notes done, current note and block) on a terminal."""
 
-    def __init__(self, console: Console, enabled: bool) -> None:
+    def __init__(self, console: Console, enabled: bool, total: int) -> None:
         self.console = console
-        self.enabled = enabled
-        self.status = None
+        self.bar: RichProgress | None = None
+        if enabled and console.is_terminal:
+            self.bar = RichProgress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            )
+            self.task = self.bar.add_task("", total=total)
+            self.bar.start()
 
     def __call__(self, event: Event) -> None:
-        if not self.enabled:
+        if self.bar is None:
             return
-        if event.kind == "block-started":
-            self._show(f"[bold]{event.note}[/] · block at line {event.line}")
-        elif event.kind == "note-started":
-            self._show(f"[bold]{event.note}[/] · starting kernel")
+        if event.kind == "note-started":
+            self.bar.update(self.task, description=f"{escape(event.note)} · starting kernel")
+        elif event.kind == "block-started":
+            self.bar.update(self.task, description=f"{escape(event.note)} · block at line {event.line}")
 
-    def _show(self, text: str) -> None:
-        if not self.console.is_terminal:
-            return
-        if self.status is None:
-            self.status = self.console.status(text)
-            self.status.start()
-        else:
-            self.status.update(text)
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task)
 
     def stop(self) -> None:
-        if self.status is not None:
-            self.status.stop()
-            self.status = None
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
 
 _ICONS = {
@@ -110,15 +121,16 @@ _ICONS = {
 
 def print_note(console: Console, report: NoteReport) -> None:
     if report.status == "refused":
-        console.print(f"[red]error[/] {report.message}")
+        console.print(f"[red]error[/] {escape(report.message or '')}")
         return
     if report.status in {"not-opted-in", "no-blocks", "current"}:
         return
     written = "written" if report.written else "unchanged"
     ran = [b for b in report.blocks if b.status not in {"not-run", "skipped"}]
     seconds = sum(b.duration for b in report.blocks)
+    total = f", {report.duration:.1f} s with the kernel" if report.duration else ""
     console.print(
-        f"[bold]{report.note}[/] · {len(ran)} block(s) in {seconds:.2f} s · {report.device or '?'} · {written}"
+        f"[bold]{escape(report.note)}[/] · {len(ran)} block(s) in {seconds:.2f} s{total} · {report.device or '?'} · {written}"
     )
     for block in report.blocks:
         if block.failed or block.status in {"skipped", "unwritten"}:
@@ -126,9 +138,10 @@ def print_note(console: Console, report: NoteReport) -> None:
             if block.status == "error" and not detail:
                 errors = [o for o in block.outputs if o.get("type") == "error"]
                 detail = f"{errors[0]['ename']}: {errors[0]['evalue']}" if errors else "error"
-            console.print(f"  {_ICONS.get(block.status, '?')} {report.note}:{block.line}: {block.status}: {detail}")
+            where = escape(f"{report.note}:{block.line}: {block.status}: {detail}")
+            console.print(f"  {_ICONS.get(block.status, '?')} {where}")
     if report.message:
-        console.print(f"  [red]{report.message}[/]")
+        console.print(f"  [red]{escape(report.message)}[/]")
 
 
 def summarize(console: Console, reports: Sequence[NoteReport]) -> None:
@@ -154,22 +167,29 @@ def exit_code(reports: Sequence[NoteReport]) -> int:
 
 def _run_notes(args: argparse.Namespace, require_opt_in: bool, paths: list[Path]) -> int:
     console = _err_console()
-    progress = Progress(console, not args.json)
+    candidates = [(vault, path) for vault, path in notes_under(paths) if not require_opt_in or _may_run(path)]
+    progress = Progress(console, not args.json, len(candidates))
     reports: list[NoteReport] = []
-    try:
-        for vault, path in notes_under(paths):
-            if require_opt_in:
-                try:
-                    if not could_have_blocks(path.read_bytes()):
-                        continue
-                except OSError:
-                    pass
-            engine = Engine(vault, on_event=progress, force=args.force)
-            report = engine.run_note(path, require_opt_in=require_opt_in and not args.all)
-            progress.stop()
-            reports.append(report)
+    lock = threading.Lock()
+
+    def run_one(item: tuple[Vault, Path]) -> NoteReport:
+        vault, path = item
+        engine = Engine(vault, on_event=progress, force=args.force)
+        report = engine.run_note(path, require_opt_in=require_opt_in and not args.all)
+        with lock:
+            progress.advance()
             if not args.json:
                 print_note(console, report)
+        return report
+
+    try:
+        jobs = max(1, getattr(args, "jobs", 1))
+        if jobs == 1:
+            reports = [run_one(item) for item in candidates]
+        else:
+            # One kernel per note, several notes at once; reports keep the vault's order.
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                reports = list(pool.map(run_one, candidates))
     finally:
         progress.stop()
     if args.json:
@@ -177,6 +197,13 @@ def _run_notes(args: argparse.Namespace, require_opt_in: bool, paths: list[Path]
     else:
         summarize(console, reports)
     return exit_code(reports)
+
+
+def _may_run(path: Path) -> bool:
+    try:
+        return could_have_blocks(path.read_bytes())
+    except OSError:
+        return True  # let the engine report what is wrong with it
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -202,7 +229,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
             pass
         if clean_note(vault, path):
             cleaned += 1
-            console.print(f"cleaned {path}")
+            console.print(f"cleaned {escape(str(path))}")
     console.print(f"{cleaned} note(s) cleaned")
     return EXIT_OK
 
@@ -223,6 +250,7 @@ def add_core_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     render = sub.add_parser("render", help="run every opted-in note of a vault whose outputs are not current")
     render.add_argument("paths", nargs="*", metavar="VAULT", help="vault folder (or notes); default ./sample_vault")
     render.add_argument("--all", action="store_true", help="ignore opt-in: run every note with python blocks")
+    render.add_argument("-j", "--jobs", type=int, default=1, metavar="N", help="run N notes at once (default 1)")
     _add_run_options(render)
     render.set_defaults(func=cmd_render)
 
@@ -269,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except VaultError as exc:
-        _err_console().print(f"[red]error[/] {exc.one_line()}", markup=True)
+        _err_console().print(f"[red]error[/] {escape(exc.one_line())}")
         return EXIT_USAGE
     except KeyboardInterrupt:
         _err_console().print("interrupted")
