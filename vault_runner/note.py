@@ -29,7 +29,8 @@ _OPTION_LINE_RE = re.compile(r"^#\|\s?(.*)$")
 _FRONTMATTER_OPEN = "---"
 _FRONTMATTER_CLOSE = ("---", "...")
 
-_markdown = MarkdownIt("commonmark")
+# Only block structure matters here; inline parsing (emphasis, links) is most of the cost.
+_markdown = MarkdownIt("commonmark").disable(["inline", "text_join"])
 
 
 class NoteError(Exception):
