@@ -260,23 +260,49 @@ def add_core_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 COMMANDS: list[CommandAdder] = [add_core_commands]
-# Each front end module offers `add_commands(subparsers)`; one module per front end.
-FRONT_ENDS = ("vault_runner.ci_cli", "vault_runner.admin_cli", "vault_runner.watch_cli", "vault_runner.server_cli")
+# Each front end module offers `add_commands(subparsers)`; one module per front end, with the
+# commands it adds, so that a front end whose optional dependency is missing (watchdog for
+# `watch`, FastAPI for `serve`) leaves the other commands working and says what to install.
+FRONT_ENDS: dict[str, tuple[str, ...]] = {
+    "vault_runner.ci_cli": ("check", "test"),
+    "vault_runner.admin_cli": ("doctor", "trust", "untrust"),
+    "vault_runner.watch_cli": ("watch",),
+    "vault_runner.server_cli": ("serve",),
+}
 
 
 def _front_end_adders() -> list[CommandAdder]:
     import importlib
 
     adders = list(COMMANDS)
-    for name in FRONT_ENDS:
+    for name, commands in FRONT_ENDS.items():
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
             if exc.name == name:
                 continue  # that front end is not part of this build
-            raise
+            adders.append(_unavailable(commands, str(exc.name)))
+            continue
         adders.append(module.add_commands)
     return adders
+
+
+def _unavailable(commands: tuple[str, ...], missing: str) -> CommandAdder:
+    def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+        for command in commands:
+            parser = sub.add_parser(command, help=f"(unavailable: needs the Python package {missing})")
+            parser.add_argument("rest", nargs=argparse.REMAINDER)
+            parser.set_defaults(func=lambda args, command=command: _missing(command, missing))
+
+    return add
+
+
+def _missing(command: str, package: str) -> int:
+    _err_console().print(
+        f"[red]error[/] `vault-runner {command}` needs the Python package {escape(package)}, which is not "
+        f"installed; install vault-runner with its dependencies (`pip install vault-runner`) and try again"
+    )
+    return EXIT_USAGE
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -25,6 +26,9 @@ from .vault import ATTACHMENT_RE, Vault, VaultError, WriteConflict, write_attach
 
 MAX_WRITE_ATTEMPTS = 50
 SETUP_TIMEOUT = 120.0
+_GPU_PEAK_EXPRESSION = (
+    "(__import__('torch').cuda.max_memory_allocated(), __import__('torch').cuda.reset_peak_memory_stats())[0]"
+)
 
 
 class Kernel(Protocol):
@@ -44,7 +48,15 @@ KernelFactory = Callable[[Path, dict[str, str], Mapping[str, Any]], Kernel]
 
 
 def default_kernel_factory(cwd: Path, env: dict[str, str], note_options: Mapping[str, Any]) -> Kernel:
-    return KernelSession(cwd, env)
+    """A kernel in the sandbox (sandbox.py) that the note's options ask for: network,
+    memory, device (GPU placement and device nodes)."""
+    from .sandbox import Sandbox, SandboxError, policy_from_options
+
+    try:
+        sandbox = Sandbox(policy_from_options(cwd, env, note_options))
+    except (SandboxError, ValueError) as exc:
+        raise KernelDied(f"the kernel's sandbox could not be set up: {exc}") from None
+    return KernelSession(cwd, env, sandbox=sandbox)
 
 
 @dataclass
@@ -72,6 +84,7 @@ class BlockReport:
     outputs: list[dict[str, Any]] = field(default_factory=list)
     attachments: list[str] = field(default_factory=list)
     message: str | None = None
+    gpu_peak_bytes: int | None = None  # on CUDA: torch.cuda.max_memory_allocated() during the block
 
     @property
     def failed(self) -> bool:
@@ -238,7 +251,10 @@ def __vault_runner_setup(settings):
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         if settings["fraction"] and device.startswith("cuda"):
-            torch.cuda.set_per_process_memory_fraction(float(settings["fraction"]), torch.device(device))
+            index = torch.device(device).index  # None for plain "cuda", which torch refuses here
+            torch.cuda.set_per_process_memory_fraction(
+                float(settings["fraction"]), torch.cuda.current_device() if index is None else index
+            )
     os.environ["VAULT_RUNNER_DEVICE"] = device
     seed = settings["seed"]
     if seed is not None:
@@ -403,7 +419,7 @@ class Engine:
                     report.blocks.append(self._report(loaded, planned, "skipped", message=stop_reason))
                     continue
                 self.on_event(Event("block-started", relative, block.index, block.fence_line))
-                execution = self._execute_block(kernel, planned, relative)
+                execution = self._execute_block(kernel, planned, relative, device)
                 if execution.execution_count is not None:
                     sources[execution.execution_count] = CellSource(loaded.path.name, block.code_line, block.index)
                 result = self._finish_block(loaded, planned, execution, sources, device)
@@ -437,7 +453,9 @@ class Engine:
                 kernel.shutdown()
         return run
 
-    def _execute_block(self, kernel: Kernel, planned: PlannedBlock, relative: str) -> Execution:
+    def _execute_block(
+        self, kernel: Kernel, planned: PlannedBlock, relative: str, device: str | None = None
+    ) -> Execution:
         block = planned.block
         options = planned.options
 
@@ -451,7 +469,11 @@ class Engine:
                 30,
                 silent=True,
             )
-        execution = kernel.execute(block.code, float(options["timeout"]), on_output=forward)
+        # On CUDA, the block's peak GPU memory comes back with its reply (then is reset).
+        expressions = {"gpu_peak": _GPU_PEAK_EXPRESSION} if device and device.startswith("cuda") else None
+        execution = kernel.execute(
+            block.code, float(options["timeout"]), on_output=forward, user_expressions=expressions
+        )
         if not options["warning"] and not execution.kernel_restarted:
             kernel.execute("__vr_ctx.__exit__(None, None, None); del __vr_ctx, __vr_w", 30, silent=True)
         return execution
@@ -523,6 +545,8 @@ class Engine:
             elif status == "error":
                 message = f"expected it to raise {expected}, but it raised {raised[0] if raised else 'another error'}"
         report = self._report(loaded, planned, status, duration=execution.duration, device=device, message=message)
+        peak = _expression_text(execution.user_expressions.get("gpu_peak"))
+        report.gpu_peak_bytes = int(peak) if peak and peak.isdigit() else None
         report.outputs = [output_summary(o) for o in outputs]
         attachment_dir = self.vault.attachment_dir(loaded.path)
         report.attachments = [
@@ -563,10 +587,14 @@ class Engine:
         )
 
     def _kernel_env(self, loaded: Loaded) -> dict[str, str]:
-        return {
+        env = {
             "VAULT_RUNNER_NOTE": str(loaded.path),
             "VAULT_RUNNER_VAULT": str(self.vault.root),
         }
+        if loaded.note_options["deterministic"]:
+            # Read by CUDA/cuBLAS and Python only at start-up, so they go in the launch env.
+            env.update(CUBLAS_WORKSPACE_CONFIG=":4096:8", PYTHONHASHSEED="0")
+        return env
 
     # -- write-back ----------------------------------------------------------------------
     def write_back(self, run: Run) -> None:
@@ -615,7 +643,7 @@ class Engine:
                 write_attachment(attachment_dir / attachment.name, attachment.data)
             if new != current:
                 try:
-                    write_if_unchanged(loaded.path, current, new)
+                    swap_note(loaded.path, current, new)
                 except WriteConflict:
                     continue
                 report.written = True
@@ -717,6 +745,57 @@ class Engine:
                 pass
 
 
+# -- a save that lands during the swap (watch issue: found by the soak test's stress run) --------
+def swap_note(path: Path, expected: bytes, new: bytes) -> None:
+    """write_if_unchanged, and then make sure no in-place save was lost in its window.
+
+    An editor that saves in place (Obsidian) and opens the note between the compare and
+    the rename writes into the file that the rename just replaced: that save would be
+    lost. The replaced file is held open and read right after the rename; if a save
+    landed in it, it is put back over ours and WriteConflict is raised, so the caller
+    splices again on the saved text.
+    """
+    try:
+        old = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise WriteConflict(f"{path} disappeared") from None
+    try:
+        write_if_unchanged(path, expected, new)
+        late = _late_save(old, expected)
+        if late is not None and late != new:
+            write_if_unchanged(path, new, late)
+            raise WriteConflict(f"{path} was saved while vault-runner replaced it")
+    finally:
+        os.close(old)
+
+
+def _late_save(fd: int, expected: bytes) -> bytes | None:
+    """What was saved into the replaced file (through `fd`) after the compare, or None."""
+    for pause in (0.0, 0.002):  # the second look catches an open() that was mid-way
+        time.sleep(pause)
+        data = _read_fd(fd)
+        if data != expected:
+            break
+    else:
+        return None
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:  # it is being written: wait until it holds still
+        time.sleep(0.002)
+        again = _read_fd(fd)
+        if again == data and data:
+            break
+        data = again
+    return data
+
+
+def _read_fd(fd: int) -> bytes:
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
 def _attachment_stem(loaded: Loaded) -> str:
     # The note's path goes into the name so two notes with the same name never share a file.
     digest = hashlib.sha256(loaded.relative.encode()).hexdigest()[:4]
@@ -801,7 +880,7 @@ def clean_note(vault: Vault, path: Path) -> bool:
             links |= _attachment_names(block.region.body)
         new_text = notes.strip_regions(note)
         try:
-            write_if_unchanged(path, loaded_bytes, new_text.encode("utf-8", "surrogatepass"))
+            swap_note(path, loaded_bytes, new_text.encode("utf-8", "surrogatepass"))
         except WriteConflict:
             continue
         folder = vault.attachment_dir(path)

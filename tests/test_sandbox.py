@@ -1,0 +1,420 @@
+"""The sandbox itself (sandbox.py, sandbox_launch.py), `doctor`, `trust`, and GPU placement.
+
+Real bwrap, real Landlock, real cgroups and real processes; tests that need what this machine
+lacks skip with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from vault_runner import sandbox as sandbox_mod
+from vault_runner import sandbox_launch, trust
+from vault_runner.admin_cli import doctor_lines
+
+from .conftest import copy_sample_vault
+
+LAUNCHER = [sys.executable, "-I", "-S", sandbox_launch.__file__]
+PROBE = sandbox_mod.probe()
+has_bwrap = pytest.mark.skipif(PROBE.bwrap is None, reason="bubblewrap does not work on this machine")
+has_landlock = pytest.mark.skipif(PROBE.landlock_abi == 0, reason="this Linux kernel has no Landlock")
+
+
+def cli(*args: str, env: dict[str, str] | None = None, drop: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    merged = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in drop}
+    return subprocess.run(
+        [sys.executable, "-m", "vault_runner", *args], capture_output=True, text=True, timeout=600, env=merged
+    )
+
+
+def launch(spec: dict, *command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LAUNCHER, json.dumps(spec), "--", *command], capture_output=True, text=True, timeout=120)
+
+
+# -- options and policy --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("1G", 2**30), ("512M", 512 * 2**20), ("1.5GiB", int(1.5 * 2**30)), ("100KB", 100 * 1024), ("1000", 1000)],
+)
+def test_parse_size(text: str, size: int) -> None:
+    assert sandbox_mod.parse_size(text) == size
+
+
+def test_parse_size_refuses_nonsense() -> None:
+    with pytest.raises(ValueError, match="not a size"):
+        sandbox_mod.parse_size("lots")
+
+
+def test_policy_from_note_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(sandbox_mod.NO_NETWORK_ENV, raising=False)
+    options = {"network": False, "memory": "2G", "device": "cpu"}
+    policy = sandbox_mod.policy_from_options(tmp_path, {"VAULT_RUNNER_VAULT": str(tmp_path)}, options)
+    assert (policy.network, policy.memory, policy.device, policy.vault) == (False, 2 * 2**30, "cpu", tmp_path)
+    # No cap in the note: the default share of physical memory, and the network stays on.
+    policy = sandbox_mod.policy_from_options(tmp_path, {}, {"network": True, "memory": None})
+    assert policy.network and policy.memory == sandbox_mod.default_memory()[0]
+    monkeypatch.setenv(sandbox_mod.NO_NETWORK_ENV, "1")  # what `--no-network` sets
+    assert not sandbox_mod.policy_from_options(tmp_path, {}, {"network": True}).network
+
+
+def test_forcing_an_unknown_tier_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(sandbox_mod.SANDBOX_ENV, "docker")
+    with pytest.raises(sandbox_mod.SandboxError, match="not a sandbox tier"):
+        sandbox_mod.probe()
+
+
+# -- bubblewrap -------------------------------------------------------------------------------
+@pytest.fixture
+def vault(tmp_path: Path) -> Path:
+    root = copy_sample_vault(tmp_path / "vault")
+    (root / ".git").mkdir()
+    return root.resolve()
+
+
+def bwrap_sandbox(vault: Path, tmp_path: Path, network: bool) -> sandbox_mod.Sandbox:
+    policy = sandbox_mod.Policy(vault=vault, cwd=vault / "PyTorch", network=network, memory=None, max_tasks=None)
+    box = sandbox_mod.Sandbox(policy, tier="bubblewrap")
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    box.setup(runtime, lambda: None)
+    return box
+
+
+@has_bwrap
+@pytest.mark.parametrize("network", [True, False])
+def test_bwrap_command_follows_the_policy(vault: Path, tmp_path: Path, network: bool) -> None:
+    box = bwrap_sandbox(vault, tmp_path, network)
+    try:
+        args = box.bwrap_args()
+        assert ("--unshare-net" in args) is not network
+        pairs = list(zip(args, args[1:], args[2:], strict=False))
+        assert ("--bind", str(vault), str(vault)) in pairs
+        assert ("--ro-bind", str(vault / ".obsidian"), str(vault / ".obsidian")) in pairs
+        assert ("--ro-bind", str(vault / ".git"), str(vault / ".git")) in pairs
+        assert ("--tmpfs", "/tmp") in list(zip(args, args[1:], strict=False))
+        assert "--die-with-parent" in args and "--unshare-pid" in args
+        assert box.interrupt_mode == "message"
+    finally:
+        box.close()
+
+
+@has_bwrap
+def test_bwrap_sandbox_really_isolates(vault: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("secret", encoding="utf-8")
+    box = bwrap_sandbox(vault, tmp_path, network=False)
+    script = f"""
+import os, socket
+results = {{}}
+def attempt(name, action):
+    try:
+        action()
+        results[name] = "allowed"
+    except OSError as exc:
+        results[name] = type(exc).__name__
+attempt("write vault", lambda: open({str(vault / "PyTorch" / "new.txt")!r}, "w").write("ok"))
+attempt("write obsidian", lambda: open({str(vault / ".obsidian" / "plugin.js")!r}, "w").write("x"))
+attempt("write git hook", lambda: open({str(vault / ".git" / "post-commit")!r}, "w").write("x"))
+attempt("write home", lambda: open(os.path.expanduser("~/.vault-runner-test"), "w").write("x"))
+attempt("read outside", lambda: open({str(outside)!r}).read())
+attempt("connect", lambda: socket.create_connection(("127.0.0.1", 9), timeout=2))
+print(json.dumps(results))
+"""
+    try:
+        command = box.wrap([sys.executable, "-c", "import json\n" + script])
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    finally:
+        box.close()
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    assert results["write vault"] == "allowed"
+    assert (vault / "PyTorch" / "new.txt").read_text() == "ok"
+    assert results["write obsidian"] == "OSError" or results["write obsidian"].endswith("Error")
+    assert not (vault / ".obsidian" / "plugin.js").exists()
+    assert not (vault / ".git" / "post-commit").exists()
+    assert results["write home"] != "allowed" and not (Path.home() / ".vault-runner-test").exists()
+    assert results["read outside"] == "FileNotFoundError"
+    assert results["connect"] in {"ConnectionRefusedError", "OSError"}
+
+
+# -- Landlock ---------------------------------------------------------------------------------
+@has_landlock
+def test_landlock_launcher_confines_writes_and_reads(tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed"
+    hidden = tmp_path / "hidden"
+    allowed.mkdir()
+    hidden.mkdir()
+    (hidden / "secret.txt").write_text("secret", encoding="utf-8")
+    reads = [str(p) for p in sandbox_mod._python_paths()] + ["/usr", "/lib", "/lib64", "/etc", "/proc", "/dev"]
+    spec = {"landlock": {"read": reads, "write": [str(allowed)], "files": ["/dev/null"], "network": False}}
+    script = f"""
+import socket
+def attempt(action):
+    try:
+        action()
+        return "allowed"
+    except OSError as exc:
+        return type(exc).__name__
+print(attempt(lambda: open({str(allowed / "ok.txt")!r}, "w").write("ok")))
+print(attempt(lambda: open({str(hidden / "secret.txt")!r}).read()))
+print(attempt(lambda: open({str(hidden / "new.txt")!r}, "w")))
+print(attempt(lambda: socket.create_connection(("127.0.0.1", 9), timeout=2)))
+"""
+    done = launch(spec, sys.executable, "-I", "-c", script)
+    assert done.returncode == 0, done.stderr
+    write_ok, read_hidden, write_hidden, connect = done.stdout.split()
+    assert write_ok == "allowed" and (allowed / "ok.txt").read_text() == "ok"
+    assert read_hidden == "PermissionError"
+    assert write_hidden == "PermissionError" and not (hidden / "new.txt").exists()
+    assert connect == "PermissionError" if PROBE.landlock_abi >= 4 else True
+
+
+def test_launcher_turns_core_dumps_off() -> None:
+    done = launch({"core": 0}, sys.executable, "-c", "import resource; print(resource.getrlimit(resource.RLIMIT_CORE))")
+    assert done.stdout.strip() == "(0, 0)"
+
+
+def test_launcher_reports_a_setup_failure_in_one_line() -> None:
+    done = launch({"cgroup": "/nonexistent/cgroup"}, sys.executable, "-c", "print('ran')")
+    assert done.returncode == 126
+    assert "ran" not in done.stdout
+    assert done.stderr.startswith("vault-runner: the kernel sandbox could not be set up")
+
+
+# -- limits -----------------------------------------------------------------------------------
+@pytest.fixture
+def pids_cgroup(tmp_path: Path) -> Iterator[sandbox_mod.Cgroup]:
+    policy = sandbox_mod.Policy(vault=None, cwd=tmp_path, memory=None, max_tasks=20)
+    cgroup = sandbox_mod.Cgroup.create(policy)
+    if cgroup is None:
+        pytest.skip("no writable pids cgroup here: " + sandbox_mod.cgroup_support())
+    try:
+        yield cgroup
+    finally:
+        cgroup.remove()
+
+
+BOUNDED_FORKS = """
+import os, time
+children = []
+for _ in range(100):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+print(len(children))
+"""
+
+
+def test_pids_cgroup_refuses_processes_past_the_cap(pids_cgroup: sandbox_mod.Cgroup) -> None:
+    done = launch({"cgroup": str(pids_cgroup.path)}, sys.executable, "-c", BOUNDED_FORKS)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) < 20  # the python process itself holds a slot
+
+
+def test_cgroup_kill_all_leaves_nothing(pids_cgroup: sandbox_mod.Cgroup) -> None:
+    process = subprocess.Popen([*LAUNCHER, json.dumps({"cgroup": str(pids_cgroup.path)}), "--", "sleep", "60"])
+    try:
+        for _ in range(100):
+            if pids_cgroup.procs():
+                break
+            time.sleep(0.05)
+        assert pids_cgroup.procs() == [process.pid]
+        pids_cgroup.kill_all()
+        assert process.wait(timeout=30) == -9
+        assert pids_cgroup.procs() == []
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_memory_watchdog_kills_a_growing_process() -> None:
+    # Bounded: without the watchdog the child stops at 2 GiB and exits 0.
+    grow = "import time\nx=[]\nfor _ in range(100):\n    x.append(bytearray(20 * 2**20)); time.sleep(0.02)\n"
+    child = subprocess.Popen([sys.executable, "-c", grow])
+    watchdog = sandbox_mod.MemoryWatchdog(
+        300 * 2**20, lambda: sandbox_mod.process_tree(child.pid), lambda: sandbox_mod._kill(child.pid)
+    )
+    watchdog.start()
+    try:
+        assert child.wait(timeout=120) == -9
+        assert watchdog.tripped is not None and watchdog.tripped > 300 * 2**20
+    finally:
+        watchdog.stop()
+        child.kill()
+        child.wait()
+
+
+def test_forked_children_sharing_pages_are_not_counted_many_times() -> None:
+    # 10 forks of a process holding 200 MiB share it copy-on-write: about 200 MiB, not 2 GiB.
+    code = (
+        "import os, time\nx = bytearray(200 * 2**20)\nkids = []\n"
+        "for _ in range(10):\n    pid = os.fork()\n    if pid == 0:\n        time.sleep(60); os._exit(0)\n"
+        "    kids.append(pid)\nprint('ready', flush=True)\ntime.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None and parent.stdout.readline().strip() == "ready"
+        tree = sandbox_mod.process_tree(parent.pid)
+        assert len(tree) == 11
+        used = sandbox_mod.resident_memory(tree)
+        assert 150 * 2**20 < used < 600 * 2**20
+    finally:
+        for pid in sandbox_mod.process_tree(parent.pid):
+            sandbox_mod._kill(pid)
+        parent.wait()
+
+
+# -- GPU placement ------------------------------------------------------------------------------
+def test_kernels_spread_across_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    first = sandbox_mod.claim_gpu("auto")
+    second = sandbox_mod.claim_gpu("cuda")
+    try:
+        assert {first, second} == {"2", "5"}
+        assert sandbox_mod.claim_gpu("cuda:1") is None  # the note chose its GPU itself
+        assert sandbox_mod.claim_gpu("cpu") is None
+    finally:
+        sandbox_mod.release_gpu(first)
+        sandbox_mod.release_gpu(second)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert sandbox_mod.claim_gpu("auto") is None  # one GPU: nothing to spread
+
+
+# -- doctor and trust ---------------------------------------------------------------------------
+def test_doctor_reports_tier_and_limits() -> None:
+    done = cli("doctor")
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    for key in ("python", "torch", "devices", "sandbox tier", "bubblewrap", "memory cap", "process+thread cap"):
+        assert f"\n{key} " in "\n" + text
+    assert f"sandbox tier         {PROBE.tier}" in text
+    if PROBE.bwrap_version:
+        assert PROBE.bwrap_version in text
+
+
+def test_doctor_and_notes_warn_in_the_plain_tier(tmp_path: Path) -> None:
+    done = cli("doctor", env={sandbox_mod.SANDBOX_ENV: "plain"})
+    assert "sandbox tier         plain" in done.stdout
+    assert "warning" in done.stdout and "no sandbox" in done.stdout
+    root = copy_sample_vault(tmp_path / "vault")
+    note = root / "Plano.md"
+    note.write_text("---\nvault-runner: true\n---\n```python\nprint(1)\n```\n", encoding="utf-8")
+    done = cli("run", str(note), env={sandbox_mod.SANDBOX_ENV: "plain"})
+    assert done.returncode == 0, done.stderr
+    assert "[vault-runner: warning: no sandbox" in note.read_text(encoding="utf-8")
+
+
+@pytest.mark.kernel
+def test_without_bubblewrap_the_fallback_tier_runs_notes(tmp_path: Path) -> None:
+    # A PATH with only python on it: `bwrap` is not found, as on a machine without it.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    env = {"PATH": str(bin_dir)}
+    drop = (sandbox_mod.SANDBOX_ENV,)  # probe, do not force
+    done = cli("doctor", env=env, drop=drop)
+    expected = "landlock" if PROBE.landlock_abi else "plain"
+    assert f"sandbox tier         {expected}" in done.stdout
+    assert "warning" in done.stdout
+    root = copy_sample_vault(tmp_path / "vault")
+    note = root / "Sin bwrap.md"
+    note.write_text("---\nvault-runner: true\n---\n```python\nprint(6 * 7)\n```\n", encoding="utf-8")
+    done = cli("run", "--json", str(note), env=env, drop=drop)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["notes"][0]["blocks"][0]["status"] == "ok"
+    assert "42" in note.read_text(encoding="utf-8")
+
+
+def test_trust_and_untrust_store_the_vault_outside_it(tmp_path: Path) -> None:
+    root = copy_sample_vault(tmp_path / "vault")
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    assert not trust.is_trusted(root)
+    done = cli("trust", str(root / "PyTorch"))  # a folder inside the vault trusts the vault
+    assert done.returncode == 0, done.stderr
+    assert trust.is_trusted(root)
+    assert trust.config_dir() not in root.parents and (trust.config_dir() / "trusted-vaults.json").is_file()
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    done = cli("untrust", str(root))
+    assert done.returncode == 0 and not trust.is_trusted(root)
+    assert "untrusted" in done.stdout
+
+
+def test_trust_of_a_missing_folder_is_an_error(tmp_path: Path) -> None:
+    done = cli("trust", str(tmp_path / "nope"))
+    assert done.returncode == 2
+    assert "does not exist; give the vault's folder" in " ".join(done.stderr.split())
+    assert not trust.trusted_vaults()
+
+
+def test_doctor_lines_in_process() -> None:
+    keys = [key for key, _ in doctor_lines()]
+    assert "sandbox tier" in keys and "trusted vaults" in keys
+
+
+# -- the engine's kernel factory ------------------------------------------------------------------
+@pytest.mark.kernel
+def test_deterministic_option_sets_launch_environment(tmp_path: Path) -> None:
+    from vault_runner.engine import Engine
+    from vault_runner.vault import load_vault
+
+    root = copy_sample_vault(tmp_path / "vault")
+    note = root / "Determinista.md"
+    note.write_text(
+        "---\nvault-runner: true\nexecute:\n  deterministic: true\n  network: false\n---\n"
+        "```python\nimport os\nprint(os.environ['CUBLAS_WORKSPACE_CONFIG'], os.environ['PYTHONHASHSEED'])\n"
+        "print(hash('vault'))\n```\n",
+        encoding="utf-8",
+    )
+    report = Engine(load_vault(root)).run_note(note)
+    assert [b.status for b in report.blocks] == ["ok"], report
+    text = next(o["text"] for o in report.blocks[0].outputs if o.get("name") == "stdout")
+    assert text.startswith(":4096:8 0\n")
+    assert text.split("\n")[1] == str(_hash_with_seed_zero("vault"))
+
+
+def _hash_with_seed_zero(value: str) -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", f"print(hash({value!r}))"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
+    return int(done.stdout)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+def test_cuda_note_runs_on_the_gpu_and_reports_peak_memory(tmp_path: Path) -> None:
+    from vault_runner.engine import Engine
+    from vault_runner.vault import load_vault
+
+    root = copy_sample_vault(tmp_path / "vault")
+    note = root / "GPU.md"
+    note.write_text(
+        "---\nvault-runner: true\nexecute:\n  device: cuda\n---\n"
+        "```python\nimport torch\nassert DEVICE.type == 'cuda'\nx = torch.ones(2**20, device=DEVICE)\n"
+        "print(x.is_cuda)\n```\n",
+        encoding="utf-8",
+    )
+    report = Engine(load_vault(root)).run_note(note)
+    block = report.blocks[0]
+    assert block.status == "ok", report
+    assert block.device and block.device.startswith("cuda")
+    assert block.gpu_peak_bytes is not None and block.gpu_peak_bytes >= 4 * 2**20

@@ -1,0 +1,217 @@
+"""Kernel launcher: apply the sandbox's limits to this process, then exec the real command.
+
+Run as a script (``python -I -S sandbox_launch.py SPEC -- argv...``) before ipykernel
+starts, so that everything the kernel later forks inherits the limits. Standard library
+only: it runs with ``-S`` to start fast, and also inside bubblewrap.
+
+SPEC is a JSON object:
+  cgroup     a cgroup folder to join (its ``cgroup.procs`` file), so a pids/memory limit
+             covers every process the kernel forks
+  core       RLIMIT_CORE (0: no core dumps in the note's folder)
+  nproc      RLIMIT_NPROC, only set where it counts per sandbox (not as root)
+  landlock   {"read": [...], "write": [...], "files": [...], "network": bool}
+  drop_caps  drop every capability (root in the Landlock tier)
+  no_new_privs  set PR_SET_NO_NEW_PRIVS (always with landlock)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import stat
+import sys
+
+# Landlock (linux/landlock.h). Syscall numbers are the same on every architecture.
+_SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446
+_PR_SET_NO_NEW_PRIVS = 38
+_CREATE_RULESET_VERSION = 1
+_RULE_PATH_BENEATH = 1
+_RULE_NET_PORT = 2
+
+FS_EXECUTE = 1 << 0
+FS_WRITE_FILE = 1 << 1
+FS_READ_FILE = 1 << 2
+FS_READ_DIR = 1 << 3
+FS_REMOVE_DIR = 1 << 4
+FS_REMOVE_FILE = 1 << 5
+FS_MAKE_CHAR = 1 << 6
+FS_MAKE_DIR = 1 << 7
+FS_MAKE_REG = 1 << 8
+FS_MAKE_SOCK = 1 << 9
+FS_MAKE_FIFO = 1 << 10
+FS_MAKE_BLOCK = 1 << 11
+FS_MAKE_SYM = 1 << 12
+FS_REFER = 1 << 13  # ABI 2
+FS_TRUNCATE = 1 << 14  # ABI 3
+NET_BIND_TCP = 1 << 0  # ABI 4
+NET_CONNECT_TCP = 1 << 1
+SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0  # ABI 6
+SCOPE_SIGNAL = 1 << 1
+
+READ = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
+# Everything that changes a tree; the whole set is "handled", so it is denied unless granted.
+WRITE = (
+    FS_WRITE_FILE
+    | FS_REMOVE_DIR
+    | FS_REMOVE_FILE
+    | FS_MAKE_CHAR
+    | FS_MAKE_DIR
+    | FS_MAKE_REG
+    | FS_MAKE_SOCK
+    | FS_MAKE_FIFO
+    | FS_MAKE_BLOCK
+    | FS_MAKE_SYM
+)
+# What the kernel may do in the folders it can write (never make device nodes).
+WRITE_GRANT = WRITE & ~(FS_MAKE_CHAR | FS_MAKE_BLOCK)
+FILE_RIGHTS = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
+
+
+class _NetPort(ctypes.Structure):
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("port", ctypes.c_uint64)]
+
+
+class _PathBeneath(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def landlock_abi() -> int:
+    """The Landlock ABI version of the running kernel, 0 when there is none."""
+    try:
+        libc = _libc()
+        libc.syscall.restype = ctypes.c_long
+        version = libc.syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION))
+    except (OSError, AttributeError):
+        return 0
+    return max(int(version), 0)
+
+
+def apply_landlock(spec: dict) -> int:
+    """Restrict this process (and what it execs) to the spec; return the ABI used."""
+    abi = landlock_abi()
+    if abi < 1:
+        raise OSError("Landlock is not available in this kernel")
+    libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+    handled_fs = READ | WRITE
+    if abi >= 2:
+        handled_fs |= FS_REFER
+    if abi >= 3:
+        handled_fs |= FS_TRUNCATE
+    handled_net = 0 if spec.get("network", True) or abi < 4 else NET_BIND_TCP | NET_CONNECT_TCP
+    scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0
+    attr = _RulesetAttr(handled_fs, handled_net, scoped)
+    size = 8 if abi < 4 else (16 if abi < 6 else 24)
+    fd = libc.syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset failed")
+    write = WRITE_GRANT | (FS_REFER if abi >= 2 else 0) | (FS_TRUNCATE if abi >= 3 else 0)
+    try:
+        for path in spec.get("read", []):
+            _add_rule(libc, fd, path, READ)
+        for path in spec.get("write", []):
+            _add_rule(libc, fd, path, READ | write)
+        for path in spec.get("files", []):  # single files written in place (/dev/null ...)
+            _add_rule(libc, fd, path, FILE_RIGHTS & handled_fs)
+        if handled_net:
+            # Port 0 is "any free port": ipykernel binds one on 127.0.0.1 for the output of
+            # forked children. Connecting anywhere stays refused.
+            rule = _NetPort(NET_BIND_TCP, 0)
+            libc.syscall(_SYS_ADD_RULE, fd, _RULE_NET_PORT, ctypes.byref(rule), ctypes.c_uint32(0))
+        if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+        if libc.syscall(_SYS_RESTRICT_SELF, fd, ctypes.c_uint32(0)) != 0:
+            raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")
+    finally:
+        os.close(fd)
+    return abi
+
+
+def _add_rule(libc: ctypes.CDLL, ruleset: int, path: str, access: int) -> None:
+    try:
+        target = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return  # a path that does not exist grants nothing
+    try:
+        mode = os.fstat(target).st_mode
+        if stat.S_ISDIR(mode):
+            pass
+        elif stat.S_ISREG(mode) or stat.S_ISCHR(mode):
+            access &= FILE_RIGHTS
+        else:
+            return  # a pipe or socket (/dev/stderr ...): Landlock takes no rule for it
+        rule = _PathBeneath(access, target)
+        if libc.syscall(_SYS_ADD_RULE, ruleset, _RULE_PATH_BENEATH, ctypes.byref(rule), ctypes.c_uint32(0)) != 0:
+            raise OSError(ctypes.get_errno(), f"landlock_add_rule failed for {path}")
+    finally:
+        os.close(target)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def drop_capabilities() -> None:
+    """Leave root's capabilities behind (raw I/O, ptrace, mounts ...), also across exec."""
+    libc = _libc()
+    for cap in range(64):
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP; EINVAL past the last capability
+    libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (_CapData * 2)()
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+
+
+def apply(spec: dict) -> None:
+    cgroup = spec.get("cgroup")
+    if cgroup:
+        # Join before exec: every later fork is born inside the cgroup and counted.
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as handle:
+            handle.write(str(os.getpid()))
+    if "core" in spec:
+        resource.setrlimit(resource.RLIMIT_CORE, (int(spec["core"]), int(spec["core"])))
+    if spec.get("nproc"):
+        resource.setrlimit(resource.RLIMIT_NPROC, (int(spec["nproc"]), int(spec["nproc"])))
+    if spec.get("drop_caps"):
+        drop_capabilities()
+    if spec.get("landlock") is not None:
+        apply_landlock(spec["landlock"])
+    elif spec.get("no_new_privs"):
+        _libc().prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3 or argv[1] != "--":
+        print("usage: sandbox_launch.py SPEC -- COMMAND...", file=sys.stderr)
+        return 2
+    try:
+        apply(json.loads(argv[0]))
+    except OSError as exc:
+        print(f"vault-runner: the kernel sandbox could not be set up: {exc}", file=sys.stderr)
+        return 126
+    os.execvp(argv[2], argv[2:])
+    return 127  # pragma: no cover - execvp does not return
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
