@@ -223,8 +223,9 @@ def setup_code(note_options: Mapping[str, Any], need_torch: bool) -> str:
             "fraction": note_options["gpu-memory-fraction"],
         }
     )
+    # No `%config InlineBackend...` here: it imports matplotlib (0.6 s) in every kernel, and
+    # PNG is already the inline backend's default format.
     return f"""
-%config InlineBackend.figure_formats = ['png']
 def __vault_runner_setup(settings):
     import json, os, random
     settings = json.loads(settings)
