@@ -44,7 +44,7 @@ def main() -> int:
         print(f"block count differs: note has {len(ours)}, notebook has {len(cells)}")
         return 1
     differing = 0
-    for number, (block, cell) in enumerate(zip(ours, cells), 1):
+    for number, (block, cell) in enumerate(zip(ours, cells, strict=True), 1):
         mine, jupyter = text_outputs(block.outputs), text_outputs(cell.outputs)
         if mine != jupyter:
             differing += 1

@@ -1,0 +1,75 @@
+"""schemathesis against the served OpenAPI document, on a live server: no 5xx, no schema violation.
+
+Bounded: few examples per operation, no deadline; a vault of trivial notes and a kernel
+cap of 1, so a generated request that happens to name a real note runs in milliseconds.
+The event stream is left out (it never ends, by design); tests/test_server.py covers it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+
+from tests.conftest import make_note_vault
+from tests.test_server import TOKEN, serving
+from vault_runner import trust
+from vault_runner.server import ApiServer
+
+pytestmark = pytest.mark.kernel
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+TRIVIAL = """
+    ---
+    vault-runner: true
+    ---
+    ```python
+    1 + 1
+    ```
+    """
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    root = make_note_vault(
+        tmp_path_factory.mktemp("vault"),
+        {"a.md": TRIVIAL, "Folder/b.md": TRIVIAL, "PyTorch/01 Tensores.md": TRIVIAL, "plain.md": "no code\n"},
+    )
+    previous = os.environ.get("VAULT_RUNNER_CONFIG_DIR")
+    os.environ["VAULT_RUNNER_CONFIG_DIR"] = str(tmp_path_factory.mktemp("config"))
+    try:
+        with serving(root, max_kernels=1, spares=0) as (server, _runner, _app):
+            server.root = root  # type: ignore[attr-defined]
+            yield server
+    finally:
+        if previous is None:
+            os.environ.pop("VAULT_RUNNER_CONFIG_DIR", None)
+        else:
+            os.environ["VAULT_RUNNER_CONFIG_DIR"] = previous
+
+
+@pytest.fixture(scope="module")
+def api_schema(live: ApiServer) -> schemathesis.BaseSchema:
+    return schemathesis.openapi.from_url(f"{live.url}/openapi.json", headers=AUTH, timeout=60)
+
+
+@pytest.fixture(autouse=True)
+def _trusted(request: pytest.FixtureRequest, _isolated_config: None) -> None:
+    if "live" in request.fixturenames or "api_schema" in request.fixturenames:
+        trust.trust(request.getfixturevalue("live").root)
+
+
+schema = schemathesis.pytest.from_fixture("api_schema").exclude(path="/api/v1/events")
+
+
+@schema.parametrize()
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
+)
+def test_api_follows_its_openapi_document(case: schemathesis.Case, live: ApiServer) -> None:
+    case.call_and_validate(headers={**(case.headers or {}), **AUTH}, timeout=120)
