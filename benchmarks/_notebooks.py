@@ -32,8 +32,9 @@ def run_nbclient(nb: nbformat.NotebookNode, cwd: Path, timeout: int = 600) -> tu
     for cell in code_cells(nb):
         cell.outputs = []
     started = time.perf_counter()
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
-                   resources={"metadata": {"path": str(cwd)}}).execute()
+    NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", allow_errors=True, resources={"metadata": {"path": str(cwd)}}
+    ).execute()
     return nb, time.perf_counter() - started
 
 

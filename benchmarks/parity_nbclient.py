@@ -48,7 +48,9 @@ def main() -> int:
         mine, jupyter = text_outputs(block.outputs), text_outputs(cell.outputs)
         if mine != jupyter:
             differing += 1
-            print(f"block {number} (note line {block.line}) differs:\n  vault_runner: {mine!r}\n  nbclient:     {jupyter!r}")
+            print(
+                f"block {number} (note line {block.line}) differs:\n  vault_runner: {mine!r}\n  nbclient:     {jupyter!r}"
+            )
     print(f"{len(ours)} blocks compared, {len(ours) - differing} same, {differing} different")
     return 1 if differing else 0
 

@@ -70,8 +70,12 @@ def main() -> int:
             theirs.append(run_nbclient(nb, Path(tmp))[1])
     mine, peer = statistics.median(ours), statistics.median(theirs)
     print(f"blocks: {args.blocks}, runs each: {args.repeat}")
-    print(f"vault_runner render (fresh kernel, run, render, write): median {mine:.3f} s  runs {[round(t, 3) for t in ours]}")
-    print(f"nbclient execute    (fresh kernel, run):                median {peer:.3f} s  runs {[round(t, 3) for t in theirs]}")
+    print(
+        f"vault_runner render (fresh kernel, run, render, write): median {mine:.3f} s  runs {[round(t, 3) for t in ours]}"
+    )
+    print(
+        f"nbclient execute    (fresh kernel, run):                median {peer:.3f} s  runs {[round(t, 3) for t in theirs]}"
+    )
     print(f"ratio vault_runner / nbclient: {mine / peer:.2f}")
     return 0
 
