@@ -203,6 +203,31 @@ def load(vault: Vault, path: Path) -> Loaded:
     )
 
 
+def block_report(
+    loaded: Loaded,
+    planned: PlannedBlock,
+    status: str,
+    *,
+    duration: float = 0.0,
+    device: str | None = None,
+    message: str | None = None,
+) -> BlockReport:
+    """A block's entry of the report (DESIGN.md contract 8), before its outputs are added."""
+    block = planned.block
+    first = next((line for line in block.code.split("\n") if line.strip() and not line.startswith("#|")), "")
+    return BlockReport(
+        note=loaded.relative,
+        index=block.index,
+        line=block.fence_line,
+        first_line=first,
+        label=planned.options["label"],
+        status=status,
+        duration=round(duration, 4),
+        device=device,
+        message=message,
+    )
+
+
 def _without_blocks(note: notes.Note) -> bool:
     return not note.blocks and not note.problems
 
@@ -332,7 +357,7 @@ class Engine:
             return NoteReport(
                 note=loaded.relative,
                 status="current",
-                blocks=[self._report(loaded, p, "current") for p in loaded.runnable],
+                blocks=[block_report(loaded, p, "current") for p in loaded.runnable],
             )
         if (
             not self.force
@@ -344,9 +369,9 @@ class Engine:
                 note=loaded.relative,
                 status="ran",
                 blocks=[
-                    self._report(loaded, p, "hand-edited", message=self._hand_edit_message(loaded, p.block))
+                    block_report(loaded, p, "hand-edited", message=self._hand_edit_message(loaded, p.block))
                     if p.block in edited
-                    else self._report(loaded, p, "current")
+                    else block_report(loaded, p, "current")
                     for p in loaded.runnable
                 ],
             )
@@ -411,13 +436,13 @@ class Engine:
             for planned in loaded.plan:
                 block = planned.block
                 if planned.code_hash is None:
-                    report.blocks.append(self._report(loaded, planned, "not-run", message="eval: false"))
+                    report.blocks.append(block_report(loaded, planned, "not-run", message="eval: false"))
                     continue
                 if block.index < start_at:
-                    report.blocks.append(self._report(loaded, planned, "current", message="kept"))
+                    report.blocks.append(block_report(loaded, planned, "current", message="kept"))
                     continue
                 if stop_reason is not None:
-                    report.blocks.append(self._report(loaded, planned, "skipped", message=stop_reason))
+                    report.blocks.append(block_report(loaded, planned, "skipped", message=stop_reason))
                     continue
                 self.on_event(Event("block-started", relative, block.index, block.fence_line))
                 execution = self._execute_block(kernel, planned, relative, device)
@@ -545,7 +570,7 @@ class Engine:
                 status, message = "error", f"expected it to raise {expected}, but it raised nothing"
             elif status == "error":
                 message = f"expected it to raise {expected}, but it raised {raised[0] if raised else 'another error'}"
-        report = self._report(loaded, planned, status, duration=execution.duration, device=device, message=message)
+        report = block_report(loaded, planned, status, duration=execution.duration, device=device, message=message)
         peak = _expression_text(execution.user_expressions.get("gpu_peak"))
         report.gpu_peak_bytes = int(peak) if peak and peak.isdigit() else None
         report.outputs = [output_summary(o) for o in outputs]
@@ -555,30 +580,6 @@ class Engine:
         ]
         has_error = any(o.get("output_type") == "error" for o in shown)
         return _Result(planned, rendered, report, rerender if has_error else None)
-
-    def _report(
-        self,
-        loaded: Loaded,
-        planned: PlannedBlock,
-        status: str,
-        *,
-        duration: float = 0.0,
-        device: str | None = None,
-        message: str | None = None,
-    ) -> BlockReport:
-        block = planned.block
-        first = next((line for line in block.code.split("\n") if line.strip() and not line.startswith("#|")), "")
-        return BlockReport(
-            note=loaded.relative,
-            index=block.index,
-            line=block.fence_line,
-            first_line=first,
-            label=planned.options["label"],
-            status=status,
-            duration=round(duration, 4),
-            device=device,
-            message=message,
-        )
 
     def _hand_edit_message(self, loaded: Loaded, block: notes.Block) -> str:
         line = block.region.first_line if block.region else block.close_line + 1

@@ -25,6 +25,7 @@ from .sandbox import Sandbox
 
 STARTUP_TIMEOUT = 60.0
 INTERRUPT_GRACE = 5.0
+LOST_REPLY_GRACE = 3.0  # seconds to wait for the reply once the kernel went idle for a request
 MAX_OUTPUT_BYTES = 8 * 1024 * 1024  # per block, kept in memory; the rest is counted, not kept
 MAX_IMAGES = 50  # per block
 MAX_IMAGE_BYTES = 4 * 1024 * 1024  # per image, as sent (base64)
@@ -285,6 +286,7 @@ class KernelSession:
         status = "ok"
         restarted = False
         interrupted_at: float | None = None
+        idle_at: float | None = None
         while reply is None or not collector.idle:
             now = time.monotonic()
             if interrupted_at is None and now >= deadline:
@@ -311,8 +313,16 @@ class KernelSession:
                 if message["parent_header"].get("msg_id") == msg_id:
                     collector.handle(message)
             else:
+                if idle_at is None:
+                    idle_at = time.monotonic()
+                elif time.monotonic() - idle_at > LOST_REPLY_GRACE:
+                    # The kernel went idle for our request but its reply never came: ipykernel
+                    # drops it when an interrupt lands just as the block ends. The iopub side
+                    # already holds everything the block did; do not wait out the timeout.
+                    reply = _reply_from_outputs(collector.outputs)
+                    break
                 try:
-                    message = self.client.get_shell_msg(timeout=wait)
+                    message = self.client.get_shell_msg(timeout=min(wait, LOST_REPLY_GRACE))
                 except ValueError:
                     continue
                 except queue.Empty:
@@ -383,6 +393,13 @@ class KernelSession:
                 continue
             except queue.Empty:
                 return
+
+
+def _reply_from_outputs(outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    errors = [o for o in outputs if o.get("output_type") == "error"]
+    if errors:
+        return {"status": "error", **{k: errors[-1].get(k) for k in ("ename", "evalue", "traceback")}}
+    return {"status": "ok"}
 
 
 class _Collector:

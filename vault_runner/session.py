@@ -42,7 +42,6 @@ from typing import Any
 
 from . import note as notes
 from .engine import (
-    BlockReport,
     Engine,
     Event,
     EventSink,
@@ -55,6 +54,7 @@ from .engine import (
     Run,
     _needs_torch,  # same rule as Engine.prepare, so a kernel is re-prepared when it flips
     _Result,  # what Engine.write_back takes per block; built here to re-write kept outputs
+    block_report,
     default_kernel_factory,
     load,
 )
@@ -403,7 +403,7 @@ class NoteSession:
                 return NoteReport(
                     note=relative,
                     status="current",
-                    blocks=[_block_report(loaded, p, "current") for p in runnable],
+                    blocks=[block_report(loaded, p, "current") for p in runnable],
                 )
             return self._restore_only(loaded, runnable, restores, started)
         return self._run(loaded, mode, hashes, start, stop, restores, started)
@@ -414,7 +414,7 @@ class NoteSession:
     ) -> NoteReport:
         """Outputs we have went missing from the note (an editor saved an older copy): put them back."""
         report = NoteReport(note=loaded.relative, status="ran", device=self.device)
-        report.blocks = [_block_report(loaded, p, "current", message="kept") for p in runnable]
+        report.blocks = [block_report(loaded, p, "current", message="kept") for p in runnable]
         run = Run(loaded, report, {})
         self._add_restores(run, runnable, restores)
         engine = Engine(self.runner.vault, on_event=self.runner.emit, force=self.runner.force)
@@ -645,20 +645,6 @@ class _Tracker:
                     return
                 event = replace(event, data={**event.data, "status": "skipped"})
         self.sink(event)
-
-
-def _block_report(loaded: Loaded, planned: PlannedBlock, status: str, message: str | None = None) -> BlockReport:
-    block = planned.block
-    first = next((line for line in block.code.split("\n") if line.strip() and not line.startswith("#|")), "")
-    return BlockReport(
-        note=loaded.relative,
-        index=block.index,
-        line=block.fence_line,
-        first_line=first,
-        label=planned.options["label"],
-        status=status,
-        message=message,
-    )
 
 
 def _finished_data(report: NoteReport, restored: int = 0) -> dict[str, Any]:
