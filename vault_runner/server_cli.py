@@ -32,11 +32,11 @@ from rich.markup import escape
 from . import __version__
 from .api_security import OBSIDIAN_ORIGIN, load_or_create_token, normalize_origin
 from .server import ApiServer, create_app
-from .session import SUPERSEDE_POLICIES, Runner, UntrustedVault
+from .session import UntrustedVault
 from .trust import config_dir, is_trusted, untrusted_message
 from .vault import VaultError, load_vault
 from .watch import VaultWatcher
-from .watch_cli import Feedback
+from .watch_cli import Feedback, add_runner_options, runner_from_args
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -116,13 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         console.print(f"[red]error[/] {escape(str(exc))}")
         return EXIT_USAGE
-    runner = Runner(
-        vault,
-        max_kernels=args.kernels,
-        spares=args.warm,
-        idle_timeout=args.idle_timeout,
-        supersede="finish" if args.let_finish else "interrupt",
-    )
+    runner = runner_from_args(vault, args)
     feedback = Feedback(console, as_json=False)
     runner.subscribe(feedback)
     try:
@@ -211,19 +205,5 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         metavar="ORIGIN",
         help=f"another origin allowed to call the API besides {OBSIDIAN_ORIGIN} (repeatable; no wildcards)",
     )
-    serve.add_argument("--kernels", type=int, default=2, metavar="N", help="most kernels at once (default 2)")
-    serve.add_argument("--warm", type=int, default=1, metavar="N", help="kernels kept warm for new notes (default 1)")
-    serve.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=600.0,
-        metavar="SECONDS",
-        help="shut a note's kernel down after this long unused (default 600)",
-    )
-    serve.add_argument(
-        "--let-finish",
-        action="store_true",
-        help="when a note is saved again while it runs, let the running block finish instead of "
-        f"interrupting it (policies: {', '.join(SUPERSEDE_POLICIES)})",
-    )
+    add_runner_options(serve)
     serve.set_defaults(func=cmd_serve)

@@ -22,7 +22,7 @@ from rich.markup import escape
 from .engine import Event
 from .session import SUPERSEDE_POLICIES, Runner, UntrustedVault
 from .trust import is_trusted, untrusted_message
-from .vault import VaultError, load_vault
+from .vault import Vault, VaultError, load_vault
 from .watch import DEBOUNCE, VaultWatcher
 
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -168,13 +168,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     if not is_trusted(vault.root):
         console.print(f"[red]error[/] {escape(untrusted_message(vault.root))}")
         return EXIT_USAGE
-    runner = Runner(
-        vault,
-        max_kernels=args.kernels,
-        spares=args.warm,
-        idle_timeout=args.idle_timeout,
-        supersede="finish" if args.let_finish else "interrupt",
-    )
+    runner = runner_from_args(vault, args)
     feedback = Feedback(console, args.json)
     runner.subscribe(feedback)
     watcher = VaultWatcher(runner, debounce=args.debounce)
@@ -220,15 +214,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     watch.add_argument("vault", metavar="VAULT", help="the vault folder")
     watch.add_argument("--json", action="store_true", help="print one JSON event per line on stdout")
-    watch.add_argument("--kernels", type=int, default=2, metavar="N", help="most kernels at once (default 2)")
-    watch.add_argument("--warm", type=int, default=1, metavar="N", help="kernels kept warm for new notes (default 1)")
-    watch.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=600.0,
-        metavar="SECONDS",
-        help="shut a note's kernel down after this long unused (default 600)",
-    )
+    add_runner_options(watch)
     watch.add_argument(
         "--debounce",
         type=float,
@@ -236,10 +222,33 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         metavar="SECONDS",
         help=f"quiet time after a save before the note is read (default {DEBOUNCE})",
     )
-    watch.add_argument(
+    watch.set_defaults(func=cmd_watch)
+
+
+def add_runner_options(parser: argparse.ArgumentParser) -> None:
+    """The kernel pool and supersede options that `watch` and `serve` share."""
+    parser.add_argument("--kernels", type=int, default=2, metavar="N", help="most kernels at once (default 2)")
+    parser.add_argument("--warm", type=int, default=1, metavar="N", help="kernels kept warm for new notes (default 1)")
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="shut a note's kernel down after this long unused (default 600)",
+    )
+    parser.add_argument(
         "--let-finish",
         action="store_true",
         help="when a note is saved again while it runs, let the running block finish instead of "
         f"interrupting it (policies: {', '.join(SUPERSEDE_POLICIES)})",
     )
-    watch.set_defaults(func=cmd_watch)
+
+
+def runner_from_args(vault: Vault, args: argparse.Namespace) -> Runner:
+    return Runner(
+        vault,
+        max_kernels=args.kernels,
+        spares=args.warm,
+        idle_timeout=args.idle_timeout,
+        supersede="finish" if args.let_finish else "interrupt",
+    )
