@@ -19,9 +19,7 @@ from typing import Any
 
 from . import note as notes
 from .engine import Loaded, PlannedBlock
-from .options import opted_in
 from .render import ATTACHMENT_LINK_RE
-from .vault import Vault
 
 MISSING = "missing"
 STALE = "stale"
@@ -57,38 +55,6 @@ def shown_path(path: Path) -> str:
     except ValueError:  # another drive (Windows)
         return str(path)
     return str(path) if shown.startswith("..") else shown
-
-
-def cannot_be_opted_in(vault: Vault, path: Path, data: bytes) -> bool:
-    """Byte-level: no `vault-runner` property and a folder the config does not include.
-
-    Saves parsing the many notes of a big vault that merely mention python.
-    """
-    if b"vault-runner" in data:
-        return False
-    try:
-        relative = vault.relative(path)
-    except ValueError:
-        return False
-    config = vault.config
-    return not opted_in({}, relative, config.include, config.exclude)
-
-
-def may_be_opted_in(vault: Vault, path: Path, data: bytes) -> bool:
-    """For a note that cannot be loaded: could it be opted in? (Then its error matters.)
-
-    A draft that is not opted in may hold half-written code (an unclosed fence); CI leaves
-    it alone, as it leaves alone everything that is not opted in.
-    """
-    try:
-        note = notes.parse_note(notes.decode_note(data))
-        relative = vault.relative(path)
-    except Exception:
-        return True
-    if note.frontmatter_error is not None:
-        return True
-    config = vault.config
-    return opted_in(note.frontmatter, relative, config.include, config.exclude)
 
 
 def find(loaded: Loaded, path: str | None = None) -> list[Finding]:

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from . import checks, reports
 from .cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, default_target, notes_under
-from .engine import could_have_blocks, load
+from .engine import select
 from .testing import NoteResult, NoteTestOptions, run_notes
 from .vault import VaultError
 
@@ -43,19 +43,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     diffs: list[str] = []
     for vault, path in notes_under(default_target(args.paths)):
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            errors.append(VaultError(path, f"cannot be read ({exc.strerror or exc})").one_line())
-            continue
-        if not could_have_blocks(data) or (not args.all and checks.cannot_be_opted_in(vault, path, data)):
-            continue
-        try:
-            loaded = load(vault, path)
+            loaded = select(vault, path, all_notes=args.all).loaded
         except VaultError as exc:
-            if args.all or checks.may_be_opted_in(vault, path, data):
-                errors.append(exc.one_line())
+            errors.append(exc.one_line())
             continue
-        if not (args.all or loaded.opted_in) or not loaded.plan:
+        if loaded is None:
             continue
         shown = checks.shown_path(path)
         checked.append(shown)
@@ -96,14 +88,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     jobs = args.jobs or os.cpu_count() or 1
     started = time.monotonic()
     console = _err_console()
-    candidates = []
-    for vault, path in notes_under(default_target(args.paths)):
-        try:
-            if not could_have_blocks(path.read_bytes()):
-                continue
-        except OSError:
-            pass  # the engine reports it, with its path
-        candidates.append((vault, path))
+    candidates = notes_under(default_target(args.paths))
     options = NoteTestOptions(compare=args.compare, update=args.update, all_notes=args.all)
     quiet = args.json
 

@@ -20,7 +20,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColu
 from rich.progress import Progress as RichProgress
 
 from . import __version__
-from .engine import Engine, Event, NoteReport, clean_note, could_have_blocks
+from .engine import Engine, Event, NoteReport, clean_note
+from .reports import block_message
 from .vault import Vault, VaultError, find_root, load_vault
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -52,18 +53,7 @@ def notes_under(paths: Iterable[Path]) -> list[tuple[Vault, Path]]:
         root = find_root(path)
         vault = vaults.get(root) or vaults.setdefault(root, load_vault(path))
         if path.is_dir():
-            if path.resolve() != vault.root:
-                inner = Vault(
-                    path.resolve(),
-                    vault.attachment_folder,
-                    vault.use_markdown_links,
-                    vault.new_link_format,
-                    vault.ignore_filters,
-                    vault.config,
-                )
-                found.extend((vault, p) for p in inner.notes())
-            else:
-                found.extend((vault, p) for p in vault.notes())
+            found.extend((vault, p) for p in vault.notes(path.resolve()))
         else:
             found.append((vault, path))
     return found
@@ -134,10 +124,7 @@ def print_note(console: Console, report: NoteReport) -> None:
     )
     for block in report.blocks:
         if block.failed or block.status in {"skipped", "unwritten"}:
-            detail = block.message or ""
-            if block.status == "error" and not detail:
-                errors = [o for o in block.outputs if o.get("type") == "error"]
-                detail = f"{errors[0]['ename']}: {errors[0]['evalue']}" if errors else "error"
+            detail = block_message(block)
             where = escape(f"{report.note}:{block.line}: {block.status}: {detail}")
             console.print(f"  {_ICONS.get(block.status, '?')} {where}")
     if report.message:
@@ -167,7 +154,7 @@ def exit_code(reports: Sequence[NoteReport]) -> int:
 
 def _run_notes(args: argparse.Namespace, require_opt_in: bool, paths: list[Path]) -> int:
     console = _err_console()
-    candidates = [(vault, path) for vault, path in notes_under(paths) if not require_opt_in or _may_run(path)]
+    candidates = notes_under(paths)
     progress = Progress(console, not args.json, len(candidates))
     reports: list[NoteReport] = []
     lock = threading.Lock()
@@ -192,18 +179,12 @@ def _run_notes(args: argparse.Namespace, require_opt_in: bool, paths: list[Path]
                 reports = list(pool.map(run_one, candidates))
     finally:
         progress.stop()
+    reports = [r for r in reports if r.status != "no-blocks"]  # notes without code are not news
     if args.json:
         print(json.dumps({"notes": [r.to_json() for r in reports]}, ensure_ascii=False, indent=2))
     else:
         summarize(console, reports)
     return exit_code(reports)
-
-
-def _may_run(path: Path) -> bool:
-    try:
-        return could_have_blocks(path.read_bytes())
-    except OSError:
-        return True  # let the engine report what is wrong with it
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -222,11 +203,6 @@ def cmd_clean(args: argparse.Namespace) -> int:
     console = _err_console()
     cleaned = 0
     for vault, path in notes_under(default_target(args.paths)):
-        try:
-            if not could_have_blocks(path.read_bytes()):
-                continue
-        except OSError:
-            pass
         if clean_note(vault, path):
             cleaned += 1
             console.print(f"cleaned {escape(str(path))}")

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -152,10 +151,12 @@ def could_have_blocks(data: bytes) -> bool:
     return (b"```" in data or b"~~~" in data) and b"py" in data.lower()
 
 
-def load(vault: Vault, path: Path) -> Loaded:
-    """Read and parse a note. Raises VaultError (file and line) on input we must not touch."""
+def load(vault: Vault, path: Path, data: bytes | None = None) -> Loaded:
+    """Parse a note (read it, unless its bytes are given). Raises VaultError (file and line)
+    on input we must not touch."""
     relative = vault.relative(vault.check_inside(path))
-    data = vault.read_note(path)
+    if data is None:
+        data = vault.read_note(path)
     try:
         text = notes.decode_note(data)
     except notes.NoteError as exc:
@@ -201,6 +202,58 @@ def load(vault: Vault, path: Path) -> Loaded:
         note_options=note_options,
         plan=tuple(plan),
     )
+
+
+def kernel_env(vault_root: Path, note: Path | None, note_options: Mapping[str, Any]) -> dict[str, str]:
+    """The environment a kernel is launched with (a warm spare has no note yet)."""
+    env = {"VAULT_RUNNER_NOTE": str(note or ""), "VAULT_RUNNER_VAULT": str(vault_root)}
+    if note_options.get("deterministic"):
+        # Read by CUDA/cuBLAS and Python only at start-up, so they go in the launch env.
+        env.update(CUBLAS_WORKSPACE_CONFIG=":4096:8", PYTHONHASHSEED="0")
+    return env
+
+
+def may_be_opted_in(vault: Vault, path: Path, data: bytes) -> bool:
+    """Could this note opt in? Judged on its bytes: the `vault-runner` property written in it,
+    or a folder the vault config includes.
+
+    Cheap, so that the many notes of a big vault that merely mention python are never
+    parsed, and so that a broken draft that does not opt in (a half-written, unclosed fence)
+    is left alone rather than reported.
+    """
+    if b"vault-runner" in data:
+        return True
+    try:
+        relative = vault.relative(path)
+    except ValueError:
+        return True
+    return opted_in({}, relative, vault.config.include, vault.config.exclude)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Whether vault-runner runs a note: the loaded note, or why it is skipped."""
+
+    relative: str
+    loaded: Loaded | None
+    skipped: str | None = None  # no-blocks | not-opted-in
+
+
+def select(vault: Vault, path: Path, *, all_notes: bool = False) -> Selection:
+    """Read a note once and decide whether it runs: it has python blocks and, unless
+    `all_notes`, it opts in. Raises VaultError only for a note that would run."""
+    relative = vault.relative(vault.check_inside(path))
+    data = vault.read_note(path)
+    if not could_have_blocks(data):
+        return Selection(relative, None, "no-blocks")
+    if not all_notes and not may_be_opted_in(vault, path, data):
+        return Selection(relative, None, "not-opted-in")
+    loaded = load(vault, path, data)
+    if not loaded.plan:
+        return Selection(relative, None, "no-blocks")
+    if not all_notes and not loaded.opted_in:
+        return Selection(relative, None, "not-opted-in")
+    return Selection(relative, loaded)
 
 
 def block_report(
@@ -345,13 +398,12 @@ class Engine:
     def run_note(self, path: Path, *, require_opt_in: bool = True, write: bool = True) -> NoteReport:
         started = time.monotonic()
         try:
-            loaded = load(self.vault, path)
+            selection = select(self.vault, path, all_notes=not require_opt_in)
         except VaultError as exc:
             return NoteReport(note=str(path), status="refused", message=exc.one_line())
-        if not loaded.plan:
-            return NoteReport(note=loaded.relative, status="no-blocks")
-        if require_opt_in and not loaded.opted_in:
-            return NoteReport(note=loaded.relative, status="not-opted-in")
+        loaded = selection.loaded
+        if loaded is None:
+            return NoteReport(note=selection.relative, status=str(selection.skipped))
         edited = loaded.hand_edited()
         if not self.force and loaded.is_current():
             return NoteReport(
@@ -387,7 +439,11 @@ class Engine:
 
     # -- execution -----------------------------------------------------------------------
     def start_kernel(self, loaded: Loaded) -> Kernel:
-        kernel = self.kernel_factory(loaded.path.parent, self._kernel_env(loaded), loaded.note_options.values)
+        kernel = self.kernel_factory(
+            loaded.path.parent,
+            kernel_env(self.vault.root, loaded.path, loaded.note_options.values),
+            loaded.note_options.values,
+        )
         kernel.start()
         return kernel
 
@@ -588,16 +644,6 @@ class Engine:
             "was edited by hand; move your text out of it, or run with --force to overwrite it"
         )
 
-    def _kernel_env(self, loaded: Loaded) -> dict[str, str]:
-        env = {
-            "VAULT_RUNNER_NOTE": str(loaded.path),
-            "VAULT_RUNNER_VAULT": str(self.vault.root),
-        }
-        if loaded.note_options["deterministic"]:
-            # Read by CUDA/cuBLAS and Python only at start-up, so they go in the launch env.
-            env.update(CUBLAS_WORKSPACE_CONFIG=":4096:8", PYTHONHASHSEED="0")
-        return env
-
     # -- write-back ----------------------------------------------------------------------
     def write_back(self, run: Run) -> None:
         """Compare-and-swap the new regions into the note (DESIGN.md contract 5)."""
@@ -655,7 +701,7 @@ class Engine:
                 if block_report and not block_report.failed:
                     block_report.status = "unwritten"
                     block_report.message = "its code changed while it ran; it will run again next time"
-            self._remove_stale_attachments(attachment_dir, old_links, new_text)
+            remove_stale_attachments(attachment_dir, old_links, new_text)
             return
         report.status = "failed"
         report.message = (
@@ -735,17 +781,6 @@ class Engine:
         unwritten = {p.block.index for p, r in ran if r is not None and p.block.index not in matched}
         return regions, old_links, unwritten, matched
 
-    def _remove_stale_attachments(self, folder: Path, old_links: set[str], new_text: str) -> None:
-        for name in old_links:
-            if not ATTACHMENT_RE.search(name) or _links_to(new_text, name):
-                continue
-            path = folder / name
-            try:
-                if path.is_file() and not path.is_symlink():
-                    path.unlink()
-            except OSError:
-                pass
-
 
 # -- a save that lands during the swap (watch issue: found by the soak test's stress run) --------
 def swap_note(path: Path, expected: bytes, new: bytes) -> None:
@@ -796,6 +831,20 @@ def _read_fd(fd: int) -> bytes:
         chunks.append(chunk)
         offset += len(chunk)
     return b"".join(chunks)
+
+
+def remove_stale_attachments(folder: Path, old_links: set[str], new_text: str) -> None:
+    """Delete attachments our old regions linked and the note no longer does: only our own
+    files (name pattern), never through a symlink."""
+    for name in old_links:
+        if not ATTACHMENT_RE.search(name) or _links_to(new_text, name):
+            continue
+        path = folder / name
+        try:
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+        except OSError:
+            pass
 
 
 def _attachment_stem(loaded: Loaded) -> str:
@@ -852,14 +901,6 @@ def _setup_failure(execution: Execution) -> str:
     return execution.status
 
 
-def count_statuses(reports: list[NoteReport]) -> Counter[str]:
-    counter: Counter[str] = Counter()
-    for report in reports:
-        for block in report.blocks:
-            counter[block.status] += 1
-    return counter
-
-
 def clean_note(vault: Vault, path: Path) -> bool:
     """Remove every output region of a note and the attachments vault-runner made for them.
 
@@ -867,6 +908,8 @@ def clean_note(vault: Vault, path: Path) -> bool:
     """
     for _attempt in range(MAX_WRITE_ATTEMPTS):
         loaded_bytes = vault.read_note(path)
+        if b"vault-runner:" not in loaded_bytes:
+            return False  # no region of ours: nothing to parse
         try:
             note = notes.parse_note(notes.decode_note(loaded_bytes))
         except notes.NoteError as exc:
@@ -885,10 +928,6 @@ def clean_note(vault: Vault, path: Path) -> bool:
             swap_note(path, loaded_bytes, new_text.encode("utf-8", "surrogatepass"))
         except WriteConflict:
             continue
-        folder = vault.attachment_dir(path)
-        for name in links:
-            candidate = folder / name
-            if ATTACHMENT_RE.search(name) and candidate.is_file() and not _links_to(new_text, name):
-                candidate.unlink()
+        remove_stale_attachments(vault.attachment_dir(path), links, new_text)
         return True
     raise VaultError(path, "kept changing while vault-runner tried to clean it; try again")

@@ -86,9 +86,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 
 def _note_collectors(session: pytest.Session, paths: list[Path]) -> Iterator[VaultNote]:
-    from . import checks
     from .cli import notes_under
-    from .engine import could_have_blocks, load
+    from .engine import select
     from .vault import VaultError
 
     seen: set[Path] = set()
@@ -101,22 +100,14 @@ def _note_collectors(session: pytest.Session, paths: list[Path]) -> Iterator[Vau
         if resolved in seen:
             continue
         seen.add(resolved)
-        try:
-            data = path.read_bytes()
-        except OSError:
-            data = b"vault-runner"  # unreadable: let load() report it
-        if not could_have_blocks(data) or checks.cannot_be_opted_in(vault, path, data):
-            continue
         error = None
         loaded = None
         try:
-            loaded = load(vault, path)
-        except VaultError as exc:
-            if not checks.may_be_opted_in(vault, path, data):
+            loaded = select(vault, path).loaded
+            if loaded is None or not loaded.runnable:
                 continue
+        except VaultError as exc:
             error = exc.one_line()
-        if loaded is not None and (not loaded.opted_in or not loaded.runnable):
-            continue
         yield VaultNote.from_parent(
             session, path=resolved, nodeid=_nodeid(session, resolved), vault=vault, loaded=loaded, error=error
         )

@@ -57,9 +57,10 @@ from .engine import (
     block_report,
     default_kernel_factory,
     load,
+    may_be_opted_in,
 )
 from .kernel import Execution
-from .options import NOTE_LEVEL, opted_in
+from .options import NOTE_LEVEL
 from .pool import WARM_CODE, KernelPool, KernelStartError, Slot, launch_key
 from .render import CellSource, Rendered
 from .trust import is_trusted, untrusted_message
@@ -589,15 +590,11 @@ class NoteSession:
 
     def _may_be_opted_in(self) -> bool:
         """For a note that cannot be loaded: does it look opted in (so its error is worth showing)?"""
-        vault = self.runner.vault
         try:
             data = self.path.read_bytes()
-            note = notes.parse_note(notes.decode_note(data))
-        except (OSError, notes.NoteError, RuntimeError):
+        except (OSError, RuntimeError):
             return True
-        if note.frontmatter_error is not None:
-            return b"vault-runner:" in data
-        return opted_in(note.frontmatter, self.relative(), vault.config.include, vault.config.exclude)
+        return may_be_opted_in(self.runner.vault, self.path, data)
 
     def _add_restores(self, run: Run, runnable: Sequence[PlannedBlock], restores: list[int]) -> None:
         by_index = {b.index: b for b in run.report.blocks}
@@ -710,7 +707,6 @@ class Runner:
         self._subscribers: list[EventSink] = []
         self._own_writes: dict[Path, str] = {}
         self._scheduled = 0  # sessions with a worker draining their queue
-        self._started = False
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -718,7 +714,6 @@ class Runner:
         """Check trust, then start warming kernels. Raises UntrustedVault."""
         if self.require_trust and not is_trusted(self.vault.root):
             raise UntrustedVault(untrusted_message(self.vault.root))
-        self._started = True
         self.pool.start()
 
     def close(self, timeout: float = 30.0) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .checks import SanitizerError, compare_bodies, compile_sanitizers, shown_path
-from .engine import Engine, KernelFactory, NoteReport, default_kernel_factory, load
+from .engine import Engine, KernelFactory, NoteReport, default_kernel_factory, select
 from .vault import CONFIG_NAME, Vault, VaultError
 
 MISMATCH = "mismatch"
@@ -76,17 +76,16 @@ def run_note(
     shown = shown_path(path)
     started = time.monotonic()
     try:
-        loaded = load(vault, path)
+        selection = select(vault, path, all_notes=options.all_notes)
         sanitizers = compile_sanitizers(vault.config.sanitizers)
     except VaultError as exc:
         return NoteResult(shown, NoteReport(note=shown, status="refused", message=exc.one_line()))
     except SanitizerError as exc:
         message = VaultError(vault.root / CONFIG_NAME, str(exc)).one_line()
         return NoteResult(shown, NoteReport(note=shown, status="refused", message=message))
-    if not options.all_notes and not loaded.opted_in:
-        return NoteResult(shown, NoteReport(note=loaded.relative, status="not-opted-in"))
-    if not loaded.runnable:
-        return NoteResult(shown, NoteReport(note=loaded.relative, status="no-blocks"))
+    loaded = selection.loaded
+    if loaded is None or not loaded.runnable:
+        return NoteResult(shown, NoteReport(note=selection.relative, status=selection.skipped or "no-blocks"))
     engine = Engine(vault, kernel_factory=kernel_factory)
     run = engine.execute(loaded)
     report = run.report
