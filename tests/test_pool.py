@@ -190,3 +190,18 @@ def test_a_factory_that_fails_gives_a_clear_error_and_no_busy_retry(vault: Path)
         assert len(calls) <= 3
         logs = [e for e in events if e.kind == "log"]
         assert len(logs) == 1 and "retrying in" in logs[0].data["message"]
+
+
+def test_a_deterministic_note_gets_the_launch_environment_render_gives_it(vault: Path) -> None:
+    envs: list[dict[str, str]] = []
+
+    def recording_factory(cwd: Path, env: dict[str, str], options: Mapping[str, Any]) -> Kernel:
+        envs.append(dict(env))
+        return default_kernel_factory(cwd, env, options)
+
+    with pool_of(vault, max_kernels=1, spares=0, factory=recording_factory) as (pool, _):
+        slot = pool.acquire(vault / "uno" / "a.md", {**DEFAULTS, "deterministic": True})
+        try:
+            assert envs[-1]["PYTHONHASHSEED"] == "0" and envs[-1]["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        finally:
+            pool.release(slot)

@@ -73,6 +73,9 @@ def test_notes_skip_hidden_trash_and_ignore_filters(tmp_path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x", encoding="utf-8")
     assert sorted(p.relative_to(tmp_path).as_posix() for p in v.notes()) == ["a.md", "c/d.md"]
+    # A folder of the vault is filtered like the vault: filters are relative to its root.
+    assert list(v.notes(tmp_path / "Plantillas")) == []
+    assert [p.relative_to(tmp_path).as_posix() for p in v.notes(tmp_path / "c")] == ["c/d.md"]
 
 
 def test_write_if_unchanged_keeps_mode_and_refuses_a_changed_file(tmp_path: Path) -> None:

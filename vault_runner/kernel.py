@@ -11,10 +11,9 @@ import os
 import queue
 import re
 import shutil
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -548,11 +547,3 @@ def _to_output(kind: str, content: dict[str, Any]) -> dict[str, Any] | None:
             "traceback": content.get("traceback", []),
         }
     return None
-
-
-def python_executable() -> str:
-    return sys.executable
-
-
-def kernel_argv() -> Sequence[str]:
-    return [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]

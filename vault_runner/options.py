@@ -5,6 +5,7 @@ Names follow Quarto where Quarto has one (DESIGN.md, contract 7).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -137,6 +138,7 @@ def glob_match(pattern: str, path: str) -> bool:
     return any(regex.fullmatch(candidate) for candidate in candidates)
 
 
+@functools.lru_cache(maxsize=256)
 def _glob_regex(pattern: str) -> re.Pattern[str]:
     out = []
     i = 0

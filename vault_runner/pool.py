@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engine import Event, EventSink, Kernel, KernelFactory, default_kernel_factory
+from .engine import Event, EventSink, Kernel, KernelFactory, default_kernel_factory, kernel_env
 from .options import DEFAULTS, NOTE_LEVEL, resolve
 from .vault import Vault
 
@@ -372,7 +372,7 @@ class KernelPool:
 
     def _start_own(self, note: Path, note_options: Mapping[str, Any], key: tuple[tuple[str, str], ...]) -> Slot:
         """Start a kernel for one note (no spare fits, or none is ready). A capacity unit is reserved."""
-        env = {"VAULT_RUNNER_NOTE": str(note), "VAULT_RUNNER_VAULT": str(self.vault.root)}
+        env = kernel_env(self.vault.root, note, note_options)
         kernel: Kernel | None = None
         try:
             kernel = self.factory(note.parent, env, note_options)
@@ -400,7 +400,7 @@ class KernelPool:
         return slot
 
     def _start_spare(self) -> None:
-        env = {"VAULT_RUNNER_NOTE": "", "VAULT_RUNNER_VAULT": str(self.vault.root)}
+        env = kernel_env(self.vault.root, None, self._default_options)
         kernel: Kernel | None = None
         try:
             kernel = self.factory(self.vault.root, env, self._default_options)

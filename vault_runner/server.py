@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .api_security import PathRefused, SecurityMiddleware, resolve_note
-from .engine import BlockReport, Event, Loaded, NoteReport, load
+from .engine import BlockReport, Event, Loaded, NoteReport, block_report, load
 from .session import Runner
 from .trust import is_trusted, untrusted_message
 from .vault import Vault, VaultError
@@ -619,17 +619,7 @@ def _report_from_note(loaded: Loaded) -> dict[str, Any]:
             status = "current"
         else:
             status = "stale"
-        first = next((line for line in block.code.split("\n") if line.strip() and not line.startswith("#|")), "")
-        blocks.append(
-            BlockReport(
-                note=loaded.relative,
-                index=block.index,
-                line=block.fence_line,
-                first_line=first,
-                label=planned.options["label"],
-                status=status,
-            )
-        )
+        blocks.append(block_report(loaded, planned, status))
     if not loaded.plan:
         status = "no-blocks"
     else:

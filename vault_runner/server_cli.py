@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -31,12 +32,17 @@ from rich.markup import escape
 
 from . import __version__
 from .api_security import OBSIDIAN_ORIGIN, load_or_create_token, normalize_origin
-from .server import ApiServer, create_app
 from .session import UntrustedVault
 from .trust import config_dir, is_trusted, untrusted_message
 from .vault import VaultError, load_vault
 from .watch import VaultWatcher
 from .watch_cli import Feedback, add_runner_options, runner_from_args
+
+# Checked cheaply here so that `vault-runner` without them still offers its other commands
+# and says what `serve` needs (cli.py), without importing them on every start.
+for _package in ("fastapi", "uvicorn"):
+    if importlib.util.find_spec(_package) is None:
+        raise ModuleNotFoundError(f"No module named {_package!r}", name=_package)
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -91,6 +97,9 @@ def remove_server_file(path: Path) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # FastAPI and uvicorn cost ~0.35 s to import: only `serve` pays it, not every command.
+    from .server import ApiServer, create_app
+
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     folder = Path(args.vault)
     if not folder.is_dir():

@@ -74,9 +74,10 @@ class Vault:
                 return True
         return False
 
-    def notes(self) -> Iterator[Path]:
-        """Every markdown note of the vault, in a stable order, skipping what Obsidian hides."""
-        for folder, dirs, files in os.walk(self.root, followlinks=False):
+    def notes(self, under: Path | None = None) -> Iterator[Path]:
+        """Every markdown note of the vault (or of one of its folders), in a stable order,
+        skipping what Obsidian hides."""
+        for folder, dirs, files in os.walk(under or self.root, followlinks=False):
             dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _SKIPPED_DIRS)
             for name in sorted(files):
                 if not name.lower().endswith(".md"):
