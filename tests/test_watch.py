@@ -24,9 +24,9 @@ import pytest
 
 from vault_runner import note as notes
 from vault_runner import trust
-from vault_runner.engine import Event, load, swap_note
+from vault_runner.engine import Event, load
 from vault_runner.session import Runner
-from vault_runner.vault import WriteConflict, load_vault
+from vault_runner.vault import WriteConflict, load_vault, swap_note
 from vault_runner.watch import VaultWatcher
 
 from .conftest import copy_sample_vault, make_note_vault
@@ -322,7 +322,7 @@ def test_the_swap_never_loses_an_in_place_save_that_lands_during_it(tmp_path: Pa
     """The write-back's compare-and-swap against an editor saving in place every few ms.
 
     An in-place save that opens the note between the compare and the rename writes into
-    the replaced file; engine.swap_note sees it there and puts it back (no kernel here).
+    the replaced file; vault.swap_note holds a read lease on it, so the save is put back (no kernel here).
     """
     path = tmp_path / "note.md"
     path.write_bytes(b"start\n")

@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, MutableMa
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .errors import PathRefused
 from .trust import config_dir
 from .vault import Vault
 
@@ -50,15 +51,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-class PathRefused(Exception):
-    """A note path from a request that must not be used. `code` is the API error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 # -- the token ------------------------------------------------------------------------------

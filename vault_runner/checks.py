@@ -19,6 +19,7 @@ from typing import Any
 
 from . import note as notes
 from .engine import Loaded, PlannedBlock
+from .errors import SanitizerError
 from .render import ATTACHMENT_LINK_RE
 
 MISSING = "missing"
@@ -173,10 +174,6 @@ BUILTIN_SANITIZERS: tuple[tuple[str, str], ...] = (
     ),
     (r"[A-Za-z]:\\Users\\[^\\]+\\AppData\\Local\\Temp\\[^\s'\"<>)\]]*", "TEMPPATH"),
 )
-
-
-class SanitizerError(ValueError):
-    pass
 
 
 def compile_sanitizers(extra: Iterable[tuple[str, str]] = ()) -> list[tuple[re.Pattern[str], str]]:

@@ -21,10 +21,9 @@ from rich.progress import Progress as RichProgress
 
 from . import __version__
 from .engine import Engine, Event, NoteReport, clean_note
+from .model import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from .reports import block_message
 from .vault import Vault, VaultError, find_root, load_vault
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 CommandAdder = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 

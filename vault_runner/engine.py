@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote
 
 from . import note as notes
+from .errors import KernelSetupError
 from .kernel import Execution, KernelDied, KernelSession
+from .model import BlockReport, Event, EventSink, NoteReport
 from .options import OptionError, Resolved, opted_in, resolve
 from .render import ATTACHMENT_LINK_RE, CellSource, Rendered, output_summary, render_outputs
-from .vault import ATTACHMENT_RE, Vault, VaultError, WriteConflict, write_attachment, write_if_unchanged
+from .vault import ATTACHMENT_RE, Vault, VaultError, WriteConflict, swap_note, write_attachment
 
 MAX_WRITE_ATTEMPTS = 50
 SETUP_TIMEOUT = 120.0
@@ -56,57 +57,6 @@ def default_kernel_factory(cwd: Path, env: dict[str, str], note_options: Mapping
     except (SandboxError, ValueError) as exc:
         raise KernelDied(f"the kernel's sandbox could not be set up: {exc}") from None
     return KernelSession(cwd, env, sandbox=sandbox)
-
-
-@dataclass
-class Event:
-    kind: str  # note-started | block-started | output | block-finished | note-written | note-finished
-    note: str
-    index: int | None = None
-    line: int | None = None
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-EventSink = Callable[[Event], None]
-
-
-@dataclass
-class BlockReport:
-    note: str
-    index: int
-    line: int
-    first_line: str
-    label: str | None
-    status: str  # ok | error | timeout | dead | skipped | not-run | hand-edited | unwritten
-    duration: float = 0.0
-    device: str | None = None
-    outputs: list[dict[str, Any]] = field(default_factory=list)
-    attachments: list[str] = field(default_factory=list)
-    message: str | None = None
-    gpu_peak_bytes: int | None = None  # on CUDA: torch.cuda.max_memory_allocated() during the block
-
-    @property
-    def failed(self) -> bool:
-        return self.status in {"error", "timeout", "dead", "hand-edited"}
-
-
-@dataclass
-class NoteReport:
-    note: str
-    status: str  # ran | current | not-opted-in | no-blocks | refused | failed
-    written: bool = False
-    duration: float = 0.0
-    device: str | None = None
-    blocks: list[BlockReport] = field(default_factory=list)
-    message: str | None = None
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def failed(self) -> bool:
-        return self.status in {"refused", "failed"} or any(b.failed for b in self.blocks)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -363,10 +313,6 @@ class _Result:
     report: BlockReport
     # Renders again with other traceback line numbers; set when the outputs hold an error.
     rerender: Callable[[Mapping[int, CellSource]], Rendered] | None = None
-
-
-class KernelSetupError(Exception):
-    pass
 
 
 @dataclass
@@ -780,57 +726,6 @@ class Engine:
             regions[block.index] = notes.region_lines(block, planned.code_hash, result.rendered.body)
         unwritten = {p.block.index for p, r in ran if r is not None and p.block.index not in matched}
         return regions, old_links, unwritten, matched
-
-
-# -- a save that lands during the swap (watch issue: found by the soak test's stress run) --------
-def swap_note(path: Path, expected: bytes, new: bytes) -> None:
-    """write_if_unchanged, and then make sure no in-place save was lost in its window.
-
-    An editor that saves in place (Obsidian) and opens the note between the compare and
-    the rename writes into the file that the rename just replaced: that save would be
-    lost. The replaced file is held open and read right after the rename; if a save
-    landed in it, it is put back over ours and WriteConflict is raised, so the caller
-    splices again on the saved text.
-    """
-    try:
-        old = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise WriteConflict(f"{path} disappeared") from None
-    try:
-        write_if_unchanged(path, expected, new)
-        late = _late_save(old, expected)
-        if late is not None and late != new:
-            write_if_unchanged(path, new, late)
-            raise WriteConflict(f"{path} was saved while vault-runner replaced it")
-    finally:
-        os.close(old)
-
-
-def _late_save(fd: int, expected: bytes) -> bytes | None:
-    """What was saved into the replaced file (through `fd`) after the compare, or None."""
-    for pause in (0.0, 0.002):  # the second look catches an open() that was mid-way
-        time.sleep(pause)
-        data = _read_fd(fd)
-        if data != expected:
-            break
-    else:
-        return None
-    deadline = time.monotonic() + 0.5
-    while time.monotonic() < deadline:  # it is being written: wait until it holds still
-        time.sleep(0.002)
-        again = _read_fd(fd)
-        if again == data and data:
-            break
-        data = again
-    return data
-
-
-def _read_fd(fd: int) -> bytes:
-    chunks, offset = [], 0
-    while chunk := os.pread(fd, 1 << 20, offset):
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
 
 
 def remove_stale_attachments(folder: Path, old_links: set[str], new_text: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from jupyter_client.manager import KernelManager
 
+from .errors import KernelDied
 from .sandbox import Sandbox
 
 STARTUP_TIMEOUT = 60.0
@@ -77,10 +78,6 @@ del __vault_runner_cap_streams, __vault_runner_cap_figures
 _DROPPED_MIME = "application/x-vault-runner-dropped+json"
 
 OutputCallback = Callable[[dict[str, Any]], None]
-
-
-class KernelDied(Exception):
-    pass
 
 
 @dataclass

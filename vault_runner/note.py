@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 from markdown_it import MarkdownIt
 
+from .errors import NoteError
+
 RUNNABLE_LANGUAGES = frozenset({"python", "py", "python3", "ipython", "ipython3"})
 
 OPEN_MARKER = "<!-- vault-runner:output code={code_hash} -->"
@@ -31,15 +33,6 @@ _FRONTMATTER_CLOSE = ("---", "...")
 
 # Only block structure matters here; inline parsing (emphasis, links) is most of the cost.
 _markdown = MarkdownIt("commonmark").disable(["inline", "text_join"])
-
-
-class NoteError(Exception):
-    """A note that cannot be processed safely. `line` is 1-based, or None."""
-
-    def __init__(self, message: str, line: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.line = line
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import OptionError
+
 OPT_IN_PROPERTY = "vault-runner"
 FRONTMATTER_OPTIONS_KEY = "execute"
 
@@ -39,10 +41,6 @@ NOT_HASHED = frozenset({"label", "raises", "compare", "timeout"})
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _MEMORY_RE = re.compile(r"^\d+(\.\d+)?\s*[KMGT]?i?B?$", re.IGNORECASE)
-
-
-class OptionError(ValueError):
-    pass
 
 
 def _check(name: str, value: Any) -> Any:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import Event, EventSink, Kernel, KernelFactory, default_kernel_factory, kernel_env
+from .errors import KernelStartError
 from .options import DEFAULTS, NOTE_LEVEL, resolve
 from .vault import Vault
 
@@ -49,10 +50,6 @@ LAUNCH_OPTIONS = frozenset(NOTE_LEVEL - {"seed"})
 
 WARM_TIMEOUT = 120.0
 START_RETRY_DELAY = 30.0  # after a failed start of a spare, so a broken setup does not spin
-
-
-class KernelStartError(Exception):
-    """No kernel could be had for a note; the message is one line for the note-taker."""
 
 
 def launch_key(note_options: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from .errors import BlockFailed, VaultCollectError
+
 if TYPE_CHECKING:
     from .engine import Engine, Kernel, Loaded
     from .render import CellSource
@@ -118,14 +120,6 @@ def _nodeid(session: pytest.Session, path: Path) -> str:
         return path.relative_to(session.config.rootpath).as_posix()
     except ValueError:
         return path.as_posix()
-
-
-class VaultCollectError(Exception):
-    pass
-
-
-class BlockFailed(Exception):
-    """A block that did not run as expected; the message is what pytest shows."""
 
 
 class VaultNote(pytest.File):

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from . import sandbox_launch
+from .errors import SandboxError
 
 TIERS = ("bubblewrap", "landlock", "plain")
 SANDBOX_ENV = "VAULT_RUNNER_SANDBOX"  # force a tier: bubblewrap | landlock | plain
@@ -70,10 +71,6 @@ _BWRAP_BASE = [
     "--die-with-parent",
     "--new-session",
 ]  # fmt: skip
-
-
-class SandboxError(Exception):
-    """The sandbox asked for cannot be set up; the message says what to do."""
 
 
 # -- probing -------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from rich.markup import escape
 
 from . import __version__
 from .api_security import OBSIDIAN_ORIGIN, load_or_create_token, normalize_origin
+from .model import EXIT_OK, EXIT_USAGE
 from .session import UntrustedVault
 from .trust import config_dir, is_trusted, untrusted_message
 from .vault import VaultError, load_vault
@@ -43,8 +44,6 @@ from .watch_cli import Feedback, add_runner_options, runner_from_args
 for _package in ("fastapi", "uvicorn"):
     if importlib.util.find_spec(_package) is None:
         raise ModuleNotFoundError(f"No module named {_package!r}", name=_package)
-
-EXIT_OK, EXIT_USAGE = 0, 2
 
 
 def server_file(vault_root: Path) -> Path:

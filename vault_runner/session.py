@@ -59,6 +59,7 @@ from .engine import (
     load,
     may_be_opted_in,
 )
+from .errors import UntrustedVault
 from .kernel import Execution
 from .options import NOTE_LEVEL
 from .pool import WARM_CODE, KernelPool, KernelStartError, Slot, launch_key
@@ -73,10 +74,6 @@ _SKIP_MESSAGES = {
     "interrupted": "not run: the run was interrupted",
     "cancelled": "not run: the run was cancelled",
 }
-
-
-class UntrustedVault(Exception):
-    """The vault is not trusted: the watcher and the API execute nothing in it."""
 
 
 # -- one run's control: cut a run at a block, interrupt the running block -------------------

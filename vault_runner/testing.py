@@ -18,12 +18,11 @@ from typing import Any
 
 from .checks import SanitizerError, compare_bodies, compile_sanitizers, shown_path
 from .engine import Engine, KernelFactory, NoteReport, default_kernel_factory, select
+from .model import NOTE_FAILED, TEST_FAILED
 from .vault import CONFIG_NAME, Vault, VaultError
 
 MISMATCH = "mismatch"
-# Statuses of a block that fail `test`; `skipped` is not one: the block that caused the
-# skip (an error with `error: false`, a restarted kernel) already fails.
-FAILING = frozenset({"error", "timeout", "dead", "hand-edited", MISMATCH})
+FAILING = TEST_FAILED
 
 
 @dataclass
@@ -46,7 +45,7 @@ class NoteResult:
 
     @property
     def failed(self) -> bool:
-        return self.report.status in {"refused", "failed"} or any(b.status in FAILING for b in self.report.blocks)
+        return self.report.status in NOTE_FAILED or any(b.status in FAILING for b in self.report.blocks)
 
     def to_json(self) -> dict[str, Any]:
         data = self.report.to_json()

@@ -20,12 +20,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from .engine import Event
+from .model import BLOCK_FAILED, EXIT_OK, EXIT_USAGE, NOTE_FAILED
 from .session import SUPERSEDE_POLICIES, Runner, UntrustedVault
 from .trust import is_trusted, untrusted_message
 from .vault import Vault, VaultError, load_vault
 from .watch import DEBOUNCE, VaultWatcher
-
-EXIT_OK, EXIT_USAGE = 0, 2
 
 _ICONS = {
     "ok": "[green]✓[/]",
@@ -107,7 +106,7 @@ class Feedback:
         note = escape(event.note)
         clock = time.strftime("%H:%M:%S")
         status = data.get("status")
-        if status in {"refused", "failed"} and not report.get("blocks"):
+        if status in NOTE_FAILED and not report.get("blocks"):
             self.console.print(f"[red]✗[/] {clock} {escape(str(report.get('message') or note))}")
             return
         written = "written" if data.get("written") else "unchanged"
@@ -122,9 +121,7 @@ class Feedback:
         )
         for block in report.get("blocks", []):
             block_status = block.get("status")
-            if block_status in {"error", "timeout", "dead", "hand-edited", "unwritten"} or (
-                block_status == "skipped" and data.get("failed")
-            ):
+            if block_status in BLOCK_FAILED | {"unwritten"} or (block_status == "skipped" and data.get("failed")):
                 detail = block.get("message") or ""
                 if block_status == "error" and not detail:
                     errors = [o for o in block.get("outputs", []) if o.get("type") == "error"]

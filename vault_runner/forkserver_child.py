@@ -1,0 +1,348 @@
+"""The template process of the kernel factory (forkserver.py); run as a script, never imported.
+
+    python forkserver_child.py CONTROL_FD SPEC_JSON
+
+It imports what every kernel imports (ipykernel, IPython, numpy, torch, matplotlib), runs
+no user code, starts no thread, creates no ZMQ context, never initialises CUDA, and then
+waits on the control socket (an AF_UNIX SOCK_SEQPACKET inherited as CONTROL_FD) for fork
+requests. Each request is a JSON object with one socket passed along (SCM_RIGHTS); the
+forked child reports its pid on that socket (SCM_CREDENTIALS, so the kernel translates it
+into the pid namespace of whoever reads it: this process may live inside bubblewrap's),
+waits for "go" (the parent moves it into the note's cgroup meanwhile), and becomes an
+IPKernelApp on the request's connection file.
+
+Messages (JSON, one per datagram):
+  template -> parent  {"op": "ready", ...facts}   once, after the imports
+                      {"op": "exited", "id": N, "pid": P, "status": S}   a child was reaped
+                      (S as subprocess.returncode: negative for a signal)
+  parent -> template  {"op": "fork", "id": N, ...request} + one fd
+                      {"op": "close"}   kill every child, reap them, exit (also on EOF)
+  child -> parent     {"pid": P} with SCM_CREDENTIALS, or {"error": "..."}
+  parent -> child     {"go": true}
+
+Standard library at module level only: the heavy imports are the SPEC's `preload` list.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+
+# This script's folder is sys.path[0]: a note must not import vault_runner's modules as
+# top-level ones (`import note`). The child puts its own working folder there instead,
+# as `python -m ipykernel_launcher` does.
+if sys.path and os.path.dirname(os.path.abspath(__file__)) == os.path.abspath(sys.path[0] or "."):
+    del sys.path[0]
+
+_PR_SET_PDEATHSIG = 1
+_MAX_MESSAGE = 1 << 20
+
+
+def _send(sock: socket.socket, message: dict, fds: list[int] | None = None, creds: bool = False) -> None:
+    data = json.dumps(message).encode()
+    ancillary = []
+    if fds:
+        ancillary.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds)))
+    if creds:
+        ancillary.append(
+            (socket.SOL_SOCKET, socket.SCM_CREDENTIALS, struct.pack("iII", os.getpid(), os.getuid(), os.getgid()))
+        )
+    sock.sendmsg([data], ancillary)
+
+
+def _preload(modules: list[str]) -> tuple[list[str], dict[str, str]]:
+    import importlib
+
+    loaded, failed = [], {}
+    for name in modules:
+        try:
+            importlib.import_module(name)
+            loaded.append(name)
+        except Exception as exc:  # a vault need not have torch; the kernel imports it later
+            failed[name] = f"{type(exc).__name__}: {exc}"
+    return loaded, failed
+
+
+def _facts(started: float, loaded: list[str], failed: dict[str, str]) -> dict:
+    try:
+        threads = len(os.listdir("/proc/self/task"))
+    except OSError:
+        threads = -1
+    zmq = sys.modules.get("zmq")
+    torch = sys.modules.get("torch")
+    cuda = bool(torch is not None and getattr(torch, "cuda", None) and torch.cuda.is_initialized())
+    return {
+        "op": "ready",
+        "pid": os.getpid(),
+        "hash_seed": os.environ.get("PYTHONHASHSEED", "random"),
+        "loaded": loaded,
+        "failed": failed,
+        "threads": threads,  # native threads (numpy's BLAS pool may hold some; it re-forms after fork)
+        "python_threads": __import__("threading").active_count(),
+        "zmq_context": bool(zmq is not None and getattr(zmq.Context, "_instance", None) is not None),
+        "cuda_initialized": cuda,
+        "seconds": round(time.monotonic() - started, 3),
+        "modules": len(sys.modules),
+    }
+
+
+def _status(code: int) -> int:
+    if os.WIFSIGNALED(code):
+        return -os.WTERMSIG(code)
+    if os.WIFEXITED(code):
+        return os.WEXITSTATUS(code)
+    return code
+
+
+class Template:
+    def __init__(self, control: socket.socket, spec: dict) -> None:
+        self.control = control
+        self.spec = spec
+        self.children: dict[int, int] = {}  # pid -> request id
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # -- main loop -------------------------------------------------------------------------
+    def serve(self) -> int:
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # the wake-up byte is what counts
+        while True:
+            try:
+                ready, _, _ = select.select([self.control, self.wake_r], [], [])
+            except InterruptedError:
+                continue
+            if self.wake_r in ready:
+                try:
+                    os.read(self.wake_r, 4096)
+                except BlockingIOError:
+                    pass
+                self.reap()
+            if self.control in ready:
+                try:
+                    data, ancillary, _, _ = self.control.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(16))
+                except (ConnectionResetError, OSError):
+                    data, ancillary = b"", []
+                fds = _fds(ancillary)
+                if not data:  # the parent is gone: take every kernel with us
+                    self.shutdown()
+                    return 0
+                message = json.loads(data)
+                if message.get("op") == "close":
+                    for fd in fds:
+                        os.close(fd)
+                    self.shutdown()
+                    return 0
+                if message.get("op") == "fork" and fds:
+                    for extra in fds[1:]:
+                        os.close(extra)
+                    self.fork(message, fds[0])
+                else:
+                    for fd in fds:
+                        os.close(fd)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, code = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            request = self.children.pop(pid, None)
+            try:
+                _send(self.control, {"op": "exited", "id": request, "pid": pid, "status": _status(code)})
+            except OSError:
+                pass
+
+    def shutdown(self) -> None:
+        for pid in list(self.children):
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        deadline = time.monotonic() + 5.0
+        while self.children and time.monotonic() < deadline:
+            try:
+                pid, code = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            self.children.pop(pid, None)
+
+    # -- one kernel ------------------------------------------------------------------------
+    def fork(self, request: dict, report_fd: int) -> None:
+        template_pid = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            report = socket.socket(fileno=report_fd)
+            try:
+                _send(report, {"error": f"fork failed: {exc}"})
+            except OSError:
+                pass
+            report.close()
+            return
+        if pid == 0:
+            code = 1
+            try:
+                code = _child(self, request, report_fd, template_pid)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(_exit_child(code))
+        self.children[pid] = request.get("id")
+        os.close(report_fd)
+
+
+def _fds(ancillary: list) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds.extend(struct.unpack(f"{usable // 4}i", data[:usable]))
+    return fds
+
+
+def _exit_child(code: int) -> int:
+    # What a fresh interpreter does at exit: atexit handlers (the kernel's own, the note's),
+    # then flushed streams. Never the template's Python-level teardown (os._exit).
+    try:
+        import atexit
+
+        atexit._run_exitfuncs()
+    except BaseException:
+        pass
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except BaseException:
+            pass
+    return code if 0 <= code < 256 else 1
+
+
+def _child(template: Template, request: dict, report_fd: int, template_pid: int) -> int:
+    os.setsid()  # own session and process group: SIGINT/SIGKILL to the group reach only this kernel
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != template_pid:  # the template died between fork and prctl
+        return 1
+    # Nothing of the template's loop survives into the kernel.
+    signal.set_wakeup_fd(-1)
+    for number in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(number, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for fd in (template.wake_r, template.wake_w):
+        os.close(fd)
+    template.control.close()
+    template.children.clear()
+    report = socket.socket(fileno=report_fd)
+    try:
+        argv = _prepare(request)
+    except Exception as exc:
+        _send(report, {"error": f"{type(exc).__name__}: {exc}"})
+        return 1
+    _send(report, {"pid": os.getpid()}, creds=True)
+    answer = report.recv(_MAX_MESSAGE)  # "go" once the parent has placed us (cgroup); b"" = abort
+    report.close()
+    if not answer or not json.loads(answer).get("go"):
+        return 1
+    from ipykernel.kernelapp import IPKernelApp
+
+    IPKernelApp.launch_instance(argv=argv)
+    return 0
+
+
+def _prepare(request: dict) -> list[str]:
+    """Make this process look like a fresh `python -m ipykernel_launcher` in the note's folder."""
+    import resource
+
+    for name, value in (request.get("rlimits") or {}).items():
+        limit = getattr(resource, f"RLIMIT_{name.upper()}")
+        resource.setrlimit(limit, (int(value), int(value)))
+    cwd = request["cwd"]
+    os.chdir(cwd)
+    env = request.get("env") or {}
+    if request.get("replace_env"):
+        os.environ.clear()
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    wanted_seed = os.environ.get("PYTHONHASHSEED", "random")
+    have_seed = template_hash_seed()
+    if wanted_seed != have_seed and not (wanted_seed in {"random", ""} and have_seed in {"random", ""}):
+        raise RuntimeError(f"PYTHONHASHSEED={wanted_seed} asked for, but the template runs with {have_seed}")
+    import tempfile
+
+    tempfile.tempdir = None  # re-read TMPDIR
+    matplotlib = sys.modules.get("matplotlib")
+    if matplotlib is not None and os.environ.get("MPLBACKEND"):
+        # Read at `import matplotlib`, which the template did; pyplot resolves it lazily.
+        matplotlib.rcParams["backend"] = os.environ["MPLBACKEND"]
+    _reseed()
+    launcher = request.get("launcher") or "ipykernel_launcher"
+    sys.argv = [launcher, "-f", request["connection_file"], *request.get("kernel_args", [])]
+    sys.orig_argv = [sys.executable, "-m", "ipykernel_launcher", *sys.argv[1:]]
+    sys.path.insert(0, os.getcwd())
+    try:
+        import warnings
+
+        warnings._filters_mutated()  # forget "once" warnings the imports may have shown
+    except AttributeError:
+        pass
+    return sys.argv[1:]
+
+
+_HASH_SEED = os.environ.get("PYTHONHASHSEED", "random")
+
+
+def template_hash_seed() -> str:
+    return _HASH_SEED
+
+
+def _reseed() -> None:
+    """Global generators seeded from the OS, as a new process seeds them."""
+    import random
+
+    random.seed()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        # torch seeds its CPU generator from the OS at start-up; CUDA generators are lazy
+        # (never initialised in the template) and follow torch.manual_seed when they start.
+        torch.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+
+
+def main(argv: list[str]) -> int:
+    started = time.monotonic()
+    control = socket.socket(fileno=int(argv[0]))
+    os.set_inheritable(control.fileno(), False)
+    spec = json.loads(argv[1]) if len(argv) > 1 else {}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for vault-runner, not us
+    if spec.get("cwd"):
+        os.chdir(spec["cwd"])
+    loaded, failed = _preload(list(spec.get("preload", [])))
+    template = Template(control, spec)
+    _send(control, _facts(started, loaded, failed))
+    return template.serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,94 @@
+"""The values every layer passes around: block and note reports, events, their statuses.
+
+Statuses are closed sets (`Literal`), and which of them count as a failure is decided here
+once; the CLI, the reports, the API and the pytest plugin all ask these sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+__all__ = (
+    "BLOCK_FAILED",
+    "BlockReport",
+    "BlockStatus",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "Event",
+    "EventKind",
+    "EventSink",
+    "NOTE_FAILED",
+    "NoteReport",
+    "NoteStatus",
+    "TEST_FAILED",
+)
+
+BlockStatus = Literal[
+    "ok", "raised", "error", "timeout", "dead", "skipped", "not-run", "hand-edited", "unwritten", "mismatch"
+]
+NoteStatus = Literal["ran", "current", "not-opted-in", "no-blocks", "refused", "failed"]
+EventKind = str  # note-started | block-started | output | block-finished | note-written | note-finished | ...
+
+# A block in one of these did not do what the note says; `skipped` is not one: the block that
+# caused the skip (an error with `error: false`, a restarted kernel) already fails.
+BLOCK_FAILED: frozenset[str] = frozenset({"error", "timeout", "dead", "hand-edited"})
+# `test` also fails a block whose fresh outputs differ from the stored ones.
+TEST_FAILED: frozenset[str] = BLOCK_FAILED | {"mismatch"}
+NOTE_FAILED: frozenset[str] = frozenset({"refused", "failed"})
+
+# Exit codes of every command: 0 all good, 1 a note or block failed, 2 usage or bad input.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+@dataclass
+class Event:
+    kind: EventKind
+    note: str
+    index: int | None = None
+    line: int | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+EventSink = Callable[[Event], None]
+
+
+@dataclass
+class BlockReport:
+    note: str
+    index: int
+    line: int
+    first_line: str
+    label: str | None
+    status: str  # a BlockStatus
+    duration: float = 0.0
+    device: str | None = None
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    attachments: list[str] = field(default_factory=list)
+    message: str | None = None
+    gpu_peak_bytes: int | None = None  # on CUDA: torch.cuda.max_memory_allocated() during the block
+
+    @property
+    def failed(self) -> bool:
+        return self.status in BLOCK_FAILED
+
+
+@dataclass
+class NoteReport:
+    note: str
+    status: str  # a NoteStatus
+    written: bool = False
+    duration: float = 0.0
+    device: str | None = None
+    blocks: list[BlockReport] = field(default_factory=list)
+    message: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return self.status in NOTE_FAILED or any(b.failed for b in self.blocks)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
