@@ -1,0 +1,90 @@
+/**
+ * SHA-256 of a string encoded as UTF-8, synchronous and dependency free, so that the
+ * region logic stays pure (no Node `crypto`, no async WebCrypto) and runs the same in
+ * Obsidian, in tests and in the bundle.
+ *
+ * Lone UTF-16 surrogates are encoded as three bytes each, as Python's
+ * `str.encode("utf-8", "surrogatepass")` does (vault_runner/note.py `region_checksum`).
+ */
+
+const K = new Uint32Array([
+	0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+	0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+	0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+	0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+	0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+	0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+	0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+	0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+]);
+
+/** UTF-8 bytes of `text`; lone surrogates become 3-byte sequences (surrogatepass). */
+export function utf8Surrogatepass(text: string): Uint8Array {
+	const out: number[] = [];
+	for (let i = 0; i < text.length; i++) {
+		let c = text.charCodeAt(i);
+		if (c >= 0xd800 && c <= 0xdbff && i + 1 < text.length) {
+			const d = text.charCodeAt(i + 1);
+			if (d >= 0xdc00 && d <= 0xdfff) {
+				c = 0x10000 + ((c - 0xd800) << 10) + (d - 0xdc00);
+				i++;
+			}
+		}
+		if (c < 0x80) out.push(c);
+		else if (c < 0x800) out.push(0xc0 | (c >> 6), 0x80 | (c & 63));
+		else if (c < 0x10000) out.push(0xe0 | (c >> 12), 0x80 | ((c >> 6) & 63), 0x80 | (c & 63));
+		else out.push(0xf0 | (c >> 18), 0x80 | ((c >> 12) & 63), 0x80 | ((c >> 6) & 63), 0x80 | (c & 63));
+	}
+	return Uint8Array.from(out);
+}
+
+export function sha256Hex(text: string): string {
+	const data = utf8Surrogatepass(text);
+	const bitLength = data.length * 8;
+	const padded = new Uint8Array((((data.length + 9 + 63) >> 6) << 6));
+	padded.set(data);
+	padded[data.length] = 0x80;
+	const view = new DataView(padded.buffer);
+	view.setUint32(padded.length - 8, Math.floor(bitLength / 0x100000000));
+	view.setUint32(padded.length - 4, bitLength >>> 0);
+	const h = new Uint32Array([
+		0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
+	]);
+	const w = new Uint32Array(64);
+	for (let offset = 0; offset < padded.length; offset += 64) {
+		for (let t = 0; t < 16; t++) w[t] = view.getUint32(offset + t * 4);
+		for (let t = 16; t < 64; t++) {
+			const a = w[t - 15] ?? 0;
+			const b = w[t - 2] ?? 0;
+			const s0 = ((a >>> 7) | (a << 25)) ^ ((a >>> 18) | (a << 14)) ^ (a >>> 3);
+			const s1 = ((b >>> 17) | (b << 15)) ^ ((b >>> 19) | (b << 13)) ^ (b >>> 10);
+			w[t] = ((w[t - 16] ?? 0) + s0 + (w[t - 7] ?? 0) + s1) >>> 0;
+		}
+		let [a, b, c, d, e, f, g, hh] = [h[0] ?? 0, h[1] ?? 0, h[2] ?? 0, h[3] ?? 0, h[4] ?? 0, h[5] ?? 0, h[6] ?? 0, h[7] ?? 0];
+		for (let t = 0; t < 64; t++) {
+			const S1 = ((e >>> 6) | (e << 26)) ^ ((e >>> 11) | (e << 21)) ^ ((e >>> 25) | (e << 7));
+			const ch = (e & f) ^ (~e & g);
+			const t1 = (hh + S1 + ch + (K[t] ?? 0) + (w[t] ?? 0)) >>> 0;
+			const S0 = ((a >>> 2) | (a << 30)) ^ ((a >>> 13) | (a << 19)) ^ ((a >>> 22) | (a << 10));
+			const maj = (a & b) ^ (a & c) ^ (b & c);
+			const t2 = (S0 + maj) >>> 0;
+			hh = g;
+			g = f;
+			f = e;
+			e = (d + t1) >>> 0;
+			d = c;
+			c = b;
+			b = a;
+			a = (t1 + t2) >>> 0;
+		}
+		h[0] = ((h[0] ?? 0) + a) >>> 0;
+		h[1] = ((h[1] ?? 0) + b) >>> 0;
+		h[2] = ((h[2] ?? 0) + c) >>> 0;
+		h[3] = ((h[3] ?? 0) + d) >>> 0;
+		h[4] = ((h[4] ?? 0) + e) >>> 0;
+		h[5] = ((h[5] ?? 0) + f) >>> 0;
+		h[6] = ((h[6] ?? 0) + g) >>> 0;
+		h[7] = ((h[7] ?? 0) + hh) >>> 0;
+	}
+	return Array.from(h, (x) => x.toString(16).padStart(8, "0")).join("");
+}
