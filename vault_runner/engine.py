@@ -650,6 +650,7 @@ class Engine:
             remove_stale_attachments(attachment_dir, old_links, new_text)
             return
         report.status = "failed"
+        report.reason = "write_conflict"
         report.message = (
             f"{loaded.relative}: outputs not written: the note kept changing while "
             "vault-runner tried to save it; run it again"

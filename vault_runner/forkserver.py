@@ -327,7 +327,9 @@ class KernelTemplate:
     ) -> None:
         self.env = dict(os.environ if env is None else env)
         self.env.setdefault("MPLBACKEND", DEFAULT_MPLBACKEND)
-        self.key = key or TemplateKey("", json.dumps({"tier": "none"}), "auto", self.env.get("PYTHONHASHSEED") or "random")
+        self.key = key or TemplateKey(
+            "", json.dumps({"tier": "none"}), "auto", self.env.get("PYTHONHASHSEED") or "random"
+        )
         self.launch_prefix = list(launch_prefix)
         self.cwd = Path(cwd) if cwd is not None else None
         self._own_runtime = runtime_dir is None
@@ -531,7 +533,9 @@ class KernelTemplate:
                 except OSError as exc:
                     os.close(pidfd)
                     raise ForkError(f"the forked kernel could not join its cgroup: {exc}") from None
-            kernel = ForkedKernel(self, request_id, pid, int(answer["pid"]), pidfd, Path(connection_file), Path(cwd), owned)
+            kernel = ForkedKernel(
+                self, request_id, pid, int(answer["pid"]), pidfd, Path(connection_file), Path(cwd), owned
+            )
             with self._cond:
                 self._kernels[request_id] = kernel
             ours.send(b'{"go": true}')

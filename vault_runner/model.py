@@ -6,8 +6,9 @@ once; the CLI, the reports, the API and the pytest plugin all ask these sets.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 __all__ = (
@@ -42,6 +43,8 @@ NOTE_FAILED: frozenset[str] = frozenset({"refused", "failed"})
 # Exit codes of every command: 0 all good, 1 a note or block failed, 2 usage or bad input.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
+_INTERNAL = {"internal": True}
+
 
 @dataclass
 class Event:
@@ -69,6 +72,9 @@ class BlockReport:
     attachments: list[str] = field(default_factory=list)
     message: str | None = None
     gpu_peak_bytes: int | None = None  # on CUDA: torch.cuda.max_memory_allocated() during the block
+    # Why it was skipped or failed, as a stable code (superseded, interrupted, cancelled, ...):
+    # what callers branch on. Not in the JSON report, whose shape is a contract.
+    reason: str | None = field(default=None, metadata=_INTERNAL)
 
     @property
     def failed(self) -> bool:
@@ -85,10 +91,22 @@ class NoteReport:
     blocks: list[BlockReport] = field(default_factory=list)
     message: str | None = None
     warnings: list[str] = field(default_factory=list)
+    reason: str | None = field(default=None, metadata=_INTERNAL)  # e.g. write_conflict; see BlockReport
 
     @property
     def failed(self) -> bool:
         return self.status in NOTE_FAILED or any(b.failed for b in self.blocks)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return _public(self)
+
+
+def _public(value: Any) -> Any:
+    """asdict without the internal fields."""
+    if hasattr(value, "__dataclass_fields__"):
+        return {f.name: _public(getattr(value, f.name)) for f in fields(value) if not f.metadata.get("internal")}
+    if isinstance(value, list):
+        return [_public(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _public(item) for key, item in value.items()}
+    return copy.deepcopy(value)

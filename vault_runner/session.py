@@ -543,7 +543,8 @@ class NoteSession:
             if block.index in dropped:
                 run.results.pop(block.index, None)
                 block.status = "skipped"
-                block.message = _SKIP_MESSAGES[control.why(block.index)]
+                block.reason = control.why(block.index)
+                block.message = _SKIP_MESSAGES[block.reason]
         self._add_restores(run, runnable, restores)
         failed_before = report.status == "failed"
         engine.write_back(run)
