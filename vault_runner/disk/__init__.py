@@ -1,0 +1,1 @@
+"""disk: see README, How it is built."""
