@@ -1,0 +1,1 @@
+"""ci: see README, How it is built."""

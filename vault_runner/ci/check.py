@@ -1,0 +1,272 @@
+"""What `vault-runner check` finds, and how `test --compare` compares outputs. Pure.
+
+`check` executes nothing: every finding comes from the note's bytes. The opening marker of
+a region records the chained hash of the code that produced it (DESIGN.md contract 2), so a
+region is stale when that hash differs from the hash of the code now in the note; the end
+marker records a checksum of the region, so a hand edit shows as a checksum mismatch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vault_runner import note as notes
+from vault_runner.engine import Loaded, PlannedBlock
+from vault_runner.errors import SanitizerError
+from vault_runner.render import ATTACHMENT_LINK_RE
+
+MISSING = "missing"
+STALE = "stale"
+HAND_EDITED = "hand-edited"
+NOT_EVALUATED = "not-evaluated"
+
+RENDER_HINT = "run `vault-runner render` to update it"
+DIFF_PLACEHOLDER = "[vault-runner check: this output is made when `vault-runner render` runs the block]"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem `check` reports: `path:line: message`."""
+
+    path: str  # the note as shown to the user (relative to the working directory when inside it)
+    note: str  # vault-relative path
+    line: int  # the block's fence line, or the region's first line for a hand edit
+    kind: str  # missing | stale | hand-edited | not-evaluated
+    block_line: int  # the fence line of the block the finding is about
+    message: str
+
+    def one_line(self) -> str:
+        return f"{self.path}:{self.line}: {self.message}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def shown_path(path: Path) -> str:
+    """A note's path for `path:line` messages: relative to the working directory when inside it."""
+    try:
+        shown = os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        return str(path)
+    return str(path) if shown.startswith("..") else shown
+
+
+def find(loaded: Loaded, path: str | None = None) -> list[Finding]:
+    """Every finding of one loaded note, in note order. Expects an opted-in note."""
+    shown = path if path is not None else loaded.relative
+    found: list[Finding] = []
+    # Line of the first block above that is itself out of date: the cause of later staleness.
+    first_cause: int | None = None
+    # Hashes recorded by the regions above, nearest first: with chained hashes, a block is
+    # unchanged itself when H(hash recorded above it, its code, its options) is what its
+    # region recorded, even though the chain changed because of an earlier block.
+    recorded_above: list[str] = []
+    for planned in loaded.plan:
+        block = planned.block
+        region = block.region
+
+        def add(kind: str, message: str, line: int = block.fence_line, block: notes.Block = block) -> None:
+            found.append(Finding(shown, loaded.relative, line, kind, block.fence_line, message))
+
+        if planned.code_hash is None:
+            if region is not None:
+                add(
+                    NOT_EVALUATED,
+                    "this block has `eval: false` but still has an output region; "
+                    "run `vault-runner render` to remove it",
+                )
+                first_cause = first_cause or block.fence_line
+                recorded_above.insert(0, region.code_hash)
+            continue
+        if region is None:
+            add(MISSING, f"this block has no output region; {RENDER_HINT}")
+            first_cause = first_cause or block.fence_line
+        else:
+            if region.code_hash != planned.code_hash:
+                if _unchanged_itself(planned, region.code_hash, recorded_above):
+                    cause = f"line {first_cause}" if first_cause else "a block above"
+                    add(
+                        STALE,
+                        f"stale output: the code above it changed ({cause}) and this block's "
+                        f"output depends on the blocks before it; {RENDER_HINT}",
+                    )
+                else:
+                    add(STALE, f"stale output: this block's code or options changed since it ran; {RENDER_HINT}")
+                    first_cause = first_cause or block.fence_line
+            if region.hand_edited:
+                add(
+                    HAND_EDITED,
+                    f"the output region of the block at line {block.fence_line} was edited by hand; "
+                    "move your text out of it, or run `vault-runner render --force` to overwrite it",
+                    line=region.first_line,
+                )
+            recorded_above.insert(0, region.code_hash)
+    return found
+
+
+def _unchanged_itself(planned: PlannedBlock, recorded: str, recorded_above: Sequence[str]) -> bool:
+    block = planned.block
+    hashed = planned.options.hashed()
+    # The nearest recorded hash is the usual predecessor; the one before it covers a block
+    # inserted (or switched to eval: false) right above; "" covers the first block.
+    candidates = [*recorded_above[:2], ""]
+    return any(notes.code_hash(previous, block.code, hashed) == recorded for previous in candidates)
+
+
+def render_diff(loaded: Loaded, path: str | None = None) -> str:
+    """A unified diff of what `render` would change, as far as it is known without running.
+
+    Stale and missing regions get a region whose opening marker is the one `render` will
+    write, with a placeholder body (the real body exists only after the block runs); regions
+    under `eval: false` blocks are removed; hand-edited regions are left, as `render` does.
+    The placeholder region is deliberately invalid (its checksum never matches), so a diff
+    applied by hand still fails `check` until `render` has really run the blocks.
+    """
+    shown = path if path is not None else loaded.relative
+    regions: dict[int, list[str] | None] = {}
+    for planned in loaded.plan:
+        block = planned.block
+        region = block.region
+        if planned.code_hash is None:
+            if region is not None:
+                regions[block.index] = None
+        elif region is None or (region.code_hash != planned.code_hash and not region.hand_edited):
+            lines = notes.region_lines(block, planned.code_hash, DIFF_PLACEHOLDER + "\n")
+            # A checksum that cannot match: applying the diff must not make a note pass `check`.
+            lines[-1] = re.sub(r"sum=[0-9a-f]+", "sum=" + "0" * 12, lines[-1])
+            regions[block.index] = lines
+    if not regions:
+        return ""
+    before = loaded.note.text
+    after = notes.splice(loaded.note, regions)
+    lines = difflib.unified_diff(
+        before.splitlines(keepends=True), after.splitlines(keepends=True), f"a/{shown}", f"b/{shown}"
+    )
+    return "".join(line if line.endswith(("\n", "\r")) else line + "\n\\ No newline at end of file\n" for line in lines)
+
+
+# -- output comparison (test --compare) -----------------------------------------------------
+
+_TEMP_DIRS = sorted({tempfile.gettempdir(), "/tmp", "/var/tmp", "/var/folders", "/private/var/folders"}, key=len)
+
+BUILTIN_SANITIZERS: tuple[tuple[str, str], ...] = (
+    # Object reprs carry memory addresses (`<object at 0x7f3a...>`); short hex like 0xff is data.
+    (r"\b0x[0-9a-fA-F]{6,}\b", "0xADDRESS"),
+    # IPython's %%time / %time report lines.
+    (r"(?m)^CPU times: .*$", "CPU times: TIME"),
+    (r"(?m)^Wall time: .*$", "Wall time: TIME"),
+    # %timeit's summary line.
+    (
+        r"(?m)^[\d.]+ \S*s ± [\d.]+ \S*s per loop \(mean ± std\. dev\. of .*\)$",
+        "TIMEIT",
+    ),
+    # Temporary paths differ on every run and on every machine.
+    (
+        r"(?<![\w.~-])(?:" + "|".join(re.escape(d.rstrip("/")) for d in reversed(_TEMP_DIRS)) + r")/[^\s'\"<>)\]]*",
+        "TEMPPATH",
+    ),
+    (r"[A-Za-z]:\\Users\\[^\\]+\\AppData\\Local\\Temp\\[^\s'\"<>)\]]*", "TEMPPATH"),
+)
+
+
+def compile_sanitizers(extra: Iterable[tuple[str, str]] = ()) -> list[tuple[re.Pattern[str], str]]:
+    """Built-in sanitizers, then the vault's `[[sanitize]]` entries, in file order."""
+    compiled = [(re.compile(p), r) for p, r in BUILTIN_SANITIZERS]
+    for pattern, replace in extra:
+        try:
+            compiled.append((re.compile(pattern, re.MULTILINE), replace))
+        except re.error as exc:
+            raise SanitizerError(
+                f"[[sanitize]] pattern {pattern!r} is not a valid regular expression ({exc})"
+            ) from None
+    return compiled
+
+
+def sanitize(text: str, sanitizers: Sequence[tuple[re.Pattern[str], str]]) -> str:
+    for pattern, replace in sanitizers:
+        text = pattern.sub(replace, text)
+    return text
+
+
+@dataclass(frozen=True)
+class Comparable:
+    """The parts of a region that `--compare` looks at."""
+
+    texts: tuple[str, ...]  # stdout, stderr and text/plain outputs, in order
+    images: int  # only counted: image bytes vary with library versions and fonts
+
+
+_FENCE_OPEN_RE = re.compile(r"^(`{3,}|~{3,})(.*)$")
+
+
+def comparable(body: str) -> Comparable:
+    """Extract the text outputs and the image count from a region body made by render.py.
+
+    Text outputs are the fenced blocks at the top level of the body, or inside the folding
+    `> [!abstract]-` callout that long output gets; fences inside an error callout (the
+    traceback) and markdown outputs are not text outputs.
+    """
+    texts: list[str] = []
+    images = 0
+    lines = body.split("\n")
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        quoted = False
+        if line.startswith("> [!abstract]-"):
+            # Long text output folded in a callout: the fence follows, quoted.
+            i += 1
+            if i >= len(lines):
+                break
+            line, quoted = _unquote(lines[i]), True
+        elif line.startswith("> [!failure]"):
+            i += 1
+            while i < len(lines) and lines[i].startswith(">"):
+                i += 1
+            continue
+        opening = _FENCE_OPEN_RE.match(line)
+        if opening and opening.group(2).strip() in {"", "html"}:
+            fence = opening.group(1)
+            content: list[str] = []
+            i += 1
+            while i < len(lines):
+                current = _unquote(lines[i]) if quoted else lines[i]
+                if current == fence:
+                    break
+                content.append(current)
+                i += 1
+            texts.append("\n".join(content))
+            i += 1
+            continue
+        images += len(ATTACHMENT_LINK_RE.findall(line))
+        i += 1
+    return Comparable(tuple(texts), images)
+
+
+def _unquote(line: str) -> str:
+    if line.startswith("> "):
+        return line[2:]
+    return line[1:] if line.startswith(">") else line
+
+
+def compare_bodies(stored: str, fresh: str, sanitizers: Sequence[tuple[re.Pattern[str], str]]) -> str | None:
+    """None when the outputs match after sanitizing; otherwise a short unified diff (stored -> fresh)."""
+    old, new = comparable(stored), comparable(fresh)
+    old_text = [sanitize(t, sanitizers) for t in old.texts]
+    new_text = [sanitize(t, sanitizers) for t in new.texts]
+    problems: list[str] = []
+    if old_text != new_text:
+        diff = difflib.unified_diff(
+            "\n\n".join(old_text).split("\n"), "\n\n".join(new_text).split("\n"), "stored", "fresh", lineterm=""
+        )
+        problems.append("\n".join(diff))
+    if old.images != new.images:
+        problems.append(f"the stored output has {old.images} image(s), the fresh run made {new.images}")
+    return "\n".join(problems) if problems else None
