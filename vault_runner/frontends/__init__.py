@@ -1,0 +1,1 @@
+"""frontends: see README, How it is built."""

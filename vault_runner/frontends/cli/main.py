@@ -1,0 +1,309 @@
+"""The `vault-runner` command line. Thin: it turns arguments into engine calls.
+
+Exit codes (README): 0 every block ran as expected, 1 a block failed (or a region was
+edited by hand), 2 a usage or input error (a note that cannot be processed safely).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+
+from vault_runner import __version__
+from vault_runner.engine import Engine, Event, NoteReport, clean_note
+from vault_runner.model import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from vault_runner.reports import block_message
+from vault_runner.vault import Vault, VaultError, find_root, load_vault
+
+CommandAdder = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+
+
+def _err_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def default_target(paths: Sequence[str]) -> list[Path]:
+    if paths:
+        return [Path(p) for p in paths]
+    if Path("sample_vault").is_dir():
+        return [Path("sample_vault")]
+    raise VaultError(
+        Path.cwd(), "no vault given; pass a vault folder or notes (e.g. `vault-runner render sample_vault`)"
+    )
+
+
+def notes_under(paths: Iterable[Path]) -> list[tuple[Vault, Path]]:
+    """Expand folders into their notes; each note with the vault it belongs to."""
+    found: list[tuple[Vault, Path]] = []
+    vaults: dict[Path, Vault] = {}
+    for path in paths:
+        if not path.exists():
+            raise VaultError(path, "does not exist")
+        root = find_root(path)
+        vault = vaults.get(root) or vaults.setdefault(root, load_vault(path))
+        if path.is_dir():
+            found.extend((vault, p) for p in vault.notes(path.resolve()))
+        else:
+            found.append((vault, path))
+    return found
+
+
+class Progress:
+    """Engine events as a rich progress bar (notes done, current note and block) on a terminal."""
+
+    def __init__(self, console: Console, enabled: bool, total: int) -> None:
+        self.console = console
+        self.bar: RichProgress | None = None
+        if enabled and console.is_terminal:
+            self.bar = RichProgress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            )
+            self.task = self.bar.add_task("", total=total)
+            self.bar.start()
+
+    def __call__(self, event: Event) -> None:
+        if self.bar is None:
+            return
+        if event.kind == "note-started":
+            self.bar.update(self.task, description=f"{escape(event.note)} · starting kernel")
+        elif event.kind == "block-started":
+            self.bar.update(self.task, description=f"{escape(event.note)} · block at line {event.line}")
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+_ICONS = {
+    "ok": "[green]✓[/]",
+    "raised": "[green]✓[/]",
+    "error": "[red]✗[/]",
+    "timeout": "[red]⏱[/]",
+    "dead": "[red]☠[/]",
+    "skipped": "[yellow]·[/]",
+    "not-run": "[dim]·[/]",
+    "hand-edited": "[yellow]✎[/]",
+    "unwritten": "[yellow]↻[/]",
+}
+
+
+def print_note(console: Console, report: NoteReport) -> None:
+    if report.status == "refused":
+        console.print(f"[red]error[/] {escape(report.message or '')}")
+        return
+    if report.status in {"not-opted-in", "no-blocks", "current"}:
+        return
+    written = "written" if report.written else "unchanged"
+    ran = [b for b in report.blocks if b.status not in {"not-run", "skipped"}]
+    seconds = sum(b.duration for b in report.blocks)
+    total = f", {report.duration:.1f} s with the kernel" if report.duration else ""
+    console.print(
+        f"[bold]{escape(report.note)}[/] · {len(ran)} block(s) in {seconds:.2f} s{total} · {report.device or '?'} · {written}"
+    )
+    for block in report.blocks:
+        if block.failed or block.status in {"skipped", "unwritten"}:
+            detail = block_message(block)
+            where = escape(f"{report.note}:{block.line}: {block.status}: {detail}")
+            console.print(f"  {_ICONS.get(block.status, '?')} {where}")
+    if report.message:
+        console.print(f"  [red]{escape(report.message)}[/]")
+
+
+def summarize(console: Console, reports: Sequence[NoteReport]) -> None:
+    notes_by: dict[str, int] = {}
+    blocks_by: dict[str, int] = {}
+    for report in reports:
+        notes_by[report.status] = notes_by.get(report.status, 0) + 1
+        for block in report.blocks:
+            blocks_by[block.status] = blocks_by.get(block.status, 0) + 1
+    written = sum(1 for r in reports if r.written)
+    note_part = ", ".join(f"{n} {s}" for s, n in sorted(notes_by.items()))
+    block_part = ", ".join(f"{n} {s}" for s, n in sorted(blocks_by.items())) or "no blocks"
+    console.print(f"{len(reports)} note(s): {note_part}; blocks: {block_part}; {written} note(s) written")
+
+
+def exit_code(reports: Sequence[NoteReport]) -> int:
+    if any(r.status == "refused" for r in reports):
+        return EXIT_USAGE
+    if any(r.failed for r in reports):
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _run_notes(args: argparse.Namespace, require_opt_in: bool, paths: list[Path]) -> int:
+    console = _err_console()
+    candidates = notes_under(paths)
+    progress = Progress(console, not args.json, len(candidates))
+    reports: list[NoteReport] = []
+    lock = threading.Lock()
+
+    def run_one(item: tuple[Vault, Path]) -> NoteReport:
+        vault, path = item
+        engine = Engine(vault, on_event=progress, force=args.force)
+        report = engine.run_note(path, require_opt_in=require_opt_in and not args.all)
+        with lock:
+            progress.advance()
+            if not args.json:
+                print_note(console, report)
+        return report
+
+    try:
+        jobs = max(1, getattr(args, "jobs", 1))
+        if jobs == 1:
+            reports = [run_one(item) for item in candidates]
+        else:
+            # One kernel per note, several notes at once; reports keep the vault's order.
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                reports = list(pool.map(run_one, candidates))
+    finally:
+        progress.stop()
+    reports = [r for r in reports if r.status != "no-blocks"]  # notes without code are not news
+    if args.json:
+        print(json.dumps({"notes": [r.to_json() for r in reports]}, ensure_ascii=False, indent=2))
+    else:
+        summarize(console, reports)
+    return exit_code(reports)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    paths = [Path(p) for p in args.notes]
+    for path in paths:
+        if path.is_dir():
+            raise VaultError(path, "is a folder; `run` takes notes (use `render` for a vault)")
+    return _run_notes(args, require_opt_in=False, paths=paths)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    return _run_notes(args, require_opt_in=True, paths=default_target(args.paths))
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    console = _err_console()
+    cleaned = 0
+    for vault, path in notes_under(default_target(args.paths)):
+        if clean_note(vault, path):
+            cleaned += 1
+            console.print(f"cleaned {escape(str(path))}")
+    console.print(f"{cleaned} note(s) cleaned")
+    return EXIT_OK
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the per-block report as JSON on stdout")
+    parser.add_argument(
+        "--force", action="store_true", help="run even when outputs are current, and overwrite hand-edited regions"
+    )
+
+
+def add_core_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = sub.add_parser("run", help="run the named notes (opted in or not) and write their outputs")
+    run.add_argument("notes", nargs="+", metavar="NOTE")
+    _add_run_options(run)
+    run.set_defaults(func=cmd_run, all=True)
+
+    render = sub.add_parser("render", help="run every opted-in note of a vault whose outputs are not current")
+    render.add_argument("paths", nargs="*", metavar="VAULT", help="vault folder (or notes); default ./sample_vault")
+    render.add_argument("--all", action="store_true", help="ignore opt-in: run every note with python blocks")
+    render.add_argument("-j", "--jobs", type=int, default=1, metavar="N", help="run N notes at once (default 1)")
+    _add_run_options(render)
+    render.set_defaults(func=cmd_render)
+
+    clean = sub.add_parser("clean", help="remove output regions and the attachments vault-runner made")
+    clean.add_argument("paths", nargs="*", metavar="PATH")
+    clean.set_defaults(func=cmd_clean)
+
+
+COMMANDS: list[CommandAdder] = [add_core_commands]
+# Each front end module offers `add_commands(subparsers)`; one module per front end, with the
+# commands it adds, so that a front end whose optional dependency is missing (watchdog for
+# `watch`, FastAPI for `serve`) leaves the other commands working and says what to install.
+FRONT_ENDS: dict[str, tuple[str, ...]] = {
+    "vault_runner.ci_cli": ("check", "test"),
+    "vault_runner.admin_cli": ("doctor", "trust", "untrust"),
+    "vault_runner.watch_cli": ("watch",),
+    "vault_runner.server_cli": ("serve",),
+}
+
+
+def _front_end_adders() -> list[CommandAdder]:
+    import importlib
+
+    adders = list(COMMANDS)
+    for name, commands in FRONT_ENDS.items():
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue  # that front end is not part of this build
+            adders.append(_unavailable(commands, str(exc.name)))
+            continue
+        adders.append(module.add_commands)
+    return adders
+
+
+def _unavailable(commands: tuple[str, ...], missing: str) -> CommandAdder:
+    def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+        for command in commands:
+            parser = sub.add_parser(command, help=f"(unavailable: needs the Python package {missing})")
+            parser.add_argument("rest", nargs=argparse.REMAINDER)
+            parser.set_defaults(func=lambda args, command=command: _missing(command, missing))
+
+    return add
+
+
+def _missing(command: str, package: str) -> int:
+    _err_console().print(
+        f"[red]error[/] `vault-runner {command}` needs the Python package {escape(package)}, which is not "
+        f"installed; install vault-runner with its dependencies (`pip install vault-runner`) and try again"
+    )
+    return EXIT_USAGE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vault-runner",
+        description="Run the python blocks of Obsidian notes in a Jupyter kernel and write outputs back.",
+    )
+    parser.add_argument("--version", action="version", version=f"vault-runner {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _front_end_adders():
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except VaultError as exc:
+        _err_console().print(f"[red]error[/] {escape(exc.one_line())}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _err_console().print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
