@@ -70,6 +70,13 @@ DEFAULT_PRELOAD = (
     "IPython.core.interactiveshell",
     "IPython.core.completer",
     "IPython.core.magics",
+    "IPython.core.completerlib",
+    "ipykernel.debugger",  # debugpy and pydevd: 0.2 s of every kernel start
+    "tornado.gen",
+    "tornado.locks",
+    "tornado.queues",
+    "tornado.platform.asyncio",
+    "faulthandler",
     "jedi",
     "numpy",
     "torch",
@@ -79,8 +86,9 @@ DEFAULT_PRELOAD = (
     "PIL.Image",
 )
 # As kernel.py's launch: no IPython history database. The parent poller is off (the
-# kernel dies with its template through PR_SET_PDEATHSIG instead).
-DEFAULT_KERNEL_ARGS = ("--HistoryManager.enabled=False", "--IPKernelApp.parent_handle=0")
+# kernel dies with its template through PR_SET_PDEATHSIG instead): a parent of 1 turns
+# it off and, unlike 0, does not print ipykernel's "use --existing" banner.
+DEFAULT_KERNEL_ARGS = ("--HistoryManager.enabled=False", "--IPKernelApp.parent_handle=1")
 DEFAULT_MPLBACKEND = "module://matplotlib_inline.backend_inline"
 STARTUP_TIMEOUT = 120.0
 FORK_TIMEOUT = 30.0
@@ -258,45 +266,38 @@ class ForkedKernel:
 def wait_for_ready(client: BlockingKernelClient, timeout: float = 60.0, alive: Any = None) -> dict[str, Any]:
     """Wait until the kernel answers kernel_info on shell and publishes on iopub; the reply.
 
-    jupyter_client's `wait_for_ready` ends with 0.2 s of listening on iopub: more than a
-    forked kernel takes to start. This returns as soon as both channels are known to work
-    (the kernel's idle status for our request arrived on iopub).
+    jupyter_client's `wait_for_ready` ends with 0.2 s of listening on iopub, more than a
+    forked kernel takes to start. This returns as soon as both channels are known to work:
+    the kernel's `iopub_welcome` (ipykernel 7 sends one per subscription) or its status
+    for one of our requests arrived on iopub. The channels must be started.
     """
     deadline = time.monotonic() + timeout
+    sent = {client.kernel_info()}
+    last_sent = time.monotonic()
     reply: dict[str, Any] | None = None
-    wait = 0.05
-    while time.monotonic() < deadline:
-        msg_id = client.kernel_info()
-        got_reply = reply is not None
-        got_idle = False
-        until = min(time.monotonic() + wait, deadline)
-        while time.monotonic() < until and not (got_reply and got_idle):
-            left = max(until - time.monotonic(), 0.0)
-            if not got_reply:
-                try:
-                    message = client.get_shell_msg(timeout=left / 2 if not got_idle else left)
-                except queue.Empty:
-                    message = None
-                if message is not None and message["parent_header"].get("msg_id") == msg_id:
-                    reply, got_reply = message, True
-            if not got_idle:
-                try:
-                    message = client.get_iopub_msg(timeout=max(until - time.monotonic(), 0.0) / 2)
-                except queue.Empty:
-                    message = None
-                if (
-                    message is not None
-                    and message["msg_type"] == "status"
-                    and message["parent_header"].get("msg_id") == msg_id
-                    and message["content"].get("execution_state") == "idle"
-                ):
-                    got_idle = True
-        if got_reply and got_idle and reply is not None:
-            return reply["content"]
-        if alive is not None and not alive():
-            raise ForkError("the kernel died before it answered")
-        wait = min(wait * 2, 1.0)
-    raise ForkError(f"the kernel did not answer within {timeout:g} s")
+    iopub_ok = False
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            raise ForkError(f"the kernel did not answer within {timeout:g} s")
+        if reply is None:
+            with contextlib.suppress(queue.Empty):
+                message = client.get_shell_msg(timeout=0.005 if not iopub_ok else 0.05)
+                if message["parent_header"].get("msg_id") in sent and message["msg_type"] == "kernel_info_reply":
+                    reply = message["content"]
+        if not iopub_ok:
+            with contextlib.suppress(queue.Empty):
+                message = client.get_iopub_msg(timeout=0.005 if reply is None else 0.05)
+                kind = message["msg_type"]
+                if kind == "iopub_welcome" or (kind == "status" and message["parent_header"].get("msg_id") in sent):
+                    iopub_ok = True
+        if reply is not None and iopub_ok:
+            return reply
+        if time.monotonic() - last_sent > 0.5:
+            if alive is not None and not alive():
+                raise ForkError("the kernel died before it answered")
+            sent.add(client.kernel_info())  # its status shows that iopub works
+            last_sent = time.monotonic()
 
 
 # -- the template -----------------------------------------------------------------------------
@@ -539,6 +540,15 @@ class KernelTemplate:
             with self._cond:
                 self._kernels[request_id] = kernel
             ours.send(b'{"go": true}')
+            try:
+                data = ours.recv(_MAX_MESSAGE)
+            except TimeoutError:
+                kernel.close()
+                raise ForkError(f"the forked kernel did not start within {timeout:g} s") from None
+            if not data or not json.loads(data).get("bound"):
+                status = kernel.wait(1.0)
+                kernel.close()
+                raise ForkError(f"the forked kernel exited while starting (status {status})")
             return kernel
         except BaseException:
             if owned is not None:

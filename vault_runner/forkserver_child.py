@@ -19,6 +19,7 @@ Messages (JSON, one per datagram):
                       {"op": "close"}   kill every child, reap them, exit (also on EOF)
   child -> parent     {"pid": P} with SCM_CREDENTIALS, or {"error": "..."}
   parent -> child     {"go": true}
+  child -> parent     {"bound": true}   its sockets are bound; then it closes the socket
 
 Standard library at module level only: the heavy imports are the SPEC's `preload` list.
 """
@@ -26,6 +27,7 @@ Standard library at module level only: the heavy imports are the SPEC's `preload
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import select
@@ -232,6 +234,7 @@ def _exit_child(code: int) -> int:
 
 
 def _child(template: Template, request: dict, report_fd: int, template_pid: int) -> int:
+    _T0[0] = time.monotonic()
     os.setsid()  # own session and process group: SIGINT/SIGKILL to the group reach only this kernel
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -250,20 +253,40 @@ def _child(template: Template, request: dict, report_fd: int, template_pid: int)
     template.control.close()
     template.children.clear()
     report = socket.socket(fileno=report_fd)
+    _trace("forked")
     try:
         argv = _prepare(request)
     except Exception as exc:
         _send(report, {"error": f"{type(exc).__name__}: {exc}"})
         return 1
+    _trace("prepared")
     _send(report, {"pid": os.getpid()}, creds=True)
     answer = report.recv(_MAX_MESSAGE)  # "go" once the parent has placed us (cgroup); b"" = abort
-    report.close()
     if not answer or not json.loads(answer).get("go"):
         return 1
     from ipykernel.kernelapp import IPKernelApp
 
-    IPKernelApp.launch_instance(argv=argv)
+    _trace("go")
+    app = IPKernelApp.instance()  # IPKernelApp.launch_instance, in two steps
+    app.initialize(argv)
+    _trace("initialized")
+    # The sockets are bound: a client that connects now needs no reconnect (ZMQ retries
+    # every 100 ms). Closed before the kernel runs anything a note sends.
+    _send(report, {"bound": True})
+    report.close()
+    app.start()
     return 0
+
+
+_TRACE = os.environ.get("VAULT_RUNNER_FORK_TRACE") == "1"
+_T0 = [0.0]
+
+
+def _trace(stage: str) -> None:
+    """Stage timings of a fork on stderr, for benchmarks (VAULT_RUNNER_FORK_TRACE=1)."""
+    if _TRACE:
+        now = time.monotonic()
+        os.write(2, f"[fork {os.getpid()}] {stage} +{(now - _T0[0]) * 1000:.1f} ms\n".encode())
 
 
 def _prepare(request: dict) -> list[str]:
@@ -294,7 +317,9 @@ def _prepare(request: dict) -> list[str]:
     if matplotlib is not None and os.environ.get("MPLBACKEND"):
         # Read at `import matplotlib`, which the template did; pyplot resolves it lazily.
         matplotlib.rcParams["backend"] = os.environ["MPLBACKEND"]
+    _trace("environment")
     _reseed()
+    _trace("reseeded")
     launcher = request.get("launcher") or "ipykernel_launcher"
     sys.argv = [launcher, "-f", request["connection_file"], *request.get("kernel_args", [])]
     sys.orig_argv = [sys.executable, "-m", "ipykernel_launcher", *sys.argv[1:]]
@@ -339,6 +364,15 @@ def main(argv: list[str]) -> int:
     if spec.get("cwd"):
         os.chdir(spec["cwd"])
     loaded, failed = _preload(list(spec.get("preload", [])))
+    _reseed()  # the first calls import and set up lazily (numpy: 20 ms); the child reseeds again
+    # Everything imported so far is shared with every kernel, copy-on-write: keep the
+    # collector from walking (and so copying) it in each child.
+    gc.collect()
+    gc.freeze()
+    # Everything imported so far is shared with every kernel, copy-on-write: keep the
+    # collector from walking (and so copying) it in each child.
+    gc.collect()
+    gc.freeze()
     template = Template(control, spec)
     _send(control, _facts(started, loaded, failed))
     return template.serve()
