@@ -123,7 +123,7 @@ def test_hand_edit_inside_a_region_is_reported(
     assert code == 1
     assert out.splitlines() == [
         f"{note}:{block.region.first_line}: the output region of the block at line {block.fence_line} was edited "
-        "by hand; move your text out of it, or run `vault-runner render --force` to overwrite it"
+        "by hand, so it is left as it is; move your text out of it, or run `vault-runner render --force` to overwrite it"
     ]
     assert no_kernel == []
 

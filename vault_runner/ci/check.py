@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vault_runner import note as notes
+from vault_runner.core.freshness import freshness, hand_edit_message, needs_output
 from vault_runner.engine import Loaded, PlannedBlock
 
 MISSING = "missing"
@@ -98,12 +99,7 @@ def find(loaded: Loaded, path: str | None = None) -> list[Finding]:
                     add(STALE, f"stale output: this block's code or options changed since it ran; {RENDER_HINT}")
                     first_cause = first_cause or block.fence_line
             if region.hand_edited:
-                add(
-                    HAND_EDITED,
-                    f"the output region of the block at line {block.fence_line} was edited by hand; "
-                    "move your text out of it, or run `vault-runner render --force` to overwrite it",
-                    line=region.first_line,
-                )
+                add(HAND_EDITED, hand_edit_message(block.fence_line), line=region.first_line)
             recorded_above.insert(0, region.code_hash)
     return found
 
@@ -130,11 +126,10 @@ def render_diff(loaded: Loaded, path: str | None = None) -> str:
     regions: dict[int, list[str] | None] = {}
     for planned in loaded.plan:
         block = planned.block
-        region = block.region
-        if planned.code_hash is None:
-            if region is not None:
-                regions[block.index] = None
-        elif region is None or (region.code_hash != planned.code_hash and not region.hand_edited):
+        if freshness(planned).leftover:
+            regions[block.index] = None
+        elif needs_output(planned):
+            assert planned.code_hash is not None
             lines = notes.region_lines(block, planned.code_hash, DIFF_PLACEHOLDER + "\n")
             # A checksum that cannot match: applying the diff must not make a note pass `check`.
             lines[-1] = re.sub(r"sum=[0-9a-f]+", "sum=" + "0" * 12, lines[-1])

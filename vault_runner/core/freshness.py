@@ -1,0 +1,67 @@
+"""Is a block's output region current? The one rule, and the words that report it. Pure.
+
+A region is current when it was made by the code now above it (its opening marker records
+that code's chained hash) and nobody edited it since (its closing checksum still matches).
+render, check, test, the live runner and the API all ask here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from vault_runner.core.plan import PlannedBlock
+
+__all__ = ("Freshness", "freshness", "hand_edit_message", "is_current", "needs_output")
+
+
+@dataclass(frozen=True)
+class Freshness:
+    """What the note's bytes say of one block's region, without running anything."""
+
+    runs: bool  # the block is evaluated (not `eval: false`)
+    has_region: bool
+    stale: bool  # the region was made by other code (or other code above it)
+    hand_edited: bool  # the region's checksum no longer matches
+
+    @property
+    def current(self) -> bool:
+        if not self.runs:
+            return not self.has_region
+        return self.has_region and not self.stale and not self.hand_edited
+
+    @property
+    def leftover(self) -> bool:
+        """A region under a block that no longer runs: render removes it."""
+        return not self.runs and self.has_region
+
+
+def freshness(planned: PlannedBlock) -> Freshness:
+    region = planned.block.region
+    if region is None:
+        return Freshness(planned.code_hash is not None, False, False, False)
+    return Freshness(
+        runs=planned.code_hash is not None,
+        has_region=True,
+        stale=region.code_hash != planned.code_hash,
+        hand_edited=region.hand_edited,
+    )
+
+
+def is_current(plan: Iterable[PlannedBlock]) -> bool:
+    return all(freshness(planned).current for planned in plan)
+
+
+def needs_output(planned: PlannedBlock) -> bool:
+    """Render writes this block's region: missing, or made by other code and not edited by hand
+    (a hand-edited region is left alone unless forced)."""
+    state = freshness(planned)
+    return state.runs and (not state.has_region or (state.stale and not state.hand_edited))
+
+
+def hand_edit_message(fence_line: int) -> str:
+    """The finding for a region edited by hand, the same wherever it is reported."""
+    return (
+        f"the output region of the block at line {fence_line} was edited by hand, so it is left as it is; "
+        "move your text out of it, or run `vault-runner render --force` to overwrite it"
+    )
