@@ -356,7 +356,10 @@ def test_the_swap_never_loses_an_in_place_save_that_lands_during_it(tmp_path: Pa
     threads = [threading.Thread(target=editor), threading.Thread(target=write_backs)]
     for thread in threads:
         thread.start()
-    time.sleep(4.0)
+    # Enough overlapping saves and swaps, however loaded the machine (bounded).
+    deadline = time.monotonic() + 60.0
+    while (swaps < 150 or len(typed) < 150) and time.monotonic() < deadline:
+        time.sleep(0.1)
     stop.set()
     for thread in threads:
         thread.join()
