@@ -1,0 +1,1 @@
+"""live: see README, How it is built."""
