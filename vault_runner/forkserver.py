@@ -232,8 +232,15 @@ class ForkedKernel:
         client.load_connection_file()
         return client
 
-    def shutdown(self, now: bool = False, timeout: float = 5.0) -> None:
-        """Ask the kernel to shut down (unless `now`), kill it if it does not, clean up."""
+    def shutdown(self, now: bool = False, timeout: float = 5.0, wait: bool = True) -> None:
+        """Ask the kernel to shut down (unless `now`), kill it if it has not ended after
+        `timeout`, clean up. With `wait=False` this returns once the request is sent and
+        the rest happens on a thread (a batch goes on to the next note)."""
+        if not wait:
+            threading.Thread(
+                target=self.shutdown, args=(now, timeout), name="vault-runner-kernel-shutdown", daemon=True
+            ).start()
+            return
         if not now and self.is_alive():
             client = self.client()
             try:
@@ -321,6 +328,7 @@ class KernelTemplate:
         runtime_dir: str | os.PathLike[str] | None = None,
         preload: Sequence[str] = DEFAULT_PRELOAD,
         kernel_args: Sequence[str] = DEFAULT_KERNEL_ARGS,
+        preinitialize: bool = True,
         python: str = sys.executable,
         stdout: Any = None,
         stderr: Any = None,
@@ -337,6 +345,7 @@ class KernelTemplate:
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="vr-fork-")) if runtime_dir is None else Path(runtime_dir)
         self.preload = list(preload)
         self.kernel_args = list(kernel_args)
+        self.preinitialize = preinitialize
         self.python = python
         self.stdout, self.stderr = stdout, stderr
         self.startup_timeout = startup_timeout
@@ -358,7 +367,12 @@ class KernelTemplate:
         if reason is not None:
             raise ForkUnavailable(reason)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        spec = {"preload": self.preload, "cwd": str(self.cwd) if self.cwd else None}
+        spec = {
+            "preload": self.preload,
+            "cwd": str(self.cwd) if self.cwd else None,
+            "kernel_args": self.kernel_args,
+            "preinitialize": self.preinitialize,
+        }
         argv = [*self.launch_prefix, self.python, str(CHILD_SCRIPT), str(theirs.fileno()), json.dumps(spec)]
         try:
             self.process = subprocess.Popen(
@@ -471,7 +485,6 @@ class KernelTemplate:
         replace_env: bool = False,
         rlimits: Mapping[str, int] | None = None,
         cgroup: str | os.PathLike[str] | None = None,
-        kernel_args: Sequence[str] | None = None,
         timeout: float = FORK_TIMEOUT,
     ) -> ForkedKernel:
         """A new kernel in `cwd` with `env` applied (a value None removes a variable; with
@@ -496,7 +509,7 @@ class KernelTemplate:
             "replace_env": replace_env,
             "rlimits": dict(rlimits or {}),
             "connection_file": str(connection_file),
-            "kernel_args": list(self.kernel_args if kernel_args is None else kernel_args),
+            "kernel_args": self.kernel_args,
         }
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:

@@ -267,8 +267,16 @@ def _child(template: Template, request: dict, report_fd: int, template_pid: int)
     from ipykernel.kernelapp import IPKernelApp
 
     _trace("go")
-    app = IPKernelApp.instance()  # IPKernelApp.launch_instance, in two steps
-    app.initialize(argv)
+    if IPKernelApp.initialized():
+        # The template parsed the command line and the config files (_preinitialize):
+        # what is left is this kernel's own part, from its connection file on.
+        app = IPKernelApp.instance()
+        app.connection_file = request["connection_file"]
+        with _base_initialize_done():
+            app.initialize([])
+    else:
+        app = IPKernelApp.instance()  # IPKernelApp.launch_instance, in two steps
+        app.initialize(argv)
     _trace("initialized")
     # The sockets are bound: a client that connects now needs no reconnect (ZMQ retries
     # every 100 ms). Closed before the kernel runs anything a note sends.
@@ -276,6 +284,45 @@ def _child(template: Template, request: dict, report_fd: int, template_pid: int)
     report.close()
     app.start()
     return 0
+
+
+class _base_initialize_done:
+    """IPKernelApp.initialize starts with BaseIPythonApplication.initialize (command line,
+    profile folder, config files), which the template already ran: skip it once."""
+
+    def __enter__(self) -> None:
+        from IPython.core.application import BaseIPythonApplication
+
+        self.cls = BaseIPythonApplication
+        self.original = BaseIPythonApplication.__dict__["initialize"]
+        BaseIPythonApplication.initialize = lambda self, argv=None: None  # type: ignore[method-assign]
+
+    def __exit__(self, *exc: object) -> None:
+        self.cls.initialize = self.original  # type: ignore[method-assign]
+
+
+def _preinitialize(kernel_args: list[str]) -> str | None:
+    """Run the kernel-independent first step of IPKernelApp.initialize; None, or why not.
+
+    It parses the command line (less -f) and reads the profile's config files: no socket,
+    no thread, no shell. ~50 ms of every kernel start."""
+    try:
+        from ipykernel.kernelapp import IPKernelApp
+        from IPython.core.application import BaseIPythonApplication
+
+        app = IPKernelApp.instance()
+        BaseIPythonApplication.initialize(app, list(kernel_args))
+        if app.subapp is not None or app.connection_file:
+            raise RuntimeError("the kernel arguments name a sub-command or a connection file")
+        return None
+    except Exception as exc:
+        try:
+            from ipykernel.kernelapp import IPKernelApp
+
+            IPKernelApp.clear_instance()
+        except Exception:
+            pass
+        return f"{type(exc).__name__}: {exc}"
 
 
 _TRACE = os.environ.get("VAULT_RUNNER_FORK_TRACE") == "1"
@@ -364,6 +411,7 @@ def main(argv: list[str]) -> int:
     if spec.get("cwd"):
         os.chdir(spec["cwd"])
     loaded, failed = _preload(list(spec.get("preload", [])))
+    preinit_failed = _preinitialize(spec["kernel_args"]) if spec.get("preinitialize") else "off"
     _reseed()  # the first calls import and set up lazily (numpy: 20 ms); the child reseeds again
     # Everything imported so far is shared with every kernel, copy-on-write: keep the
     # collector from walking (and so copying) it in each child.
@@ -374,7 +422,10 @@ def main(argv: list[str]) -> int:
     gc.collect()
     gc.freeze()
     template = Template(control, spec)
-    _send(control, _facts(started, loaded, failed))
+    _send(
+        control,
+        {**_facts(started, loaded, failed), "preinitialized": preinit_failed is None, "preinit": preinit_failed},
+    )
     return template.serve()
 
 
