@@ -287,3 +287,56 @@ def test_closing_the_template_leaves_no_process(tmp_path: Path) -> None:
     assert all(_wait_gone(p) for p in [template_pid, *pids])
     with pytest.raises(ForkUnavailable):
         tpl.fork(tmp_path)
+
+
+@pytest.mark.parametrize("tier", ["bubblewrap", "landlock"])
+def test_forked_kernels_stay_in_the_templates_sandbox(tier: str, tmp_path: Path) -> None:
+    """The template is launched with the sandbox's own command prefix; its kernels inherit it."""
+    from vault_runner.sandbox import Policy, Sandbox, SandboxError, probe
+
+    found = probe()
+    if (tier == "bubblewrap" and found.bwrap is None) or (tier == "landlock" and not found.landlock_abi):
+        pytest.skip(f"no {tier} here")
+    vault = tmp_path / "vault"
+    (vault / "notes").mkdir(parents=True)
+    runtime = tmp_path / "rt"
+    runtime.mkdir()
+    try:
+        sandbox = Sandbox(Policy(vault=vault, cwd=vault, max_tasks=None), tier=tier)
+    except SandboxError as exc:
+        pytest.skip(str(exc))
+    tpl = KernelTemplate(
+        TemplateKey.for_launch(vault, tier, os.environ),
+        launch_prefix=[],
+        env={},
+        cwd=vault,
+        runtime_dir=runtime,
+        startup_timeout=180,
+    )
+    kernel = None
+    try:
+        sandbox.setup(runtime, lambda: tpl.pid)
+        tpl.launch_prefix = sandbox.wrap([])
+        tpl.env = {**os.environ, **sandbox.env(), "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+        tpl.start()
+        kernel = Driven(tpl.fork(vault / "notes", {"VAULT_RUNNER_NOTE": str(vault / "notes" / "a.md")}))
+        secret = tmp_path / "secret.txt"
+        secret.write_text("s")
+        # The kernel cannot read what lies outside its sandbox, writes the vault and nothing else.
+        assert kernel.run(f"open({str(secret)!r}).read()")["reply"]["status"] == "error"
+        assert kernel.value("open('out.txt', 'w').write('x')") == 1
+        assert (vault / "notes" / "out.txt").read_text() == "x"
+        outside = tmp_path / "outside.txt"
+        kernel.run(f"open({str(outside)!r}, 'w').write('x')")
+        assert not outside.exists()  # refused (Landlock) or written into a private tmpfs (bubblewrap)
+        if tier == "bubblewrap":
+            assert kernel.kernel.ns_pid != kernel.kernel.pid  # in bubblewrap's pid namespace
+        assert kernel.value("__import__('os').getpid()") == kernel.kernel.ns_pid
+        kernel.kernel.interrupt()  # SIGINT reaches it from outside the namespace
+        assert kernel.value("2 + 2") == 4
+    finally:
+        if kernel is not None:
+            kernel.close()
+        tpl.close()
+        sandbox.close()
+    assert _wait_gone(tpl.pid or 0)

@@ -336,6 +336,7 @@ class KernelTemplate:
     ) -> None:
         self.env = dict(os.environ if env is None else env)
         self.env.setdefault("MPLBACKEND", DEFAULT_MPLBACKEND)
+        self.env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # as kernel.py's launch env
         self.key = key or TemplateKey(
             "", json.dumps({"tier": "none"}), "auto", self.env.get("PYTHONHASHSEED") or "random"
         )
