@@ -328,7 +328,7 @@ class Runner:
                 if not future.cancelled():
                     future.set_result(result)
 
-    def _remember_own_write(self, path: Path, loaded: Loaded) -> None:
+    def remember_own_write(self, path: Path, loaded: Loaded) -> None:
         """Remember the bytes we wrote, so the watcher can ignore the event they cause.
 
         Read back right after the write; kept only if everything outside the output

@@ -35,21 +35,21 @@ from typing import TYPE_CHECKING, Any
 
 from vault_runner.core.freshness import needs_output
 from vault_runner.engine import (
+    BlockResult,  # what Engine.write_back takes per block; built here to re-write kept outputs
     Engine,
     Event,
     EventSink,
     Kernel,
-    KernelSetupError,
     Loaded,
     NoteReport,
     PlannedBlock,
     Run,
-    _needs_torch,  # same rule as Engine.prepare, so a kernel is re-prepared when it flips
-    _Result,  # what Engine.write_back takes per block; built here to re-write kept outputs
     block_report,
     load,
     may_be_opted_in,
+    needs_torch,  # same rule as Engine.prepare, so a kernel is re-prepared when it flips
 )
+from vault_runner.errors import KernelSetupError
 from vault_runner.kernel import Execution
 from vault_runner.live.plan import first_difference, plan_run
 from vault_runner.options import NOTE_LEVEL
@@ -394,7 +394,7 @@ class NoteSession:
         signature = (
             launch_key(loaded.note_options.values),
             tuple(repr(loaded.note_options[name]) for name in sorted(NOTE_LEVEL)),
-            _needs_torch(loaded),
+            needs_torch(loaded),
         )
         slot = self.slot
         if slot is not None and not runner.pool.lease(slot):
@@ -558,11 +558,11 @@ class NoteSession:
             if rendered is None or report is None:
                 continue
             report.message = "restored: an editor had saved the note without this output"
-            run.results[planned.block.index] = _Result(planned, rendered, report)
+            run.results[planned.block.index] = BlockResult(planned, rendered, report)
 
     def _after_write(self, loaded: Loaded, report: NoteReport) -> None:
         if report.written:
-            self.runner._remember_own_write(self.path, loaded)
+            self.runner.remember_own_write(self.path, loaded)
 
     def _finish_early(self, report: NoteReport) -> NoteReport:
         self.runner.emit(Event("note-finished", report.note, data=finished_data(report)))

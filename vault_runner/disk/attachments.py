@@ -1,0 +1,37 @@
+"""Attachments vault-runner made: which a region links, and removing those no longer linked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import unquote
+
+from vault_runner.core.render import ATTACHMENT_LINK_RE
+from vault_runner.disk.vault import ATTACHMENT_RE
+
+__all__ = ("attachment_names", "links_to", "remove_stale_attachments")
+
+
+def remove_stale_attachments(folder: Path, old_links: set[str], new_text: str) -> None:
+    """Delete attachments our old regions linked and the note no longer does: only our own
+    files (name pattern), never through a symlink."""
+    for name in old_links:
+        if not ATTACHMENT_RE.search(name) or links_to(new_text, name):
+            continue
+        path = folder / name
+        try:
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+        except OSError:
+            pass
+
+
+def attachment_names(body: str) -> set[str]:
+    names = set()
+    for match in ATTACHMENT_LINK_RE.finditer(body):
+        target = match.group(1) or match.group(2) or ""
+        names.add(unquote(target.strip()).rsplit("/", 1)[-1])
+    return names
+
+
+def links_to(text: str, name: str) -> bool:
+    return name in text or name.replace(" ", "%20") in text

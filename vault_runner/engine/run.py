@@ -1,0 +1,367 @@
+"""Run a note: execute its blocks in a kernel, render their outputs, report; emit events on the way.
+
+The engine is what every front end calls. It never loses a user's edit: write-back
+(engine/writeback.py) re-reads the note, puts outputs only under blocks whose code is still
+the code that ran, and swaps the file in only if nothing changed since that re-read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vault_runner.core import note as notes
+from vault_runner.core.freshness import freshness, hand_edit_message
+from vault_runner.core.plan import PlannedBlock
+from vault_runner.core.render import CellSource, Rendered, output_summary, render_outputs
+from vault_runner.disk.vault import Vault, VaultError
+from vault_runner.engine.kernels import (
+    Kernel,
+    KernelFactory,
+    default_kernel_factory,
+    kernel_env,
+    needs_torch,
+    setup_code,
+)
+from vault_runner.engine.load import Loaded, block_report, select
+from vault_runner.engine.writeback import WriteBack
+from vault_runner.errors import KernelDied, KernelSetupError
+from vault_runner.kernel import Execution
+from vault_runner.model import BlockReport, Event, EventSink, NoteReport
+
+__all__ = ("BlockResult", "Engine", "Run", "attachment_stem")
+
+SETUP_TIMEOUT = 120.0
+
+
+_GPU_PEAK_EXPRESSION = (
+    "(__import__('torch').cuda.max_memory_allocated(), __import__('torch').cuda.reset_peak_memory_stats())[0]"
+)
+
+
+@dataclass
+class BlockResult:
+    planned: PlannedBlock
+    rendered: Rendered | None  # None: nothing to write for this block
+    report: BlockReport
+    # Renders again with other traceback line numbers; set when the outputs hold an error.
+    rerender: Callable[[Mapping[int, CellSource]], Rendered] | None = None
+
+
+@dataclass
+class Run:
+    """What one execution of a note produced, before it is written back."""
+
+    loaded: Loaded
+    report: NoteReport
+    results: dict[int, BlockResult]
+    kernel_restarted: bool = False
+    sources: dict[int, CellSource] = field(default_factory=dict)
+
+
+class Engine(WriteBack):
+    def __init__(
+        self,
+        vault: Vault,
+        *,
+        kernel_factory: KernelFactory = default_kernel_factory,
+        on_event: EventSink | None = None,
+        force: bool = False,
+    ) -> None:
+        self.vault = vault
+        self.kernel_factory = kernel_factory
+        self.on_event = on_event or (lambda event: None)
+        self.force = force
+
+    # -- front door ----------------------------------------------------------------------
+    def run_note(self, path: Path, *, require_opt_in: bool = True, write: bool = True) -> NoteReport:
+        started = time.monotonic()
+        try:
+            selection = select(self.vault, path, all_notes=not require_opt_in)
+        except VaultError as exc:
+            return NoteReport(note=str(path), status="refused", message=exc.one_line())
+        loaded = selection.loaded
+        if loaded is None:
+            return NoteReport(note=selection.relative, status=str(selection.skipped))
+        edited = loaded.hand_edited()
+        if not self.force and loaded.is_current():
+            return NoteReport(
+                note=loaded.relative,
+                status="current",
+                blocks=[block_report(loaded, p, "current") for p in loaded.runnable],
+            )
+        if (
+            not self.force
+            and edited
+            and all(freshness(p).has_region and not freshness(p).stale for p in loaded.runnable)
+        ):
+            # Nothing to run: only hand edits differ. Leave them, report them.
+            return NoteReport(
+                note=loaded.relative,
+                status="ran",
+                blocks=[
+                    block_report(loaded, p, "hand-edited", message=self._hand_edit_message(loaded, p.block))
+                    if p.block in edited
+                    else block_report(loaded, p, "current")
+                    for p in loaded.runnable
+                ],
+            )
+        run = self.execute(loaded)
+        report = run.report
+        report.duration = time.monotonic() - started
+        if write and loaded.runnable:
+            self.write_back(run)
+        self.on_event(
+            Event("note-finished", loaded.relative, data={"failed": report.failed, "written": report.written})
+        )
+        return report
+
+    # -- execution -----------------------------------------------------------------------
+    def start_kernel(self, loaded: Loaded) -> Kernel:
+        kernel = self.kernel_factory(
+            loaded.path.parent,
+            kernel_env(self.vault.root, loaded.path, loaded.note_options.values),
+            loaded.note_options.values,
+        )
+        kernel.start()
+        return kernel
+
+    def prepare(self, kernel: Kernel, loaded: Loaded) -> str:
+        """Run the setup code (device, seeds) in a kernel; return the device. Raises KernelSetupError."""
+        setup = kernel.execute(
+            setup_code(loaded.note_options, needs_torch(loaded)),
+            SETUP_TIMEOUT,
+            silent=True,
+            user_expressions={"device": "__vault_runner_device"},
+        )
+        if setup.status != "ok":
+            raise KernelSetupError(f"{loaded.relative}: the kernel could not be prepared: {_setup_failure(setup)}")
+        return _expression_text(setup.user_expressions.get("device")) or "cpu"
+
+    def execute(
+        self,
+        loaded: Loaded,
+        kernel: Kernel | None = None,
+        *,
+        device: str | None = None,
+        start_at: int = 0,
+        sources: dict[int, CellSource] | None = None,
+    ) -> Run:
+        """Run the note's blocks from `start_at` (block index) on.
+
+        Without `kernel`, a fresh one is started, prepared and shut down. With one, the
+        caller owns it and has prepared it (`device` is what `prepare` returned); blocks
+        before `start_at` are taken as already run in it. `sources` maps execution counts
+        to note lines for tracebacks and is updated, so a caller can keep it per kernel.
+        """
+        relative = loaded.relative
+        run = Run(loaded, NoteReport(note=relative, status="ran"), {})
+        report = run.report
+        report.warnings = list(loaded.note_options.warnings)
+        self.on_event(Event("note-started", relative, data={"blocks": len(loaded.runnable)}))
+        owns_kernel = kernel is None
+        sources = {} if sources is None else sources
+        run.sources = sources
+        stop_reason: str | None = None
+        try:
+            if kernel is None:
+                kernel = self.start_kernel(loaded)
+                device = self.prepare(kernel, loaded)
+            report.device = device
+            for planned in loaded.plan:
+                block = planned.block
+                if planned.code_hash is None:
+                    report.blocks.append(block_report(loaded, planned, "not-run", message="eval: false"))
+                    continue
+                if block.index < start_at:
+                    report.blocks.append(block_report(loaded, planned, "current", message="kept"))
+                    continue
+                if stop_reason is not None:
+                    report.blocks.append(block_report(loaded, planned, "skipped", message=stop_reason))
+                    continue
+                self.on_event(Event("block-started", relative, block.index, block.fence_line))
+                execution = self._execute_block(kernel, planned, relative, device)
+                if execution.execution_count is not None:
+                    sources[execution.execution_count] = CellSource(loaded.path.name, block.code_line, block.index)
+                result = self._finish_block(loaded, planned, execution, sources, device)
+                run.results[block.index] = result
+                report.blocks.append(result.report)
+                self.on_event(
+                    Event(
+                        "block-finished",
+                        relative,
+                        block.index,
+                        block.fence_line,
+                        {"status": result.report.status, "duration": result.report.duration},
+                    )
+                )
+                if execution.kernel_restarted:
+                    run.kernel_restarted = True
+                    stop_reason = (
+                        f"not run: the kernel was restarted after the block at line "
+                        f"{block.fence_line}; fix it and run the note again"
+                    )
+                elif result.report.status == "error" and not planned.options["error"]:
+                    stop_reason = (
+                        f"not run: the block at line {block.fence_line} raised and "
+                        f"`error: false` stops the note at the first error"
+                    )
+        except (KernelDied, KernelSetupError) as exc:
+            report.status = "failed"
+            report.message = str(exc) if isinstance(exc, KernelSetupError) else f"{relative}: {exc}"
+        finally:
+            if owns_kernel and kernel is not None:
+                kernel.shutdown()
+        return run
+
+    def _execute_block(
+        self, kernel: Kernel, planned: PlannedBlock, relative: str, device: str | None = None
+    ) -> Execution:
+        block = planned.block
+        options = planned.options
+
+        def forward(output: dict[str, Any]) -> None:
+            self.on_event(Event("output", relative, block.index, block.fence_line, output_summary(output)))
+
+        if not options["warning"]:
+            kernel.execute(
+                "import warnings as __vr_w; __vr_ctx = __vr_w.catch_warnings(); "
+                "__vr_ctx.__enter__(); __vr_w.simplefilter('ignore')",
+                30,
+                silent=True,
+            )
+        # On CUDA, the block's peak GPU memory comes back with its reply (then is reset).
+        expressions = {"gpu_peak": _GPU_PEAK_EXPRESSION} if device and device.startswith("cuda") else None
+        execution = kernel.execute(
+            block.code, float(options["timeout"]), on_output=forward, user_expressions=expressions
+        )
+        if not options["warning"] and not execution.kernel_restarted:
+            kernel.execute("__vr_ctx.__exit__(None, None, None); del __vr_ctx, __vr_w", 30, silent=True)
+        return execution
+
+    def _finish_block(
+        self,
+        loaded: Loaded,
+        planned: PlannedBlock,
+        execution: Execution,
+        sources: Mapping[int, CellSource],
+        device: str | None,
+    ) -> BlockResult:
+        outputs = list(execution.outputs)
+        message = None
+        if execution.status == "timeout":
+            outputs = _as_timeout(outputs, planned.options["timeout"], execution.kernel_restarted)
+            message = f"timed out after {planned.options['timeout']} s"
+        elif execution.status == "dead":
+            outputs.append(
+                {
+                    "output_type": "error",
+                    "ename": "KernelDied",
+                    "evalue": "the Python kernel died while running this block (a crash, os._exit(), "
+                    "or running out of memory)",
+                    "traceback": [],
+                    "vault_runner_hint": "The kernel was restarted, so the blocks after this one did not "
+                    "run. Fix this block and run the note again.",
+                }
+            )
+            message = "the kernel died"
+        if execution.dropped_bytes:
+            outputs.append(
+                {
+                    "output_type": "stream",
+                    "name": "stderr",
+                    "text": f"[vault-runner: {execution.dropped_bytes:,} more bytes of output were "
+                    "dropped: the block printed more than the output limit]\n",
+                }
+            )
+        if execution.dropped_images:
+            outputs.append(
+                {
+                    "output_type": "stream",
+                    "name": "stderr",
+                    "text": f"[vault-runner: {execution.dropped_images} more images were dropped: "
+                    "the block made more than the image limit]\n",
+                }
+            )
+        shown = outputs if planned.options["output"] else [o for o in outputs if o.get("output_type") == "error"]
+
+        def rerender(cell_sources: Mapping[int, CellSource]) -> Rendered:
+            return render_outputs(
+                shown,
+                note_stem=attachment_stem(loaded),
+                embed=lambda name: self.vault.embed(loaded.path, self.vault.attachment_dir(loaded.path) / name),
+                sources=cell_sources,
+                output_lines=int(planned.options["output-lines"]),
+            )
+
+        rendered = rerender(sources)
+        status = execution.status
+        expected = planned.options["raises"]
+        if expected:
+            raised = [str(o.get("ename")) for o in outputs if o.get("output_type") == "error"]
+            if status == "error" and expected in raised:
+                status, message = "raised", f"raised {expected} as expected"
+            elif status == "ok":
+                status, message = "error", f"expected it to raise {expected}, but it raised nothing"
+            elif status == "error":
+                message = f"expected it to raise {expected}, but it raised {raised[0] if raised else 'another error'}"
+        report = block_report(loaded, planned, status, duration=execution.duration, device=device, message=message)
+        peak = _expression_text(execution.user_expressions.get("gpu_peak"))
+        report.gpu_peak_bytes = int(peak) if peak and peak.isdigit() else None
+        report.outputs = [output_summary(o) for o in outputs]
+        attachment_dir = self.vault.attachment_dir(loaded.path)
+        report.attachments = [
+            (attachment_dir / a.name).relative_to(self.vault.root).as_posix() for a in rendered.attachments
+        ]
+        has_error = any(o.get("output_type") == "error" for o in shown)
+        return BlockResult(planned, rendered, report, rerender if has_error else None)
+
+    def _hand_edit_message(self, loaded: Loaded, block: notes.Block) -> str:
+        line = block.region.first_line if block.region else block.close_line + 1
+        return f"{loaded.relative}:{line}: {hand_edit_message(block.fence_line)}"
+
+
+def attachment_stem(loaded: Loaded) -> str:
+    # The note's path goes into the name so two notes with the same name never share a file.
+    digest = hashlib.sha256(loaded.relative.encode()).hexdigest()[:4]
+    return f"{loaded.path.stem}-{digest}"
+
+
+def _as_timeout(outputs: list[dict[str, Any]], timeout: float, restarted: bool) -> list[dict[str, Any]]:
+    kept = [o for o in outputs if not (o.get("output_type") == "error" and o.get("ename") == "KeyboardInterrupt")]
+    interrupt = next(
+        (o for o in outputs if o.get("output_type") == "error" and o.get("ename") == "KeyboardInterrupt"), None
+    )
+    hint = (
+        "It ignored the interrupt, so the kernel was restarted and the blocks after it did not run."
+        if restarted
+        else "Make it faster, or raise its `#| timeout:` option."
+    )
+    kept.append(
+        {
+            "output_type": "error",
+            "ename": "TimeoutError",
+            "evalue": f"the block ran longer than its timeout of {timeout} s and was stopped",
+            "traceback": interrupt.get("traceback", []) if interrupt else [],
+            "vault_runner_hint": hint,
+        }
+    )
+    return kept
+
+
+def _expression_text(value: Any) -> str | None:
+    if not isinstance(value, dict) or value.get("status") != "ok":
+        return None
+    text = value.get("data", {}).get("text/plain")
+    return text.strip("'\"") if isinstance(text, str) else None
+
+
+def _setup_failure(execution: Execution) -> str:
+    for output in execution.outputs:
+        if output.get("output_type") == "error":
+            return f"{output.get('ename')}: {output.get('evalue')}"
+    return execution.status
