@@ -1,3 +1,48 @@
-"""vault_runner: run the python blocks of Obsidian notes in a Jupyter kernel, outputs back in the note."""
+"""vault_runner: run the python blocks of Obsidian notes in a Jupyter kernel, outputs back in the note.
+
+The public surface is below; everything else may move. The names are imported on first use,
+so that `vault-runner check` (which starts no kernel) never imports jupyter_client.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+__all__ = (
+    "BlockReport",
+    "Engine",
+    "Event",
+    "NoteReport",
+    "Runner",
+    "Vault",
+    "VaultRunnerError",
+    "__version__",
+    "load_vault",
+)
+
+_WHERE = {
+    "BlockReport": "vault_runner.model",
+    "Event": "vault_runner.model",
+    "NoteReport": "vault_runner.model",
+    "VaultRunnerError": "vault_runner.errors",
+    "Vault": "vault_runner.disk.vault",
+    "load_vault": "vault_runner.disk.vault",
+    "Engine": "vault_runner.engine.run",
+    "Runner": "vault_runner.live.runner",
+}
+
+if TYPE_CHECKING:
+    from vault_runner.disk.vault import Vault, load_vault
+    from vault_runner.engine.run import Engine
+    from vault_runner.errors import VaultRunnerError
+    from vault_runner.live.runner import Runner
+    from vault_runner.model import BlockReport, Event, NoteReport
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'vault_runner' has no attribute {name!r}")
