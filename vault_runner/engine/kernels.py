@@ -35,7 +35,7 @@ KernelFactory = Callable[[Path, dict[str, str], Mapping[str, Any]], Kernel]
 def default_kernel_factory(cwd: Path, env: dict[str, str], note_options: Mapping[str, Any]) -> Kernel:
     """A kernel in the sandbox (sandbox.py) that the note's options ask for: network,
     memory, device (GPU placement and device nodes)."""
-    from .sandbox import Sandbox, SandboxError, policy_from_options
+    from vault_runner.sandbox import Sandbox, SandboxError, policy_from_options
 
     try:
         sandbox = Sandbox(policy_from_options(cwd, env, note_options))
