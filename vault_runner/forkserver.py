@@ -740,8 +740,6 @@ class ForkedKernelManager(KernelManager):
         self.cleanup_resources(restart=restart)
 
     def _send_shutdown(self, restart: bool) -> None:
-        from jupyter_client.session import Session  # noqa: F401  (self.session is one)
-
         with contextlib.suppress(Exception):
             if self._control_socket is None:
                 self._connect_control_socket()
