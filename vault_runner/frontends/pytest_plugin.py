@@ -157,8 +157,8 @@ class VaultNote(pytest.File):
     # -- the note's kernel ---------------------------------------------------------------
     def setup(self) -> None:
         """Start and prepare the kernel: runs before the note's first item."""
-        from vault_runner.engine import Engine, KernelSetupError
-        from vault_runner.kernel import KernelDied
+        from vault_runner.engine import Engine
+        from vault_runner.errors import KernelDied, KernelSetupError
 
         assert self.loaded is not None
         self.engine = Engine(self.vault)

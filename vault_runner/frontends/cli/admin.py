@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from vault_runner import __version__, trust
-from vault_runner.sandbox import doctor_report, nvidia_device_nodes
+from vault_runner.engine.machine import doctor_report, nvidia_device_nodes
 from vault_runner.vault import VaultError, find_root
 
 EXIT_OK, EXIT_USAGE = 0, 2

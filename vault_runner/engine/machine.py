@@ -1,0 +1,24 @@
+"""What this machine offers kernels (sandbox tier, GPUs, limits), for `doctor` and the API status.
+
+Front ends ask here rather than probing the sandbox themselves: the kernel layer stays below
+the engine, and this is the engine's view of it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vault_runner.sandbox import doctor_report, nvidia_device_nodes, probe, visible_gpus
+
+__all__ = ("doctor_report", "gpus", "nvidia_device_nodes", "sandbox_tier")
+
+
+def sandbox_tier() -> dict[str, Any]:
+    """The sandbox tier kernels get here and why (probed once, cached by the sandbox)."""
+    found = probe()
+    return {"tier": found.tier, "reason": found.reason}
+
+
+def gpus() -> list[str]:
+    """The GPUs kernels may be placed on."""
+    return visible_gpus()
