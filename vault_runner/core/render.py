@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vault_runner.core.images import checked_image
 from vault_runner.note import sanitize_output_line
 
 ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
@@ -214,7 +215,13 @@ def _mime_block(
     for mime, extension in IMAGE_TYPES.items():
         if mime in data:
             raw = data[mime]
-            payload = _join(raw).encode("utf-8") if mime == "image/svg+xml" else base64.b64decode(_join(raw))
+            try:
+                claimed = _join(raw).encode("utf-8") if mime == "image/svg+xml" else base64.b64decode(_join(raw))
+            except ValueError:
+                claimed = b""
+            payload, refused = checked_image(mime, claimed)
+            if payload is None:
+                return _text_block(f"[vault-runner: {refused}]", limit)
             name = attachment_name(note_stem, payload, extension)
             if all(a.name != name for a in attachments):
                 attachments.append(Attachment(name, payload, mime))

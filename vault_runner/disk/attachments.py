@@ -6,23 +6,19 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from vault_runner.core.render import ATTACHMENT_LINK_RE
+from vault_runner.disk.atomic import remove_file
 from vault_runner.disk.vault import ATTACHMENT_RE
 
 __all__ = ("attachment_names", "links_to", "remove_stale_attachments")
 
 
-def remove_stale_attachments(folder: Path, old_links: set[str], new_text: str) -> None:
+def remove_stale_attachments(folder: Path, old_links: set[str], new_text: str, *, root: Path | None = None) -> None:
     """Delete attachments our old regions linked and the note no longer does: only our own
-    files (name pattern), never through a symlink."""
+    files (name pattern), never through a symlink, never outside the vault `root`."""
     for name in old_links:
         if not ATTACHMENT_RE.search(name) or links_to(new_text, name):
             continue
-        path = folder / name
-        try:
-            if path.is_file() and not path.is_symlink():
-                path.unlink()
-        except OSError:
-            pass
+        remove_file(folder / name, root=root)
 
 
 def attachment_names(body: str) -> set[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -76,7 +77,11 @@ class Vault:
 
     # -- reading and writing ---------------------------------------------------------
     def check_inside(self, path: Path) -> Path:
-        resolved = path.resolve()
+        """The real path of a note (symlinks resolved), which must lie inside the vault."""
+        try:
+            resolved = path.resolve()
+        except (RuntimeError, OSError):  # RuntimeError: a symlink loop (Python < 3.13)
+            raise VaultError(path, "is a symlink loop; fix or remove the link") from None
         if not resolved.is_relative_to(self.root):
             raise VaultError(
                 path,
@@ -85,23 +90,33 @@ class Vault:
         return resolved
 
     def read_note(self, path: Path) -> bytes:
+        """A note's bytes. Only a regular file inside the vault is read: a FIFO, a device or a
+        folder named like a note gets one line, and is never opened in a way that blocks."""
         self.check_inside(path)
         try:
-            if path.is_dir():
-                raise VaultError(path, "is a folder, not a note")
-            size = path.stat().st_size
-            if size > MAX_NOTE_BYTES:
-                raise VaultError(
-                    path,
-                    f"is {size / 2**20:.1f} MB, over the "
-                    f"{MAX_NOTE_BYTES // 2**20} MB limit for notes vault-runner runs; "
-                    "split it into smaller notes",
-                )
-            return path.read_bytes()
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             raise VaultError(path, "no longer exists (deleted or renamed?)") from None
         except PermissionError:
-            raise VaultError(path, "cannot be read (permission denied)") from None
+            raise VaultError(path, "cannot be read (permission denied); check the file's permissions") from None
+        except IsADirectoryError:
+            raise VaultError(path, "is a folder, not a note") from None
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise VaultError(path, "is a folder, not a note")
+            if not stat.S_ISREG(info.st_mode):
+                raise VaultError(path, "is not a regular file (a FIFO, socket or device?), so it is skipped; rename it")
+            if info.st_size > MAX_NOTE_BYTES:
+                raise VaultError(
+                    path,
+                    f"is {info.st_size / 2**20:.1f} MB, over the "
+                    f"{MAX_NOTE_BYTES // 2**20} MB limit for notes vault-runner runs; "
+                    "split it into smaller notes",
+                )
+            return read_fd(fd)
+        finally:
+            os.close(fd)
 
     # -- attachments -------------------------------------------------------------------
     def attachment_dir(self, note: Path) -> Path:
@@ -194,5 +209,5 @@ def load_config(root: Path) -> VaultConfig:
 
 
 # Re-exported while callers move to vault_runner.disk.atomic.
-from vault_runner.disk.atomic import swap_note, write_attachment, write_if_unchanged  # noqa: E402, F401
+from vault_runner.disk.atomic import read_fd, swap_note, write_attachment, write_if_unchanged  # noqa: E402, F401
 from vault_runner.errors import WriteConflict  # noqa: E402, F401

@@ -38,9 +38,9 @@ def clean_note(vault: Vault, path: Path) -> bool:
             links |= attachment_names(block.region.body)
         new_text = notes.strip_regions(note)
         try:
-            swap_note(path, loaded_bytes, new_text.encode("utf-8", "surrogatepass"))
+            swap_note(path, loaded_bytes, new_text.encode("utf-8", "surrogatepass"), root=vault.root)
         except WriteConflict:
             continue
-        remove_stale_attachments(vault.attachment_dir(path), links, new_text)
+        remove_stale_attachments(vault.attachment_dir(path), links, new_text, root=vault.root)
         return True
     raise VaultError(path, "kept changing while vault-runner tried to clean it; try again")

@@ -55,8 +55,10 @@ def could_have_blocks(data: bytes) -> bool:
 
 def load(vault: Vault, path: Path, data: bytes | None = None) -> Loaded:
     """Parse a note (read it, unless its bytes are given). Raises VaultError (file and line)
-    on input we must not touch."""
-    relative = vault.relative(vault.check_inside(path))
+    on input we must not touch. A note that is a symlink inside the vault is loaded (and
+    written) as the file it points to."""
+    path = vault.check_inside(path)
+    relative = vault.relative(path)
     if data is None:
         data = vault.read_note(path)
     try:

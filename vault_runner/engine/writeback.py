@@ -15,10 +15,10 @@ from vault_runner.core import note as notes
 from vault_runner.core.freshness import hand_edit_message
 from vault_runner.core.plan import PlannedBlock
 from vault_runner.core.render import CellSource
-from vault_runner.disk.atomic import swap_note, write_attachment
+from vault_runner.disk.atomic import read_file, swap_note, write_attachment
 from vault_runner.disk.attachments import attachment_names, links_to, remove_stale_attachments
 from vault_runner.disk.vault import Vault
-from vault_runner.errors import WriteConflict
+from vault_runner.errors import VaultError, WriteConflict
 from vault_runner.model import BlockReport, Event, EventSink
 
 if TYPE_CHECKING:
@@ -38,14 +38,31 @@ class WriteBack:
 
     # -- write-back ----------------------------------------------------------------------
     def write_back(self, run: Run) -> None:
-        """Compare-and-swap the new regions into the note (DESIGN.md contract 5)."""
+        """Compare-and-swap the new regions into the note (DESIGN.md contract 5).
+
+        Every path is resolved inside the vault at the moment of writing: a folder that a
+        block swapped for a symlink makes the note fail with one line, and nothing is
+        written outside the vault (DESIGN.md, addition 10).
+        """
+        try:
+            self._write_back(run)
+        except VaultError as exc:
+            try:
+                where = exc.path.relative_to(self.vault.root).as_posix()
+            except ValueError:
+                where = str(exc.path)
+            run.report.status = "failed"
+            run.report.reason = "outside_vault"
+            run.report.message = f"{run.loaded.relative}: outputs not written: {where} {exc.message}"
+
+    def _write_back(self, run: Run) -> None:
         loaded, report, results = run.loaded, run.report, run.results
         ran = [(p, results.get(p.block.index)) for p in loaded.plan]
         by_report = {b.index: b for b in report.blocks}
         attachment_dir = self.vault.attachment_dir(loaded.path)
         for _attempt in range(MAX_WRITE_ATTEMPTS):
             try:
-                current = loaded.path.read_bytes()
+                current = read_file(loaded.path, root=self.vault.root)
             except OSError as exc:
                 report.message = f"{loaded.relative}: outputs not written: the note could not be re-read ({exc})"
                 report.status = "failed"
@@ -80,10 +97,10 @@ class WriteBack:
                 if links_to(new_text, a.name)
             }
             for attachment in needed.values():
-                write_attachment(attachment_dir / attachment.name, attachment.data)
+                write_attachment(attachment_dir / attachment.name, attachment.data, root=self.vault.root)
             if new != current:
                 try:
-                    swap_note(loaded.path, current, new)
+                    swap_note(loaded.path, current, new, root=self.vault.root)
                 except WriteConflict:
                     continue
                 report.written = True
@@ -93,7 +110,7 @@ class WriteBack:
                 if block_report and not block_report.failed:
                     block_report.status = "unwritten"
                     block_report.message = "its code changed while it ran; it will run again next time"
-            remove_stale_attachments(attachment_dir, old_links, new_text)
+            remove_stale_attachments(attachment_dir, old_links, new_text, root=self.vault.root)
             return
         report.status = "failed"
         report.reason = "write_conflict"

@@ -55,7 +55,22 @@ def notes_under(paths: Iterable[Path]) -> list[tuple[Vault, Path]]:
             found.extend((vault, p) for p in vault.notes(path.resolve()))
         else:
             found.append((vault, path))
-    return found
+    return _once_each(found)
+
+
+def _once_each(found: list[tuple[Vault, Path]]) -> list[tuple[Vault, Path]]:
+    """A note reached twice (a symlink to another note, a note given twice) runs once."""
+    seen: set[Path] = set()
+    unique = []
+    for vault, path in found:
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError):  # a symlink loop: load() reports it
+            real = path
+        if real not in seen:
+            seen.add(real)
+            unique.append((vault, path))
+    return unique
 
 
 class Progress:
