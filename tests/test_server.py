@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import REPO, make_note_vault
 from vault_runner import trust
-from vault_runner.server import ApiApp, ApiServer, create_app
+from vault_runner.frontends.api.app import ApiApp, ApiServer, create_app
 from vault_runner.session import Runner
 from vault_runner.vault import load_vault
 

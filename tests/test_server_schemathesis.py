@@ -18,7 +18,7 @@ from schemathesis import APIOperation
 from tests.conftest import make_note_vault
 from tests.test_server import TOKEN, serving
 from vault_runner import trust
-from vault_runner.server import ApiServer
+from vault_runner.frontends.api.app import ApiServer
 
 pytestmark = pytest.mark.kernel
 

@@ -19,14 +19,14 @@ import pytest
 from tests.conftest import make_note_vault
 from tests.test_server import TOKEN, client_for, serving
 from vault_runner import trust
-from vault_runner.api_security import (
+from vault_runner.frontends.api.app import ApiServer
+from vault_runner.frontends.api.security import (
     PathRefused,
     load_or_create_token,
     normalize_origin,
     resolve_note,
     token_matches,
 )
-from vault_runner.server import ApiServer
 from vault_runner.session import Runner
 from vault_runner.vault import load_vault
 

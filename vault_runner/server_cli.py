@@ -30,8 +30,9 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from vault_runner.frontends.api.security import OBSIDIAN_ORIGIN, load_or_create_token, normalize_origin
+
 from . import __version__
-from .api_security import OBSIDIAN_ORIGIN, load_or_create_token, normalize_origin
 from .model import EXIT_OK, EXIT_USAGE
 from .session import UntrustedVault
 from .trust import config_dir, is_trusted, untrusted_message
@@ -97,7 +98,7 @@ def remove_server_file(path: Path) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     # FastAPI and uvicorn cost ~0.35 s to import: only `serve` pays it, not every command.
-    from .server import ApiServer, create_app
+    from vault_runner.frontends.api.app import ApiServer, create_app
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     folder = Path(args.vault)
