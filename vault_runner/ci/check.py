@@ -24,6 +24,8 @@ MISSING = "missing"
 STALE = "stale"
 HAND_EDITED = "hand-edited"
 NOT_EVALUATED = "not-evaluated"
+ORPHANED = "orphaned"
+STRAY_MARKER = "stray-marker"
 
 RENDER_HINT = "run `vault-runner render` to update it"
 DIFF_PLACEHOLDER = "[vault-runner check: this output is made when `vault-runner render` runs the block]"
@@ -101,6 +103,28 @@ def find(loaded: Loaded, path: str | None = None) -> list[Finding]:
             if region.hand_edited:
                 add(HAND_EDITED, hand_edit_message(block.fence_line), line=region.first_line)
             recorded_above.insert(0, region.code_hash)
+    for orphan in loaded.note.orphans:
+        if orphan.hand_edited:
+            message = (
+                "an output region that follows no python block was edited by hand; it is left as it is: "
+                "delete it yourself if you no longer need it"
+            )
+        else:
+            message = f"an output region follows no python block (its block was deleted or moved); {RENDER_HINT}"
+        found.append(Finding(shown, loaded.relative, orphan.first_line, ORPHANED, orphan.first_line, message))
+    for index in loaded.note.stray_markers:
+        found.append(
+            Finding(
+                shown,
+                loaded.relative,
+                index + 1,
+                STRAY_MARKER,
+                index + 1,
+                "a vault-runner marker that pairs with no output region of ours; it is kept as your text: "
+                "delete the line if you do not need it",
+            )
+        )
+    found.sort(key=lambda finding: finding.line)
     return found
 
 

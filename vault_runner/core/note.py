@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,9 @@ _ANY_MARKER_RE = re.compile(r"<!-- vault-runner:(output|end)\b")
 _LINE_RE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
 _OPTION_LINE_RE = re.compile(r"^#\|\s?(.*)$")
 _FRONTMATTER_OPEN = "---"
-_FRONTMATTER_CLOSE = ("---", "...")
+_FRONTMATTER_CLOSE = ("---",)  # Obsidian's reading: only `---` closes the properties
+_MARKER_LINE_RE = re.compile(r"^([ \t>]*)<!-- vault-runner:(?:output|end)\b")
+_RUNNABLE_FENCE_RE = re.compile(r"^\s*(?:`{3,}|~{3,})\s*\{?\s*(?:python3?|py|ipython3?)\b", re.IGNORECASE)
 
 # Only block structure matters here; inline parsing (emphasis, links) is most of the cost.
 _markdown = MarkdownIt("commonmark").disable(["inline", "text_join"])
@@ -84,6 +86,11 @@ class Note:
     frontmatter_error: NoteError | None
     blocks: tuple[Block, ...]
     problems: tuple[NoteError, ...] = field(default=())
+    # Regions of ours that follow no python block (the block was deleted, changed language,
+    # or a typed line now separates them): inert text, never parsed for code.
+    orphans: tuple[Region, ...] = field(default=())
+    # 0-based lines of markers that pair with nothing we wrote: user text, reported, kept.
+    stray_markers: tuple[int, ...] = field(default=())
 
     @property
     def eol(self) -> str:
@@ -143,6 +150,8 @@ def _frontmatter_span(lines: list[str]) -> int:
     for i in range(1, len(lines)):
         if _strip_ending(lines[i]).rstrip() in _FRONTMATTER_CLOSE:
             return i + 1
+        if _MARKER_LINE_RE.match(lines[i]):
+            return 0  # a `---` rule opens the note: a line of one of our regions never closes it
     return 0
 
 
@@ -213,37 +222,60 @@ def _strip_prefix(line: str, prefix: str) -> str:
     return body.lstrip(" >\t")
 
 
-def _find_region(lines: list[str], close_index: int, prefix: str) -> tuple[Region | None, NoteError | None]:
-    """Find the output region right after a closing fence (blank lines may sit between)."""
+def _scan_regions(lines: list[str], start: int) -> tuple[list[Region], list[int]]:
+    """Every region of ours in the note, found by its markers alone, and the stray markers.
+
+    A region is ours when an opening marker pairs with the next end marker (with no other
+    opening marker between) under the same prefix. One whose checksum no longer matches is
+    still ours (hand-edited, reported) unless it now holds a python fence: then the user
+    typed code between markers that paired by accident, and the markers are only text.
+    """
+    regions: list[Region] = []
+    strays: list[int] = []
+    i = start
+    while i < len(lines):
+        marker = _MARKER_LINE_RE.match(lines[i])
+        if not marker:
+            i += 1
+            continue
+        prefix = marker.group(1)
+        opening = _OPEN_RE.match(_strip_prefix(lines[i], prefix).strip())
+        if not opening:
+            strays.append(i)
+            i += 1
+            continue
+        body: list[str] = []
+        end_index = None
+        end = None
+        for j in range(i + 1, len(lines)):
+            content = _strip_prefix(lines[j], prefix)
+            end = _END_RE.match(content.strip())
+            if end:
+                end_index = j
+                break
+            if _OPEN_RE.match(content.strip()):
+                break
+            body.append(content)
+        if end_index is None or end is None:
+            strays.append(i)
+            i += 1
+            continue
+        region = Region(i, end_index + 1, opening.group(1), end.group(1), "".join(line + "\n" for line in body))
+        if region.hand_edited and any(_RUNNABLE_FENCE_RE.match(line) for line in body):
+            strays.append(i)
+            i += 1
+            continue
+        regions.append(region)
+        i = end_index + 1
+    return regions, strays
+
+
+def _region_after(lines: list[str], close_index: int, prefix: str, starts: Mapping[int, Region]) -> int:
+    """The line after a closing fence where its region would start (blank lines may sit between)."""
     i = close_index + 1
-    while i < len(lines) and not _strip_prefix(lines[i], prefix).strip():
+    while i < len(lines) and i not in starts and not _strip_prefix(lines[i], prefix).strip():
         i += 1
-    if i >= len(lines):
-        return None, None
-    opening = _OPEN_RE.match(_strip_prefix(lines[i], prefix).strip())
-    if not opening:
-        return None, None
-    body: list[str] = []
-    for j in range(i + 1, len(lines)):
-        content = _strip_prefix(lines[j], prefix)
-        end = _END_RE.match(content.strip())
-        if end:
-            region = Region(
-                start=i,
-                stop=j + 1,
-                code_hash=opening.group(1),
-                recorded_sum=end.group(1),
-                body="".join(line + "\n" for line in body),
-            )
-            return region, None
-        if _OPEN_RE.match(content.strip()):
-            break
-        body.append(content)
-    return None, NoteError(
-        "has an output region with no end marker; delete its `<!-- vault-runner:output` "
-        "line (or restore the end marker) and run again",
-        i + 1,
-    )
+    return i
 
 
 def parse_note(text: str) -> Note:
@@ -252,8 +284,14 @@ def parse_note(text: str) -> Note:
     lines = split_lines(text[len(bom) :])
     span = _frontmatter_span(lines)
     metadata, frontmatter_error = _load_frontmatter(lines, span)
-    # Blank the frontmatter rather than cut it, so markdown-it's line maps stay note lines.
-    source = "".join(["\n"] * span + [_strip_ending(line) + "\n" for line in lines[span:]])
+    regions, strays = _scan_regions(lines, span)
+    inert = {line for region in regions for line in range(region.start, region.stop)}
+    # Blank the frontmatter and our regions rather than cut them, so markdown-it's line maps
+    # stay note lines and nothing an output holds (an unclosed fence, an HTML block) can
+    # change how the user's own text parses.
+    source = "".join(
+        "\n" if index < span or index in inert else _strip_ending(line) + "\n" for index, line in enumerate(lines)
+    )
     try:
         tokens = _markdown.parse(source)
     except Exception as exc:  # markdown-it should not raise; a parser bug must not lose a note
@@ -267,15 +305,15 @@ def parse_note(text: str) -> Note:
             (NoteError(f"could not be parsed as markdown ({exc})", 1),),
         )
 
+    starts = {region.start: region for region in regions}
+    stray_opens = {i for i in strays if _OPEN_RE.match(_strip_prefix(lines[i], "").lstrip(" >\t").strip())}
     blocks: list[Block] = []
     problems: list[NoteError] = []
-    region_until = -1
+    attached: set[int] = set()
     for token in tokens:
         if token.type != "fence" or token.map is None or not is_runnable(token.info):
             continue
         open_index, stop_index = token.map
-        if open_index < region_until:
-            continue  # a fence that is part of one of our output regions
         close_index = stop_index - 1
         # markdown-it records no "closed" flag; a closed fence has one line fewer of content
         # than its line map spans (the closing line is in the map, not in the content).
@@ -290,11 +328,18 @@ def parse_note(text: str) -> Note:
             )
             continue
         close_prefix = _fence_prefix(lines[close_index], token.markup[0])
-        region, region_problem = _find_region(lines, close_index, close_prefix)
-        if region_problem:
-            problems.append(region_problem)
+        where = _region_after(lines, close_index, close_prefix, starts)
+        region = starts.get(where)
         if region is not None:
-            region_until = region.stop
+            attached.add(region.start)
+        elif where in stray_opens:
+            problems.append(
+                NoteError(
+                    "has an output region with no end marker; delete its `<!-- vault-runner:output` "
+                    "line (or restore the end marker) and run again",
+                    where + 1,
+                )
+            )
         options, option_error = parse_block_options(token.content)
         blocks.append(
             Block(
@@ -310,7 +355,10 @@ def parse_note(text: str) -> Note:
                 region=region,
             )
         )
-    return Note(text, tuple(lines), bom, metadata, frontmatter_error, tuple(blocks), tuple(problems))
+    orphans = tuple(region for region in regions if region.start not in attached)
+    return Note(
+        text, tuple(lines), bom, metadata, frontmatter_error, tuple(blocks), tuple(problems), orphans, tuple(strays)
+    )
 
 
 def _first_ending(lines: list[str]) -> str:
@@ -340,33 +388,35 @@ def region_lines(block: Block, code_hash_value: str, body: str) -> list[str]:
     return out
 
 
-def splice(note: Note, regions: Mapping[int, list[str] | None]) -> str:
+def splice(note: Note, regions: Mapping[int, list[str] | None], orphans: Sequence[Region] = ()) -> str:
     """Return the note text with the regions of the given blocks replaced.
 
     `regions` maps a block index to its new region lines, or to None to remove its
-    region. Blocks not mentioned keep what they have. Only region lines change.
+    region; `orphans` are regions that follow no block, to remove. Blocks not mentioned
+    keep what they have. Only region lines change.
     """
     lines = list(note.lines)
-    # Work bottom-up so earlier indices stay valid.
-    for block in sorted(note.blocks, key=lambda b: b.close_line, reverse=True):
+    edits: list[tuple[int, int, list[str] | None, Block | None]] = []
+    for block in note.blocks:
         if block.index not in regions:
             continue
         new = regions[block.index]
         if block.region is not None:
-            start, stop = block.region.start, block.region.stop
-        else:
-            start = stop = block.close_line  # 0-based index just after the closing fence
+            edits.append((block.region.start, block.region.stop, new, block))
+        elif new is not None:
+            edits.append((block.close_line, block.close_line, new, block))  # just after the closing fence
+    edits.extend((orphan.start, orphan.stop, None, None) for orphan in orphans)
+    # Work bottom-up so earlier indices stay valid.
+    for start, stop, new, block in sorted(edits, key=lambda edit: edit[0], reverse=True):
         if new is None:
-            if block.region is None:
-                continue
             at_end = stop == len(lines) and not _line_ending(lines[stop - 1])
             del lines[start:stop]
             if at_end and start > 0:
                 lines[start - 1] = _strip_ending(lines[start - 1])
             continue
+        assert block is not None
         new = list(new)
-        at_end = stop == len(lines)
-        if at_end:
+        if stop == len(lines):
             if block.region is None:
                 # The closing fence is the last line: give it an ending, and keep the
                 # note's missing final newline by leaving it off our last line instead.
@@ -379,9 +429,21 @@ def splice(note: Note, regions: Mapping[int, list[str] | None]) -> str:
     return note.bom + "".join(lines)
 
 
+def removable_orphans(note: Note) -> tuple[Region, ...]:
+    """Orphaned regions that are exactly what we wrote: removing them loses nothing typed."""
+    return tuple(orphan for orphan in note.orphans if not orphan.hand_edited)
+
+
+def cleaned(note: Note, *, force: bool = False) -> str:
+    """The note text without our regions: what `clean` writes. A region edited by hand stays
+    unless `force`; an orphaned one stays once edited (it may hold the user's text)."""
+    remove = {b.index: None for b in note.blocks if b.region is not None and (force or not b.region.hand_edited)}
+    return splice(note, remove, removable_orphans(note))
+
+
 def strip_regions(note: Note) -> str:
-    """The note text with every output region removed."""
-    return splice(note, {block.index: None for block in note.blocks})
+    """The note text with every output region removed (hand-edited orphans are kept)."""
+    return splice(note, {block.index: None for block in note.blocks}, removable_orphans(note))
 
 
 def sanitize_output_line(line: str) -> str:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vault_runner.core.contained import markdown_is_closed
 from vault_runner.core.images import checked_image
 from vault_runner.note import sanitize_output_line
 
@@ -210,7 +211,10 @@ def _mime_block(
     limit: int,
 ) -> list[str] | None:
     if "text/markdown" in data:
-        lines = clean_text(_join(data["text/markdown"])).rstrip("\n").split("\n")
+        markdown = clean_text(_join(data["text/markdown"]))
+        if not markdown_is_closed(markdown):
+            return _text_block(markdown, limit, "markdown")  # shown as text: it would leak out of the region
+        lines = markdown.rstrip("\n").split("\n")
         return [sanitize_output_line(line) for line in truncate_lines(lines, limit)]
     for mime, extension in IMAGE_TYPES.items():
         if mime in data:

@@ -40,7 +40,7 @@ class Loaded:
         return tuple(p for p in self.plan if p.code_hash is not None)
 
     def is_current(self) -> bool:
-        return is_current(self.plan)
+        return is_current(self.plan) and not notes.removable_orphans(self.note)
 
     def hand_edited(self) -> list[notes.Block]:
         return [p.block for p in self.runnable if freshness(p).hand_edited]

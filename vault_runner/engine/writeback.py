@@ -84,10 +84,12 @@ class WriteBack:
                     report.status = "failed"
                     return
             regions, old_links, unwritten, matched = self._regions_for(note, ran, by_report)
-            new_text = notes.splice(note, regions)
+            for orphan in notes.removable_orphans(note):
+                old_links |= attachment_names(orphan.body)
+            new_text = notes.splice(note, regions, notes.removable_orphans(note))
             if self._reline_tracebacks(new_text, matched, ran, run.sources):
                 regions, old_links, unwritten, matched = self._regions_for(note, ran, by_report)
-                new_text = notes.splice(note, regions)
+                new_text = notes.splice(note, regions, notes.removable_orphans(note))
             new = new_text.encode("utf-8", "surrogatepass")
             needed = {
                 a.name: a

@@ -214,14 +214,29 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
+    """Clean every note given; a note that cannot be cleaned is reported and the rest go on."""
     console = _err_console()
-    cleaned = 0
+    cleaned, code = 0, EXIT_OK
     for vault, path in notes_under(default_target(args.paths)):
-        if clean_note(vault, path):
+        try:
+            result = clean_note(vault, path, force=args.force)
+        except VaultError as exc:
+            _say(exc.one_line())
+            code = EXIT_USAGE
+            continue
+        for line in result.kept:
+            _say(line)
+            code = max(code, EXIT_FAILED)
+        if result.written:
             cleaned += 1
             console.print(f"cleaned {escape(str(path))}")
     console.print(f"{cleaned} note(s) cleaned")
-    return EXIT_OK
+    return code
+
+
+def _say(line: str) -> None:
+    """A finding, on one line whatever the terminal width (CI log parsers jump to `path:line:`)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -246,6 +261,7 @@ def add_core_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     clean = sub.add_parser("clean", help="remove output regions and the attachments vault-runner made")
     clean.add_argument("paths", nargs="*", metavar="PATH")
+    clean.add_argument("--force", action="store_true", help="also remove output regions edited by hand")
     clean.set_defaults(func=cmd_clean)
 
 
