@@ -326,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (validate := getattr(args, "validate", None)) is not None:
+        validate(args)  # usage errors exit 2 here, before any trust check or kernel
     try:
         return int(args.func(args))
     except VaultError as exc:

@@ -1,0 +1,287 @@
+"""`vault-runner watch VAULT`: re-run notes on save in warm kernels, with live feedback.
+
+A front end only: it builds a Runner and a VaultWatcher and shows their events, as rich
+lines on the terminal or, with `--json`, one JSON object per line on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.markup import escape
+
+from vault_runner.engine import Event
+from vault_runner.model import BLOCK_FAILED, EXIT_OK, EXIT_USAGE, NOTE_FAILED
+from vault_runner.session import SUPERSEDE_POLICIES, Runner, UntrustedVault
+from vault_runner.trust import is_trusted, untrusted_message
+from vault_runner.vault import Vault, VaultError, load_vault
+from vault_runner.watch import DEBOUNCE, VaultWatcher
+
+_ICONS = {
+    "ok": "[green]✓[/]",
+    "raised": "[green]✓[/]",
+    "error": "[red]✗[/]",
+    "timeout": "[red]⏱[/]",
+    "dead": "[red]☠[/]",
+    "skipped": "[yellow]·[/]",
+    "hand-edited": "[yellow]✎[/]",
+    "unwritten": "[yellow]↻[/]",
+}
+_LEVELS = {"error": "red", "warning": "yellow", "info": "cyan"}
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    return {
+        "time": round(time.time(), 3),
+        "kind": event.kind,
+        "note": event.note,
+        "index": event.index,
+        "line": event.line,
+        "data": event.data,
+    }
+
+
+class Feedback:
+    """Shows runner events: rich lines and a live status on a terminal, or JSON lines."""
+
+    def __init__(self, console: Console, as_json: bool, out: TextIO | None = None) -> None:
+        self.console = console
+        self.as_json = as_json
+        self.out = out or sys.stdout
+        self.lock = threading.Lock()
+        self.running: dict[str, str] = {}
+        self.status: Any = None
+
+    def __call__(self, event: Event) -> None:
+        with self.lock:
+            if self.as_json:
+                self.out.write(json.dumps(event_json(event), ensure_ascii=False, default=str) + "\n")
+                self.out.flush()
+                return
+            self._show(event)
+
+    def say(self, kind: str, **data: Any) -> None:
+        """A watcher-level event (watching, stopped) in the same stream."""
+        if self.as_json:
+            self(Event(kind, "", data=data))
+        else:
+            with self.lock:
+                self.console.print(escape(str(data.get("message", kind))))
+
+    def _show(self, event: Event) -> None:
+        kind = event.kind
+        if kind == "note-started":
+            self.running[event.note] = "starting"
+        elif kind == "block-started":
+            self.running[event.note] = f"block at line {event.line}"
+        elif kind == "note-finished":
+            self.running.pop(event.note, None)
+            self._print_finished(event)
+        elif kind == "superseded":
+            self.console.print(
+                f"[dim]↻ {escape(event.note)}: saved again while it ran; the run stops at block {event.index}[/]"
+            )
+        elif kind == "log":
+            level = str(event.data.get("level", "info"))
+            color = _LEVELS.get(level, "white")
+            self.console.print(f"[{color}]{level}[/] {escape(str(event.data.get('message', '')))}")
+        elif kind == "kernel-stopped" and event.data.get("died"):
+            self.console.print(f"[yellow]kernel[/] {escape(event.note)}: {escape(str(event.data.get('reason')))}")
+        elif kind == "kernel-evicted":
+            self.console.print(f"[dim]{escape(event.note)}: {escape(str(event.data.get('reason')))}[/]")
+        self._update_status()
+
+    def _print_finished(self, event: Event) -> None:
+        data = event.data
+        report = data.get("report") or {}
+        note = escape(event.note)
+        clock = time.strftime("%H:%M:%S")
+        status = data.get("status")
+        if status in NOTE_FAILED and not report.get("blocks"):
+            self.console.print(f"[red]✗[/] {clock} {escape(str(report.get('message') or note))}")
+            return
+        written = "written" if data.get("written") else "unchanged"
+        if data.get("blocks_run", 0) == 0 and data.get("restored"):
+            self.console.print(f"[cyan]↺[/] {clock} [bold]{note}[/] · {data['restored']} output(s) put back")
+            return
+        icon = "[red]✗[/]" if data.get("failed") else "[green]✓[/]"
+        where = f" from line {data['from_line']}" if data.get("from_line") else ""
+        self.console.print(
+            f"{icon} {clock} [bold]{note}[/] · {data.get('blocks_run', 0)} block(s){where} in "
+            f"{data.get('duration', 0.0):.2f} s · {report.get('device') or '?'} · {written}"
+        )
+        for block in report.get("blocks", []):
+            block_status = block.get("status")
+            if block_status in BLOCK_FAILED | {"unwritten"} or (block_status == "skipped" and data.get("failed")):
+                detail = block.get("message") or ""
+                if block_status == "error" and not detail:
+                    errors = [o for o in block.get("outputs", []) if o.get("type") == "error"]
+                    detail = f"{errors[0].get('ename')}: {errors[0].get('evalue')}" if errors else "error"
+                self.console.print(
+                    f"  {_ICONS.get(block_status, '?')} {note}:{block.get('line')}: {block_status}: {escape(detail)}"
+                )
+        for warning in report.get("warnings", []):
+            self.console.print(f"  [yellow]![/] {escape(warning)}")
+        if report.get("message"):
+            self.console.print(f"  [red]{escape(str(report['message']))}[/]")
+
+    def _update_status(self) -> None:
+        if not self.console.is_terminal:
+            return
+        if not self.running:
+            if self.status is not None:
+                self.status.stop()
+                self.status = None
+            return
+        text = " · ".join(f"[bold]{escape(n)}[/] {escape(w)}" for n, w in self.running.items())
+        if self.status is None:
+            self.status = self.console.status(text)
+            self.status.start()
+        else:
+            self.status.update(text)
+
+    def stop(self) -> None:
+        with self.lock:
+            if self.status is not None:
+                self.status.stop()
+                self.status = None
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    folder = Path(args.vault)
+    if not folder.is_dir():
+        raise VaultError(folder, "is not a folder; pass the vault folder to watch")
+    vault = load_vault(folder)
+    if not is_trusted(vault.root):
+        console.print(f"[red]error[/] {escape(untrusted_message(vault.root))}")
+        return EXIT_USAGE
+    runner = runner_from_args(vault, args)
+    feedback = Feedback(console, args.json)
+    runner.subscribe(feedback)
+    watcher = VaultWatcher(runner, debounce=args.debounce)
+    stopping = threading.Event()
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    # Both by hand: a background job's SIGINT may be inherited as ignored.
+    previous = {sig: signal.signal(sig, on_term) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            runner.start()
+        except UntrustedVault as exc:
+            console.print(f"[red]error[/] {escape(str(exc))}")
+            return EXIT_USAGE
+        watcher.start()
+        feedback.say(
+            "watching",
+            vault=str(vault.root),
+            kernels=args.kernels,
+            warm=args.warm,
+            message=f"watching {vault.root} · up to {args.kernels} kernel(s), {args.warm} kept warm · Ctrl+C to stop",
+        )
+        while not stopping.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        watcher.stop()
+        runner.close()
+        feedback.stop()
+        feedback.say("stopped", message="stopped; every kernel was shut down")
+    return EXIT_OK
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    watch = sub.add_parser(
+        "watch",
+        help="re-run notes when they are saved, in warm kernels (the vault must be trusted)",
+        description="Watch a vault: each save of an opted-in note re-runs its changed blocks "
+        "(and the blocks after them) in a warm kernel and writes the outputs back.",
+    )
+    watch.add_argument("vault", metavar="VAULT", help="the vault folder")
+    watch.add_argument("--json", action="store_true", help="print one JSON event per line on stdout")
+    add_runner_options(watch)
+    watch.add_argument(
+        "--debounce",
+        type=number(float, minimum=0.0, maximum=60.0),
+        default=DEBOUNCE,
+        metavar="SECONDS",
+        help=f"quiet time after a save before the note is read (default {DEBOUNCE})",
+    )
+    watch.set_defaults(func=cmd_watch)
+
+
+def add_runner_options(parser: argparse.ArgumentParser) -> None:
+    """The kernel pool and supersede options that `watch` and `serve` share."""
+    parser.add_argument(
+        "--kernels", type=number(int, minimum=1), default=2, metavar="N", help="most kernels at once (default 2)"
+    )
+    parser.add_argument(
+        "--warm",
+        type=number(int, minimum=0),
+        default=1,
+        metavar="N",
+        help="kernels kept warm for new notes (default 1)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=number(float, minimum=1.0),
+        default=600.0,
+        metavar="SECONDS",
+        help="shut a note's kernel down after this long unused (default 600)",
+    )
+    parser.add_argument(
+        "--let-finish",
+        action="store_true",
+        help="when a note is saved again while it runs, let the running block finish instead of "
+        f"interrupting it (policies: {', '.join(SUPERSEDE_POLICIES)})",
+    )
+    parser.set_defaults(validate=lambda args: check_runner_options(parser, args))
+
+
+def number(kind: type[int] | type[float], *, minimum: float, maximum: float | None = None) -> Any:
+    """An argparse type: a number within bounds, or a usage error (exit 2) that says which."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'a whole number' if kind is int else 'a number'}"
+            ) from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"at least {minimum:g}" if maximum is None else f"between {minimum:g} and {maximum:g}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {bounds}")
+        return value
+
+    return parse
+
+
+def check_runner_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Options that only make sense together; a usage error before anything starts."""
+    if args.warm > args.kernels:
+        parser.error(
+            f"--warm {args.warm} keeps more kernels warm than --kernels {args.kernels} allows; "
+            "lower --warm or raise --kernels"
+        )
+
+
+def runner_from_args(vault: Vault, args: argparse.Namespace) -> Runner:
+    return Runner(
+        vault,
+        max_kernels=args.kernels,
+        spares=args.warm,
+        idle_timeout=args.idle_timeout,
+        supersede="finish" if args.let_finish else "interrupt",
+    )
