@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColu
 from rich.progress import Progress as RichProgress
 
 from vault_runner import __version__
+from vault_runner.disk.vault import CONFIG_NAME
 from vault_runner.engine import Engine, Event, NoteReport, clean_note
 from vault_runner.model import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from vault_runner.reports import block_message
@@ -33,12 +34,19 @@ def _err_console() -> Console:
 
 
 def default_target(paths: Sequence[str]) -> list[Path]:
+    """What a command runs on: the paths given; else the vault the current folder is in (it or
+    a folder above holds `.obsidian/` or `vault-runner.toml`); else ./sample_vault."""
     if paths:
         return [Path(p) for p in paths]
+    here = Path.cwd()
+    if any((folder / ".obsidian").is_dir() or (folder / CONFIG_NAME).is_file() for folder in (here, *here.parents)):
+        return [here]
     if Path("sample_vault").is_dir():
         return [Path("sample_vault")]
     raise VaultError(
-        Path.cwd(), "no vault given; pass a vault folder or notes (e.g. `vault-runner render sample_vault`)"
+        here,
+        "is not inside a vault (no .obsidian folder here or above) and no vault was given; pass a vault folder "
+        "or notes (e.g. `vault-runner render sample_vault`)",
     )
 
 
@@ -320,12 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _front_end_adders():
         add(sub)
+    for command in sub.choices.values():
+        command.set_defaults(command_parser=command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # a typo in a subcommand's flag: that subcommand's usage, not the top-level one
+        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if (validate := getattr(args, "validate", None)) is not None:
         validate(args)  # usage errors exit 2 here, before any trust check or kernel
     try:
