@@ -158,7 +158,8 @@ export function configDir(host: Pick<HostEnv, "env" | "platform" | "homedir">): 
 
 /** vault_runner/server_cli.py `server_file`. */
 export async function serverFilePath(host: HostEnv, vaultPath: string): Promise<string> {
-	const resolved = await host.realpath(vaultPath);
+	// Python's Path.resolve() is not strict: a path that cannot be resolved is used as it is.
+	const resolved = await host.realpath(vaultPath).catch(() => vaultPath);
 	return join(host.platform, configDir(host), "servers", sha256Hex(resolved).slice(0, 16) + ".json");
 }
 
@@ -169,7 +170,7 @@ export interface Connection {
 }
 
 function errno(error: unknown): string | undefined {
-	return typeof error === "object" && error !== null && "code" in error ? String((error as { code: unknown }).code) : undefined;
+	return typeof error === "object" && error !== null && "code" in error ? String(error.code) : undefined;
 }
 
 function isServerFile(value: unknown): value is ServerFile {
@@ -228,7 +229,7 @@ export interface ClientOptions {
 
 function isErrorResponse(value: unknown): value is { error: ErrorBody } {
 	if (typeof value !== "object" || value === null || !("error" in value)) return false;
-	const error = (value as { error: unknown }).error;
+	const error = value.error;
 	return typeof error === "object" && error !== null && typeof (error as { code?: unknown }).code === "string";
 }
 
@@ -250,7 +251,8 @@ export class ApiClient {
 		readonly connection: Connection,
 		private readonly options: ClientOptions = {},
 	) {
-		this.fetchImpl = options.fetch ?? ((input, init) => fetch(input, init));
+		// fetch, not requestUrl: requestUrl cannot stream, and one HTTP client serves both
+		this.fetchImpl = options.fetch ?? ((input, init) => globalThis.fetch(input, init));
 	}
 
 	headers(extra: Record<string, string> = {}): Record<string, string> {
@@ -481,7 +483,8 @@ export class EventStream {
 			...this.options.extraHeaders,
 		};
 		if (this.lastEventId !== null) headers["Last-Event-ID"] = this.lastEventId;
-		const fetchImpl = this.options.fetch ?? ((input: string, init?: RequestInit) => fetch(input, init));
+		// fetch, not EventSource (it cannot send Authorization) nor requestUrl (it cannot stream)
+		const fetchImpl = this.options.fetch ?? ((input: string, init?: RequestInit) => globalThis.fetch(input, init));
 		let response: Response;
 		try {
 			response = await fetchImpl(url, { method: "GET", headers, signal: controller.signal });

@@ -60,7 +60,8 @@ export type ErrorCode =
 	| "hand_edited";
 
 export interface ErrorBody {
-	code: ErrorCode | string;
+	/** one of ErrorCode; a newer server may send codes this plugin does not know */
+	code: string;
 	message: string;
 }
 
@@ -197,7 +198,7 @@ export interface EditorsResult {
 	/** the paths accepted (normalised as the server names notes in events) */
 	open: string[];
 	/** paths refused, each with the code it would get elsewhere (invalid_path, unknown_note) */
-	ignored: { note: string; code: ErrorCode | string }[];
+	ignored: { note: string; code: string }[];
 }
 
 /** One block of the note as it ran: what the plugin needs to find it again and write it. */

@@ -27,6 +27,7 @@ const LINE_RE = /[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+/g;
 const PY_WS = "\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000";
 const PY_LSTRIP_RE = new RegExp(`^[${PY_WS}]+`);
 const PY_RSTRIP_RE = new RegExp(`[${PY_WS}]+$`);
+const PY_SPLIT_RE = new RegExp(`[${PY_WS}]+`);
 
 export function pyRstrip(s: string): string {
 	return s.replace(PY_RSTRIP_RE, "");
@@ -101,7 +102,7 @@ export function regionChecksum(body: string): string {
 }
 
 export function isRunnable(info: string): boolean {
-	const words = pyStrip(info).split(/[\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+/);
+	const words = pyStrip(info).split(PY_SPLIT_RE);
 	const first = words[0];
 	if (!first) return false;
 	const language = (first.replace(/^[{}]+|[{}]+$/g, "").split(",")[0] ?? "").toLowerCase();
