@@ -23,15 +23,17 @@ import pytest
 
 from vault_runner import engine as engine_mod
 from vault_runner import note as notes
-from vault_runner import sandbox as sandbox_mod
-from vault_runner.kernel import KernelSession
+from vault_runner.kernel.sandbox import Policy, Sandbox
+from vault_runner.kernel.sandbox.cgroup import cgroup_support
+from vault_runner.kernel.sandbox.probe import probe
+from vault_runner.kernel.session import KernelSession
 from vault_runner.vault import load_vault
 
 from .conftest import copy_sample_vault
 
 pytestmark = pytest.mark.kernel
 
-TIER = sandbox_mod.probe().tier
+TIER = probe().tier
 ISOLATED = TIER in {"bubblewrap", "landlock"}
 needs_isolation = pytest.mark.skipif(not ISOLATED, reason=f"the {TIER} tier does not isolate the filesystem")
 MEMORY_CAP = 2**30
@@ -60,7 +62,7 @@ def vault_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def session(vault_root: Path) -> Iterator[KernelSession]:
-    policy = sandbox_mod.Policy(
+    policy = Policy(
         vault=vault_root.resolve(),
         cwd=(vault_root / FOLDER).resolve(),
         network=False,
@@ -68,7 +70,7 @@ def session(vault_root: Path) -> Iterator[KernelSession]:
         max_tasks=TASK_CAP,
         device="cpu",
     )
-    kernel = KernelSession(policy.cwd, {"VAULT_RUNNER_VAULT": str(policy.vault)}, sandbox=sandbox_mod.Sandbox(policy))
+    kernel = KernelSession(policy.cwd, {"VAULT_RUNNER_VAULT": str(policy.vault)}, sandbox=Sandbox(policy))
     kernel.start()
     try:
         yield kernel
@@ -221,7 +223,7 @@ def process_cap(session: KernelSession) -> int | None:
 def test_process_cap_refuses_forks_past_the_limit(process_cap: int | None) -> None:
     if process_cap is None:
         # Only acceptable where nothing can cap processes: no pids cgroup, and root.
-        assert "pids" not in sandbox_mod.cgroup_support() and os.geteuid() == 0
+        assert "pids" not in cgroup_support() and os.geteuid() == 0
         pytest.skip(f"no process cap in the {TIER} tier here (no pids cgroup, and running as root)")
     assert process_cap < TASK_CAP
 

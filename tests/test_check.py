@@ -17,7 +17,7 @@ from vault_runner import checks
 from vault_runner import note as notes
 from vault_runner.cli import main
 from vault_runner.engine import load
-from vault_runner.kernel import KernelSession
+from vault_runner.kernel.session import KernelSession
 from vault_runner.vault import load_vault
 
 from .conftest import REPO, copy_sample_vault, make_note_vault

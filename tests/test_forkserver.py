@@ -243,7 +243,7 @@ def test_hash_seed_must_match_the_template(template: KernelTemplate, tmp_path: P
 
 def test_kernel_session_drives_a_forked_kernel(template: KernelTemplate, tmp_path: Path) -> None:
     """kernel.KernelSession unchanged, with a ForkedKernelManager: outputs, timeout, death."""
-    from vault_runner.kernel import KernelSession
+    from vault_runner.kernel.session import KernelSession
 
     session = KernelSession(tmp_path, {"VAULT_RUNNER_NOTE": "x.md"}, runtime_dir=template.runtime_dir)
     session.manager = ForkedKernelManager(
@@ -292,7 +292,9 @@ def test_closing_the_template_leaves_no_process(tmp_path: Path) -> None:
 @pytest.mark.parametrize("tier", ["bubblewrap", "landlock"])
 def test_forked_kernels_stay_in_the_templates_sandbox(tier: str, tmp_path: Path) -> None:
     """The template is launched with the sandbox's own command prefix; its kernels inherit it."""
-    from vault_runner.sandbox import Policy, Sandbox, SandboxError, probe
+    from vault_runner.errors import SandboxError
+    from vault_runner.kernel.sandbox import Policy, Sandbox
+    from vault_runner.kernel.sandbox.probe import probe
 
     found = probe()
     if (tier == "bubblewrap" and found.bwrap is None) or (tier == "landlock" and not found.landlock_abi):

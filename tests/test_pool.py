@@ -13,9 +13,11 @@ from typing import Any
 
 import pytest
 
-from vault_runner.engine import Event, Kernel, default_kernel_factory
+from vault_runner.errors import KernelStartError
+from vault_runner.kernel.factory import Kernel, default_kernel_factory
+from vault_runner.kernel.pool import KernelPool, Slot
+from vault_runner.model import Event
 from vault_runner.options import DEFAULTS
-from vault_runner.pool import KernelPool, KernelStartError, Slot
 from vault_runner.vault import load_vault
 
 from .conftest import make_note_vault

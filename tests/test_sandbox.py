@@ -1,4 +1,4 @@
-"""The sandbox itself (sandbox.py, sandbox_launch.py), `doctor`, `trust`, and GPU placement.
+"""The sandbox itself (kernel/sandbox/, its launch.py), `doctor`, `trust`, and GPU placement.
 
 Real bwrap, real Landlock, real cgroups and real processes; tests that need what this machine
 lacks skip with the reason.
@@ -17,14 +17,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from vault_runner import sandbox as sandbox_mod
-from vault_runner import sandbox_launch, trust
+from vault_runner import trust
 from vault_runner.admin_cli import doctor_lines
+from vault_runner.errors import SandboxError
+from vault_runner.kernel.sandbox import Policy, Sandbox
+from vault_runner.kernel.sandbox import launch as launch_script
+from vault_runner.kernel.sandbox.cgroup import Cgroup, cgroup_support
+from vault_runner.kernel.sandbox.filesystem import python_paths
+from vault_runner.kernel.sandbox.gpu import claim_gpu, release_gpu
+from vault_runner.kernel.sandbox.policy import NO_NETWORK_ENV, default_memory, parse_size, policy_from_options
+from vault_runner.kernel.sandbox.probe import SANDBOX_ENV, probe
+from vault_runner.kernel.sandbox.processes import MemoryWatchdog, kill_pid, process_tree, resident_memory
 
 from .conftest import copy_sample_vault
 
-LAUNCHER = [sys.executable, "-I", "-S", sandbox_launch.__file__]
-PROBE = sandbox_mod.probe()
+LAUNCHER = [sys.executable, "-I", "-S", launch_script.__file__]
+PROBE = probe()
 has_bwrap = pytest.mark.skipif(PROBE.bwrap is None, reason="bubblewrap does not work on this machine")
 has_landlock = pytest.mark.skipif(PROBE.landlock_abi == 0, reason="this Linux kernel has no Landlock")
 
@@ -46,30 +54,30 @@ def launch(spec: dict, *command: str) -> subprocess.CompletedProcess[str]:
     [("1G", 2**30), ("512M", 512 * 2**20), ("1.5GiB", int(1.5 * 2**30)), ("100KB", 100 * 1024), ("1000", 1000)],
 )
 def test_parse_size(text: str, size: int) -> None:
-    assert sandbox_mod.parse_size(text) == size
+    assert parse_size(text) == size
 
 
 def test_parse_size_refuses_nonsense() -> None:
     with pytest.raises(ValueError, match="not a size"):
-        sandbox_mod.parse_size("lots")
+        parse_size("lots")
 
 
 def test_policy_from_note_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(sandbox_mod.NO_NETWORK_ENV, raising=False)
+    monkeypatch.delenv(NO_NETWORK_ENV, raising=False)
     options = {"network": False, "memory": "2G", "device": "cpu"}
-    policy = sandbox_mod.policy_from_options(tmp_path, {"VAULT_RUNNER_VAULT": str(tmp_path)}, options)
+    policy = policy_from_options(tmp_path, {"VAULT_RUNNER_VAULT": str(tmp_path)}, options)
     assert (policy.network, policy.memory, policy.device, policy.vault) == (False, 2 * 2**30, "cpu", tmp_path)
     # No cap in the note: the default share of physical memory, and the network stays on.
-    policy = sandbox_mod.policy_from_options(tmp_path, {}, {"network": True, "memory": None})
-    assert policy.network and policy.memory == sandbox_mod.default_memory()[0]
-    monkeypatch.setenv(sandbox_mod.NO_NETWORK_ENV, "1")  # what `--no-network` sets
-    assert not sandbox_mod.policy_from_options(tmp_path, {}, {"network": True}).network
+    policy = policy_from_options(tmp_path, {}, {"network": True, "memory": None})
+    assert policy.network and policy.memory == default_memory()[0]
+    monkeypatch.setenv(NO_NETWORK_ENV, "1")  # what `--no-network` sets
+    assert not policy_from_options(tmp_path, {}, {"network": True}).network
 
 
 def test_forcing_an_unknown_tier_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(sandbox_mod.SANDBOX_ENV, "docker")
-    with pytest.raises(sandbox_mod.SandboxError, match="not a sandbox tier"):
-        sandbox_mod.probe()
+    monkeypatch.setenv(SANDBOX_ENV, "docker")
+    with pytest.raises(SandboxError, match="not a sandbox tier"):
+        probe()
 
 
 # -- bubblewrap -------------------------------------------------------------------------------
@@ -80,9 +88,9 @@ def vault(tmp_path: Path) -> Path:
     return root.resolve()
 
 
-def bwrap_sandbox(vault: Path, tmp_path: Path, network: bool) -> sandbox_mod.Sandbox:
-    policy = sandbox_mod.Policy(vault=vault, cwd=vault / "PyTorch", network=network, memory=None, max_tasks=None)
-    box = sandbox_mod.Sandbox(policy, tier="bubblewrap")
+def bwrap_sandbox(vault: Path, tmp_path: Path, network: bool) -> Sandbox:
+    policy = Policy(vault=vault, cwd=vault / "PyTorch", network=network, memory=None, max_tasks=None)
+    box = Sandbox(policy, tier="bubblewrap")
     runtime = tmp_path / "runtime"
     runtime.mkdir()
     box.setup(runtime, lambda: None)
@@ -154,7 +162,7 @@ def test_landlock_launcher_confines_writes_and_reads(tmp_path: Path) -> None:
     allowed.mkdir()
     hidden.mkdir()
     (hidden / "secret.txt").write_text("secret", encoding="utf-8")
-    reads = [str(p) for p in sandbox_mod._python_paths()] + ["/usr", "/lib", "/lib64", "/etc", "/proc", "/dev"]
+    reads = [str(p) for p in python_paths()] + ["/usr", "/lib", "/lib64", "/etc", "/proc", "/dev"]
     spec = {"landlock": {"read": reads, "write": [str(allowed)], "files": ["/dev/null"], "network": False}}
     script = f"""
 import socket
@@ -192,11 +200,11 @@ def test_launcher_reports_a_setup_failure_in_one_line() -> None:
 
 # -- limits -----------------------------------------------------------------------------------
 @pytest.fixture
-def pids_cgroup(tmp_path: Path) -> Iterator[sandbox_mod.Cgroup]:
-    policy = sandbox_mod.Policy(vault=None, cwd=tmp_path, memory=None, max_tasks=20)
-    cgroup = sandbox_mod.Cgroup.create(policy)
+def pids_cgroup(tmp_path: Path) -> Iterator[Cgroup]:
+    policy = Policy(vault=None, cwd=tmp_path, memory=None, max_tasks=20)
+    cgroup = Cgroup.create(policy)
     if cgroup is None:
-        pytest.skip("no writable pids cgroup here: " + sandbox_mod.cgroup_support())
+        pytest.skip("no writable pids cgroup here: " + cgroup_support())
     try:
         yield cgroup
     finally:
@@ -222,13 +230,13 @@ print(len(children))
 """
 
 
-def test_pids_cgroup_refuses_processes_past_the_cap(pids_cgroup: sandbox_mod.Cgroup) -> None:
+def test_pids_cgroup_refuses_processes_past_the_cap(pids_cgroup: Cgroup) -> None:
     done = launch({"cgroup": str(pids_cgroup.path)}, sys.executable, "-c", BOUNDED_FORKS)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) < 20  # the python process itself holds a slot
 
 
-def test_cgroup_kill_all_leaves_nothing(pids_cgroup: sandbox_mod.Cgroup) -> None:
+def test_cgroup_kill_all_leaves_nothing(pids_cgroup: Cgroup) -> None:
     process = subprocess.Popen([*LAUNCHER, json.dumps({"cgroup": str(pids_cgroup.path)}), "--", "sleep", "60"])
     try:
         for _ in range(100):
@@ -248,9 +256,7 @@ def test_memory_watchdog_kills_a_growing_process() -> None:
     # Bounded: without the watchdog the child stops at 2 GiB and exits 0.
     grow = "import time\nx=[]\nfor _ in range(100):\n    x.append(bytearray(20 * 2**20)); time.sleep(0.02)\n"
     child = subprocess.Popen([sys.executable, "-c", grow])
-    watchdog = sandbox_mod.MemoryWatchdog(
-        300 * 2**20, lambda: sandbox_mod.process_tree(child.pid), lambda: sandbox_mod._kill(child.pid)
-    )
+    watchdog = MemoryWatchdog(300 * 2**20, lambda: process_tree(child.pid), lambda: kill_pid(child.pid))
     watchdog.start()
     try:
         assert child.wait(timeout=120) == -9
@@ -271,30 +277,30 @@ def test_forked_children_sharing_pages_are_not_counted_many_times() -> None:
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert parent.stdout is not None and parent.stdout.readline().strip() == "ready"
-        tree = sandbox_mod.process_tree(parent.pid)
+        tree = process_tree(parent.pid)
         assert len(tree) == 11
-        used = sandbox_mod.resident_memory(tree)
+        used = resident_memory(tree)
         assert 150 * 2**20 < used < 600 * 2**20
     finally:
-        for pid in sandbox_mod.process_tree(parent.pid):
-            sandbox_mod._kill(pid)
+        for pid in process_tree(parent.pid):
+            kill_pid(pid)
         parent.wait()
 
 
 # -- GPU placement ------------------------------------------------------------------------------
 def test_kernels_spread_across_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
-    first = sandbox_mod.claim_gpu("auto")
-    second = sandbox_mod.claim_gpu("cuda")
+    first = claim_gpu("auto")
+    second = claim_gpu("cuda")
     try:
         assert {first, second} == {"2", "5"}
-        assert sandbox_mod.claim_gpu("cuda:1") is None  # the note chose its GPU itself
-        assert sandbox_mod.claim_gpu("cpu") is None
+        assert claim_gpu("cuda:1") is None  # the note chose its GPU itself
+        assert claim_gpu("cpu") is None
     finally:
-        sandbox_mod.release_gpu(first)
-        sandbox_mod.release_gpu(second)
+        release_gpu(first)
+        release_gpu(second)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    assert sandbox_mod.claim_gpu("auto") is None  # one GPU: nothing to spread
+    assert claim_gpu("auto") is None  # one GPU: nothing to spread
 
 
 # -- doctor and trust ---------------------------------------------------------------------------
@@ -310,13 +316,13 @@ def test_doctor_reports_tier_and_limits() -> None:
 
 
 def test_doctor_and_notes_warn_in_the_plain_tier(tmp_path: Path) -> None:
-    done = cli("doctor", env={sandbox_mod.SANDBOX_ENV: "plain"})
+    done = cli("doctor", env={SANDBOX_ENV: "plain"})
     assert "sandbox tier         plain" in done.stdout
     assert "warning" in done.stdout and "no sandbox" in done.stdout
     root = copy_sample_vault(tmp_path / "vault")
     note = root / "Plano.md"
     note.write_text("---\nvault-runner: true\n---\n```python\nprint(1)\n```\n", encoding="utf-8")
-    done = cli("run", str(note), env={sandbox_mod.SANDBOX_ENV: "plain"})
+    done = cli("run", str(note), env={SANDBOX_ENV: "plain"})
     assert done.returncode == 0, done.stderr
     assert "[vault-runner: warning: no sandbox" in note.read_text(encoding="utf-8")
 
@@ -328,7 +334,7 @@ def test_without_bubblewrap_the_fallback_tier_runs_notes(tmp_path: Path) -> None
     bin_dir.mkdir()
     (bin_dir / "python").symlink_to(sys.executable)
     env = {"PATH": str(bin_dir)}
-    drop = (sandbox_mod.SANDBOX_ENV,)  # probe, do not force
+    drop = (SANDBOX_ENV,)  # probe, do not force
     done = cli("doctor", env=env, drop=drop)
     expected = "landlock" if PROBE.landlock_abi else "plain"
     assert f"sandbox tier         {expected}" in done.stdout

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.kernel
 
 
 def available_tiers() -> list[str]:
-    from vault_runner.sandbox import probe
+    from vault_runner.kernel.sandbox.probe import probe
 
     found = probe()
     tiers = ["plain"]

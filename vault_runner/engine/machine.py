@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from vault_runner.sandbox import doctor_report, nvidia_device_nodes, probe, visible_gpus
+from vault_runner.kernel.sandbox.doctor import doctor_report
+from vault_runner.kernel.sandbox.gpu import nvidia_device_nodes, visible_gpus
+from vault_runner.kernel.sandbox.probe import probe
 
 __all__ = ("doctor_report", "gpus", "nvidia_device_nodes", "sandbox_tier")
 

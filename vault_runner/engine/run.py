@@ -30,7 +30,7 @@ from vault_runner.engine.kernels import (
 from vault_runner.engine.load import Loaded, block_report, select
 from vault_runner.engine.writeback import WriteBack
 from vault_runner.errors import KernelDied, KernelSetupError
-from vault_runner.kernel import Execution
+from vault_runner.kernel.session import Execution
 from vault_runner.model import BlockReport, Event, EventSink, NoteReport
 
 __all__ = ("BlockResult", "Engine", "Run", "attachment_stem")

@@ -26,8 +26,8 @@ from vault_runner.engine import (
     default_kernel_factory,
 )
 from vault_runner.errors import UntrustedVault
+from vault_runner.kernel.pool import WARM_CODE, KernelPool
 from vault_runner.live.session import SUPERSEDE_POLICIES, NoteSession, Request
-from vault_runner.pool import WARM_CODE, KernelPool
 from vault_runner.trust import is_trusted, untrusted_message
 from vault_runner.vault import Vault, VaultError, load_vault
 

@@ -49,11 +49,11 @@ from vault_runner.engine import (
     may_be_opted_in,
     needs_torch,  # same rule as Engine.prepare, so a kernel is re-prepared when it flips
 )
-from vault_runner.errors import KernelSetupError
-from vault_runner.kernel import Execution
+from vault_runner.errors import KernelSetupError, KernelStartError
+from vault_runner.kernel.pool import Slot, launch_key
+from vault_runner.kernel.session import Execution
 from vault_runner.live.plan import first_difference, plan_run
 from vault_runner.options import NOTE_LEVEL
-from vault_runner.pool import KernelStartError, Slot, launch_key
 from vault_runner.render import CellSource, Rendered
 from vault_runner.vault import VaultError
 

@@ -1,6 +1,6 @@
 """Kernel launcher: apply the sandbox's limits to this process, then exec the real command.
 
-Run as a script (``python -I -S sandbox_launch.py SPEC -- argv...``) before ipykernel
+Run as a script (``python -I -S launch.py SPEC -- argv...``) before ipykernel
 starts, so that everything the kernel later forks inherits the limits. Standard library
 only: it runs with ``-S`` to start fast, and also inside bubblewrap.
 
@@ -22,6 +22,8 @@ import os
 import resource
 import stat
 import sys
+
+__all__ = ("apply", "apply_landlock", "drop_capabilities", "landlock_abi", "main")
 
 # Landlock (linux/landlock.h). Syscall numbers are the same on every architecture.
 _SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446
@@ -202,7 +204,7 @@ def apply(spec: dict) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: sandbox_launch.py SPEC -- COMMAND...", file=sys.stderr)
+        print("usage: launch.py SPEC -- COMMAND...", file=sys.stderr)
         return 2
     try:
         apply(json.loads(argv[0]))

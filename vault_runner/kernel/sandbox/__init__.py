@@ -1,0 +1,314 @@
+"""How a kernel is launched: isolation tier, limits and GPU placement.
+
+Tiers, chosen once per process by actually trying them (``VAULT_RUNNER_SANDBOX`` forces one):
+
+- ``bubblewrap``: the kernel runs in ``bwrap`` with the whole filesystem read-only, a
+  private ``/tmp``, ``/run`` and ``/var/tmp``, the home folders hidden behind an empty
+  read-only tmpfs, its own pid (and, as a normal user, user) namespace, and ``--unshare-net``
+  when the note says ``network: false``. Writable: the whole vault (the kernel's cwd is the
+  note's folder, and notes read and write data files anywhere in their vault), except
+  ``.obsidian``, ``.git`` and ``vault-runner.toml``, which stay read-only so a note cannot
+  plant an Obsidian plugin or a git hook that would run outside the sandbox. A symlink in the
+  vault that points outside it leads nowhere: the outside path does not exist in there.
+- ``landlock``: the same policy enforced by the kernel's Landlock LSM, applied by the
+  launcher before ipykernel starts: read everything but the home folders and the shared
+  temp folders; write the vault's sub-folders (again not ``.obsidian``/``.git``; new files
+  directly in the vault root are refused), a private temp folder and the ipc folder. With
+  ``network: false`` TCP connect/bind are refused (Landlock ABI 4+); UDP is not covered.
+- ``plain``: an ordinary process, with a visible warning in the note and in ``doctor``.
+
+Limits, in every tier: a per-block timeout (kernel/session.py), no core dumps, a memory cap
+(cgroup v2 ``memory.max`` when this process may create cgroups, else a watchdog thread
+that kills the kernel when the resident memory of its processes passes the cap; never
+RLIMIT_AS, which breaks CUDA), and a cap on processes+threads (a pids cgroup, v2 or v1,
+when writable; else RLIMIT_NPROC, which only counts per sandbox for a non-root user in
+bubblewrap's user namespace).
+
+The package, one concern a module: probe.py (which tier works), policy.py (what a kernel
+may do), filesystem.py (what it sees), gpu.py (device nodes, GPU placement), cgroup.py,
+processes.py (process tree, memory, watchdog), launch.py (the launcher script, run by
+path), doctor.py (what `doctor` prints). `Sandbox` here puts them together for one kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vault_runner.errors import SandboxError
+from vault_runner.kernel.sandbox.cgroup import Cgroup
+from vault_runner.kernel.sandbox.doctor import Report, doctor_report
+from vault_runner.kernel.sandbox.filesystem import (
+    PROTECTED_IN_VAULT,
+    hidden_roots,
+    mpl_cache_dir,
+    python_paths,
+    readable_outside,
+)
+from vault_runner.kernel.sandbox.gpu import claim_gpu, nvidia_device_nodes, release_gpu
+from vault_runner.kernel.sandbox.policy import Policy, format_size, policy_from_options
+from vault_runner.kernel.sandbox.probe import PLAIN_WARNING, SANDBOX_ENV, Probe
+from vault_runner.kernel.sandbox.probe import probe as probe_tier  # `probe` names the module
+from vault_runner.kernel.sandbox.processes import MemoryWatchdog, kill_pid, launcher_command, process_tree, user_tasks
+
+__all__ = ("Policy", "Probe", "Report", "Sandbox", "doctor_report", "policy_from_options")
+
+
+class Sandbox:
+    """The isolation and limits of one KernelSession; see the module docstring."""
+
+    def __init__(self, policy: Policy, tier: str | None = None) -> None:
+        self.policy = policy
+        self.probe = probe_tier()
+        self.tier = tier or self.probe.tier
+        if self.tier == "bubblewrap" and self.probe.bwrap is None:
+            raise SandboxError("the bubblewrap tier was asked for, but bubblewrap does not work here")
+        if self.tier == "bubblewrap" and not policy.network and not self.probe.bwrap_netns:
+            raise SandboxError(
+                "network: false needs a network namespace, which bubblewrap cannot create here; "
+                "remove the option or run where user namespaces are allowed"
+            )
+        self.cgroup: Cgroup | None = None
+        self.watchdog: MemoryWatchdog | None = None
+        self.private_tmp: Path | None = None
+        self.runtime_dir: Path | None = None
+        self.gpu = claim_gpu(policy.device)
+        self._root_pid: Callable[[], int | None] = lambda: None
+        self.nproc: int | None = None
+        self.warnings = self._warnings()
+
+    # -- what the user is told --------------------------------------------------------------
+    def _warnings(self) -> list[str]:
+        out = []
+        if self.tier == "plain" and self.probe.forced:
+            out.append(
+                f"[vault-runner: warning: no sandbox ({SANDBOX_ENV}=plain): this note's code runs with your full "
+                "permissions]"
+            )
+        elif self.tier == "plain":
+            out.append(PLAIN_WARNING)
+        if not self.policy.network and (
+            self.tier == "plain" or (self.tier == "landlock" and self.probe.landlock_abi < 4)
+        ):
+            out.append(f"[vault-runner: warning: network: false is not enforced in the {self.tier} sandbox tier]")
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """Limits in force for this kernel (doctor, reports)."""
+        memory = "none"
+        if self.policy.memory:
+            how = "cgroup memory.max" if self.cgroup and self.cgroup.memory else "resident-memory watchdog"
+            memory = f"{format_size(self.policy.memory)} ({how})"
+        if self.cgroup is not None and self.policy.max_tasks:
+            tasks = f"{self.policy.max_tasks} (cgroup v{self.cgroup.version} pids.max)"
+        elif self.nproc:
+            tasks = f"{self.nproc} (RLIMIT_NPROC)"
+        else:
+            tasks = "none (no writable pids cgroup, and RLIMIT_NPROC does not apply to root)"
+        return {
+            "tier": self.tier,
+            "network": "on" if self.policy.network else "off",
+            "memory": memory,
+            "processes+threads": tasks,
+            "core dumps": "off",
+            "gpu": self.gpu or "all visible",
+        }
+
+    # -- launch -----------------------------------------------------------------------------
+    def setup(self, runtime_dir: Path, root_pid: Callable[[], int | None]) -> None:
+        """Before the first start: make the cgroup, the private temp folder; start watching."""
+        self.runtime_dir = runtime_dir
+        self._root_pid = root_pid
+        self.cgroup = Cgroup.create(self.policy) if (self.policy.max_tasks or self.policy.memory) else None
+        if self.cgroup is None and self.policy.max_tasks and os.geteuid() != 0:
+            if self.tier == "bubblewrap" and self.probe.bwrap_userns:
+                self.nproc = self.policy.max_tasks  # counted per user namespace (Linux 5.14+)
+            else:
+                self.nproc = user_tasks() + self.policy.max_tasks
+        if self.tier == "landlock":
+            self.private_tmp = Path(tempfile.mkdtemp(prefix="vr-tmp-", dir=runtime_dir))
+        mpl_cache_dir().mkdir(parents=True, exist_ok=True)
+        if self.policy.memory and not (self.cgroup and self.cgroup.memory):
+            self.watchdog = MemoryWatchdog(self.policy.memory, self.pids, self.kill_all, self._tmpfs_used)
+            self.watchdog.start()
+
+    def env(self) -> dict[str, str]:
+        """Environment additions for the kernel (per tier: where temp and cache files go)."""
+        env = {"MPLCONFIGDIR": str(mpl_cache_dir()), "JUPYTER_RUNTIME_DIR": str(self.runtime_dir or "")}
+        if self.tier == "bubblewrap":
+            env.update(TMPDIR="/tmp", IPYTHONDIR="/tmp/.ipython", XDG_CACHE_HOME="/tmp/.cache")
+        elif self.tier == "landlock" and self.private_tmp is not None:
+            tmp = str(self.private_tmp)
+            env.update(TMPDIR=tmp, IPYTHONDIR=f"{tmp}/.ipython", XDG_CACHE_HOME=f"{tmp}/.cache")
+        if self.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpu
+        return env
+
+    @property
+    def interrupt_mode(self) -> str:
+        # Under bubblewrap the kernel sits in its own session inside a pid namespace: a SIGINT
+        # to the bwrap process group does not reach it, a message on the control channel does.
+        return "message" if self.tier == "bubblewrap" else "signal"
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """The full launch command for a kernel command line."""
+        outer: dict[str, Any] = {"core": 0}
+        if self.cgroup is not None:
+            outer["cgroup"] = str(self.cgroup.path)
+        if self.tier == "landlock":
+            outer["landlock"] = self.landlock_spec()
+            outer["drop_caps"] = os.geteuid() == 0
+            if self.nproc:
+                outer["nproc"] = self.nproc
+        elif self.tier == "plain" and self.nproc:
+            outer["nproc"] = self.nproc
+        launcher = launcher_command()
+        command = list(argv)
+        if self.tier == "bubblewrap":
+            if self.nproc:
+                command = [*launcher, json.dumps({"nproc": self.nproc}), "--", *command]
+            command = [*self.bwrap_args(), "--", *command]
+        return [*launcher, json.dumps(outer), "--", *command]
+
+    def bwrap_args(self) -> list[str]:
+        assert self.probe.bwrap is not None and self.runtime_dir is not None
+        # tmpfs files live in memory: bound them by the memory cap (the watchdog counts them too).
+        size = ["--size", str(self.policy.memory)] if self.policy.memory else []
+        args = [self.probe.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", *size, "--tmpfs", "/dev/shm"]
+        args += ["--proc", "/proc"]
+        args += ["--unshare-pid", "--unshare-ipc", "--die-with-parent", "--new-session"]
+        # ipykernel takes a parent pid of 1 (its parent in the pid namespace) for "orphaned";
+        # a parent pid of 1 turns that watch off; --die-with-parent ends the kernel instead.
+        args += ["--setenv", "JPY_PARENT_PID", "1"]
+        if self.probe.bwrap_userns:
+            args += ["--unshare-user", "--uid", str(os.getuid()), "--gid", str(os.getgid())]
+        args += ["--cap-drop", "ALL"]
+        if not self.policy.network:
+            args.append("--unshare-net")
+        if self.policy.device != "cpu":
+            for node in nvidia_device_nodes():
+                args += ["--dev-bind", node, node]
+        hidden = hidden_roots()
+        for path in hidden:
+            args += [*(size if path == Path("/tmp") else []), "--tmpfs", str(path)]
+        if self.policy.network and Path("/run/systemd/resolve").is_dir():
+            # /etc/resolv.conf often points in there; DNS must keep working with network on.
+            args += ["--ro-bind", "/run/systemd/resolve", "/run/systemd/resolve"]
+        for path in python_paths():
+            if any(h == path or h in path.parents for h in hidden):
+                args += ["--ro-bind", str(path), str(path)]
+        args += ["--bind", str(mpl_cache_dir()), str(mpl_cache_dir())]
+        args += ["--bind", str(self.runtime_dir), str(self.runtime_dir)]
+        writable = self.policy.vault or self.policy.cwd
+        args += ["--bind", str(writable), str(writable)]
+        if self.policy.vault is not None:
+            for name in PROTECTED_IN_VAULT:
+                protected = self.policy.vault / name
+                if protected.exists() and not protected.is_symlink():
+                    args += ["--ro-bind", str(protected), str(protected)]
+        if (
+            self.policy.vault is not None
+            and self.policy.cwd != self.policy.vault
+            and not self.policy.cwd.is_relative_to(self.policy.vault)
+        ):
+            args += ["--bind", str(self.policy.cwd), str(self.policy.cwd)]
+        for path in hidden:
+            if path != Path("/tmp"):
+                args += ["--remount-ro", str(path)]  # writing ~/.bashrc fails, and loudly
+        args += ["--chdir", str(self.policy.cwd)]
+        return args
+
+    def landlock_spec(self) -> dict[str, Any]:
+        assert self.runtime_dir is not None
+        hidden = hidden_roots()
+        read = [str(p) for p in readable_outside(hidden)]
+        read += [str(p) for p in python_paths()]
+        if self.policy.network and Path("/run/systemd/resolve").is_dir():
+            read.append("/run/systemd/resolve")  # /etc/resolv.conf often points in there
+        write = [str(self.runtime_dir), str(mpl_cache_dir()), "/dev/shm"]
+        if self.private_tmp is not None:
+            write.append(str(self.private_tmp))
+        vault = self.policy.vault
+        if vault is not None:
+            read.append(str(vault))
+            for entry in sorted(vault.iterdir()):
+                # A symlink would grant its target (outside the vault, maybe): never follow one.
+                if entry.name not in PROTECTED_IN_VAULT and not entry.is_symlink():
+                    write.append(str(entry))  # files and folders; new files in the root are refused
+            if vault != self.policy.cwd and not self.policy.cwd.is_relative_to(vault):
+                write.append(str(self.policy.cwd))
+        else:
+            write.append(str(self.policy.cwd))
+        files = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty", "/dev/ptmx"]
+        if self.policy.device != "cpu":
+            files += [n for n in nvidia_device_nodes() if not os.path.isdir(n)]
+            # cuInit writes into the process's own /proc entry (error 304 without it, seen on an
+            # H100). The launcher resolves /proc/self to its own pid, which the kernel inherits.
+            write.append("/proc/self")
+        return {"read": read, "write": write, "files": files, "network": self.policy.network}
+
+    # -- watching and stopping ----------------------------------------------------------------
+    def pids(self) -> list[int]:
+        if self.cgroup is not None:
+            return self.cgroup.procs()
+        root = self._root_pid()
+        return process_tree(root) if root else []
+
+    def _tmpfs_used(self, pids: list[int]) -> int:
+        """Bytes in the sandbox's private /tmp and /dev/shm: tmpfs files are memory too."""
+        if self.tier != "bubblewrap":
+            return 0
+        try:
+            host = os.stat("/tmp").st_dev
+        except OSError:
+            return 0
+        for pid in reversed(pids):
+            try:
+                if os.stat(f"/proc/{pid}/root/tmp").st_dev == host:
+                    continue  # the launcher or bwrap itself, outside the sandbox's mounts
+                total = 0
+                for folder in ("tmp", "dev/shm"):
+                    fs = os.statvfs(f"/proc/{pid}/root/{folder}")
+                    total += (fs.f_blocks - fs.f_bfree) * fs.f_frsize
+                return total
+            except OSError:
+                continue
+        return 0
+
+    def kill_all(self) -> None:
+        """Kill every process of the kernel (a timeout ignored, memory over the cap, shutdown)."""
+        pids = self.pids()
+        for pid in pids:
+            kill_pid(pid)
+        if self.cgroup is not None:
+            self.cgroup.kill_all()
+
+    def death_reason(self) -> str | None:
+        """Why the kernel died, when a limit killed it; cleared once read."""
+        if self.watchdog is not None and self.watchdog.tripped is not None:
+            used, self.watchdog.tripped = self.watchdog.tripped, None
+            return (
+                f"[vault-runner: the kernel used {format_size(used)} of memory, more than its limit of "
+                f"{format_size(self.policy.memory or 0)}, and was stopped; use less memory or raise the "
+                "note's `memory:` option]"
+            )
+        if self.cgroup is not None and self.cgroup.memory and self.cgroup.oom_killed():
+            return (
+                f"[vault-runner: the kernel went over its memory limit of {format_size(self.policy.memory or 0)} "
+                "and was stopped; use less memory or raise the note's `memory:` option]"
+            )
+        return None
+
+    def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+        if self.cgroup is not None:
+            self.cgroup.remove()
+            self.cgroup = None
+        release_gpu(self.gpu)
+        self.gpu = None

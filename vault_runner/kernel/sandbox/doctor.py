@@ -1,0 +1,94 @@
+"""What `vault-runner doctor` says about the sandbox: tier, isolation, limits, devices."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from vault_runner.errors import SandboxError
+from vault_runner.kernel.limits import INTERRUPT_GRACE, MAX_IMAGE_BYTES, MAX_IMAGES, MAX_OUTPUT_BYTES
+from vault_runner.kernel.sandbox.cgroup import cgroup_support
+from vault_runner.kernel.sandbox.gpu import nvidia_device_nodes
+from vault_runner.kernel.sandbox.policy import (
+    MAX_TASKS_ENV,
+    NO_NETWORK_ENV,
+    default_max_tasks,
+    default_memory,
+    format_size,
+)
+from vault_runner.kernel.sandbox.probe import PLAIN_WARNING, probe
+
+__all__ = ("Report", "doctor_report")
+
+
+@dataclass
+class Report:
+    lines: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, key: str, value: str) -> None:
+        self.lines.append((key, value))
+
+
+_FILESYSTEM = {
+    "bubblewrap": "root read-only; vault writable (not .obsidian, .git, vault-runner.toml); homes hidden "
+    "(read-only, empty); private /tmp, /run, /var/tmp",
+    "landlock": "read all but homes and /tmp; write the vault's sub-folders (not .obsidian, .git), "
+    "a private temp folder",
+    "plain": "no isolation: kernels can read and write everything you can",
+}
+
+
+def doctor_report() -> Report:
+    """What `vault-runner doctor` prints about the sandbox (the admin CLI adds Python/torch)."""
+    report = Report()
+    try:
+        found = probe()
+    except SandboxError as exc:
+        report.add("sandbox tier", f"error: {exc}")
+        return report
+    report.add("sandbox tier", f"{found.tier} ({found.reason})")
+    if found.tier == "plain":
+        report.add("warning", PLAIN_WARNING.strip("[]"))
+    elif found.tier == "landlock":
+        report.add(
+            "warning",
+            "bubblewrap is not in use: the Landlock tier has no private /tmp or pid namespace, "
+            "and `network: false` only refuses TCP; install bubblewrap for the full sandbox",
+        )
+    version = found.bwrap_version or "not installed"
+    if found.bwrap:
+        version += f" at {found.bwrap}; user namespaces: {'yes' if found.bwrap_userns else 'no'}"
+        version += f"; network namespaces: {'yes' if found.bwrap_netns else 'no'}"
+    report.add("bubblewrap", version)
+    report.add("filesystem", _FILESYSTEM[found.tier])
+    report.add("interrupts", "message on the control channel" if found.tier == "bubblewrap" else "SIGINT")
+    report.add("landlock", f"ABI {found.landlock_abi}" if found.landlock_abi else "not available")
+    report.add("cgroups", cgroup_support())
+    memory, origin = default_memory()
+    report.add("memory cap", f"{format_size(memory)} per kernel ({origin}; a note's `memory:` option overrides it)"
+               if memory else "none")  # fmt: skip
+    how_memory = (
+        "cgroup v2 memory.max" if cgroup_support().startswith("cgroup v2 (memory") else "watchdog on resident memory"
+    )
+    report.add("memory enforcement", how_memory)
+    tasks = default_max_tasks()
+    support = cgroup_support()
+    if tasks and "pids" in support:
+        report.add("process+thread cap", f"{tasks} per kernel (pids cgroup; {MAX_TASKS_ENV} overrides)")
+    elif tasks and os.geteuid() != 0:
+        report.add("process+thread cap", f"{tasks} per kernel (RLIMIT_NPROC)")
+    else:
+        report.add("process+thread cap", "none: no writable pids cgroup, and RLIMIT_NPROC does not apply to root")
+    report.add("core dumps", "off (RLIMIT_CORE 0)")
+    network = (
+        "off for every kernel"
+        if os.environ.get(NO_NETWORK_ENV, "") in {"1", "true"}
+        else "on (a note's `network: false` turns it off)"
+    )
+    report.add("network", network)
+    report.add("output cap", f"{format_size(MAX_OUTPUT_BYTES)} per block; {MAX_IMAGES} images of at most "
+               f"{format_size(MAX_IMAGE_BYTES)} each")  # fmt: skip
+    report.add("timeout", f"per block (option `timeout`); interrupt, then restart after {INTERRUPT_GRACE:g} s")
+    nodes = nvidia_device_nodes()
+    report.add("nvidia device nodes", ", ".join(nodes) if nodes else "none")
+    return report

@@ -1,0 +1,137 @@
+"""Code and environment a fresh kernel gets before a note's first block.
+
+`kernel_env` is the launch environment; `prelude_code` caps output inside the kernel (run
+by the session on every start); `setup_code` places the note on its device and seeds it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from vault_runner.kernel.limits import MAX_IMAGES, MAX_OUTPUT_BYTES
+from vault_runner.kernel.outputs import DROPPED_MIME
+
+__all__ = ("kernel_env", "prelude_code", "setup_code")
+
+# Run silently in every new kernel. Caps stream output inside the kernel, per execution, so
+# a block printing a gigabyte never sends it (the session would drop it anyway, but
+# only after holding it in memory); what was cut is counted in the message for the notice.
+_PRELUDE = """
+def __vault_runner_cap_streams(limit):
+    import sys
+    used = {}
+    def hook(msg):
+        parent = msg.get("parent_header", {}).get("msg_id")
+        content = msg.get("content", {})
+        text = content.get("text", "")
+        if parent not in used and len(used) > 64:
+            used.clear()
+        before = used.get(parent, 0)
+        room = max(limit - before, 0)
+        if len(text) > room:
+            content["text"] = text[:room]
+            content["vault_runner_dropped"] = len(text) - room
+        used[parent] = before + len(text)
+        return msg
+    for stream in (sys.stdout, sys.stderr):
+        # Hooks are per thread, and messages leave from the IO thread: register it there.
+        if hasattr(stream, "register_hook") and getattr(stream, "pub_thread", None) is not None:
+            stream.pub_thread.schedule(lambda stream=stream: stream.register_hook(hook))
+def __vault_runner_cap_figures(limit):
+    import sys
+    def close_extra_figures():
+        # Runs before matplotlib-inline renders the open figures: rendering 500 PNGs that
+        # the session would drop anyway takes minutes.
+        pyplot = sys.modules.get("matplotlib.pyplot")
+        if pyplot is None:
+            return
+        numbers = pyplot.get_fignums()
+        if len(numbers) > limit:
+            for number in numbers[limit:]:
+                pyplot.close(number)
+            from IPython.display import publish_display_data
+            publish_display_data({"%s": {"dropped_images": len(numbers) - limit}})
+    get_ipython().events.register("post_execute", close_extra_figures)
+__vault_runner_cap_streams(%d)
+__vault_runner_cap_figures(%d)
+del __vault_runner_cap_streams, __vault_runner_cap_figures
+"""
+
+
+def prelude_code() -> str:
+    """The prelude with this build's limits filled in."""
+    return _PRELUDE % (DROPPED_MIME, MAX_OUTPUT_BYTES + 1024, MAX_IMAGES)
+
+
+def kernel_env(vault_root: Path, note: Path | None, note_options: Mapping[str, Any]) -> dict[str, str]:
+    """The environment a kernel is launched with (a warm spare has no note yet)."""
+    env = {"VAULT_RUNNER_NOTE": str(note or ""), "VAULT_RUNNER_VAULT": str(vault_root)}
+    if note_options.get("deterministic"):
+        # Read by CUDA/cuBLAS and Python only at start-up, so they go in the launch env.
+        env.update(CUBLAS_WORKSPACE_CONFIG=":4096:8", PYTHONHASHSEED="0")
+    return env
+
+
+def setup_code(note_options: Mapping[str, Any], need_torch: bool) -> str:
+    """Code run silently in a fresh kernel before the note's first block."""
+    settings = json.dumps(
+        {
+            "device": note_options["device"],
+            "seed": note_options["seed"],
+            "torch": need_torch,
+            "deterministic": note_options["deterministic"],
+            "fraction": note_options["gpu-memory-fraction"],
+        }
+    )
+    # No `%config InlineBackend...` here: it imports matplotlib (0.6 s) in every kernel, and
+    # PNG is already the inline backend's default format.
+    return f"""
+def __vault_runner_setup(settings):
+    import json, os, random
+    settings = json.loads(settings)
+    shell = get_ipython()
+    device = "cpu"
+    if settings["torch"] or settings["device"] != "auto":
+        import torch
+        request = settings["device"]
+        if request == "auto":
+            mps = getattr(torch.backends, "mps", None)
+            if torch.cuda.is_available():
+                device = "cuda"
+            elif mps is not None and mps.is_available():
+                device = "mps"
+        else:
+            kind = request.split(":")[0]
+            if kind == "cuda" and not torch.cuda.is_available():
+                raise RuntimeError("this note asks for device " + request + ", but CUDA is not available here")
+            if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+                raise RuntimeError("this note asks for device mps, but MPS is not available here")
+            device = request
+        shell.user_ns["DEVICE"] = torch.device(device)
+        if settings["deterministic"]:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        if settings["fraction"] and device.startswith("cuda"):
+            index = torch.device(device).index  # None for plain "cuda", which torch refuses here
+            torch.cuda.set_per_process_memory_fraction(
+                float(settings["fraction"]), torch.cuda.current_device() if index is None else index
+            )
+    os.environ["VAULT_RUNNER_DEVICE"] = device
+    seed = settings["seed"]
+    if seed is not None:
+        random.seed(seed)
+        try:
+            import numpy
+            numpy.random.seed(seed)
+        except ImportError:
+            pass
+        if "torch" in __import__("sys").modules:
+            import torch
+            torch.manual_seed(seed)
+    return device
+__vault_runner_device = __vault_runner_setup({settings!r})
+del __vault_runner_setup
+"""
