@@ -4,7 +4,7 @@
 The TypeScript region logic (src/regions.ts) must give the same bytes as the engine for the
 same input: this script runs the engine's own matching (`Runner._regions_for`: blocks found
 again by code, occurrence by occurrence, hand-edited regions left alone) and splice
-(`note.splice`, `note.region_lines`) on generated notes, and records input and output.
+(`note.splice` with `removable_orphans`, `note.region_lines`) on generated notes, and records input and output.
 test/vectors/README.md describes the file; test/vectors.test.ts consumes it.
 
     python obsidian-plugin/scripts/make_vectors.py [--cases N] [--seed S] [--out PATH]
@@ -16,13 +16,13 @@ from __future__ import annotations
 
 # -- every vault_runner import, in one place: the package is being restructured, so when a
 # -- module moves, only these lines change. ---------------------------------------------------
-from vault_runner import note as notes  # parse_note, splice, region_lines, code_hash, split_lines
-from vault_runner import engine as _engine  # PlannedBlock, and the class whose _regions_for matches blocks
+from vault_runner.core import note as notes  # parse_note, splice, region_lines, removable_orphans, code_hash
+from vault_runner.core.plan import PlannedBlock
+from vault_runner.engine import writeback as _writeback  # the class whose _regions_for matches blocks by code
 
-PlannedBlock = _engine.PlannedBlock
-# The write-back matching lives on the engine's runner class (named Runner, later Engine):
-# take whichever class of the module defines it.
-_WRITER = next(c for c in vars(_engine).values() if isinstance(c, type) and hasattr(c, "_regions_for"))
+# The write-back matching is a method of the write-back class (WriteBack today): take
+# whichever class of the module defines it.
+_WRITER = next(c for c in vars(_writeback).values() if isinstance(c, type) and hasattr(c, "_regions_for"))
 # -----------------------------------------------------------------------------------------------
 
 import argparse
@@ -176,7 +176,8 @@ def python_splice(current_text: str, updates: list[dict[str, Any]], force: bool)
     applied = sorted(p for p, c in matched.items() if c in regions)
     hand_edited = sorted(p.block.index for p, r in ran if r is not None and r.report.status == "hand-edited")
     return {
-        "expected": notes.splice(note, regions),
+        # as write_back does: orphaned regions exactly as we wrote them are removed too
+        "expected": notes.splice(note, regions, notes.removable_orphans(note)),
         "applied": applied,
         "unwritten": sorted(unwritten),
         "hand_edited": hand_edited,

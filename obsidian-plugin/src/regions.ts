@@ -1,5 +1,5 @@
 /**
- * Output regions, the same way vault_runner/note.py and engine.py see them.
+ * Output regions, the same way vault_runner/core/note.py and engine/writeback.py see them.
  *
  * Pure: text in, values out. Given a note's text and the blocks of a run (their code as it
  * ran, the hash to record, the new region body), `planRegionChanges` finds each block again
@@ -21,6 +21,9 @@ export const OPEN_MARKER_PREFIX = "<!-- vault-runner:output code=";
 const OPEN_RE = /^<!-- vault-runner:output code=([0-9a-f]{1,64})(?: [^>]*)? -->[ \t]*$/;
 const END_RE = /^<!-- vault-runner:end sum=([0-9a-f]{1,64}) -->[ \t]*$/;
 const LINE_RE = /[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+/g;
+// Python's \b after a word: the next character is not a (Unicode) word character.
+const PY_WORD_END = "(?![\\p{L}\\p{N}_])";
+const MARKER_LINE_RE = new RegExp(`^([ \\t>]*)<!-- vault-runner:(?:output|end)${PY_WORD_END}`, "u");
 
 // Python's str.strip()/rstrip() with no argument strip what str.isspace() calls space,
 // which is not JavaScript's \s (\x1c-\x1f and \x85 are; \ufeff is not).
@@ -28,6 +31,10 @@ const PY_WS = "\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\
 const PY_LSTRIP_RE = new RegExp(`^[${PY_WS}]+`);
 const PY_RSTRIP_RE = new RegExp(`[${PY_WS}]+$`);
 const PY_SPLIT_RE = new RegExp(`[${PY_WS}]+`);
+const RUNNABLE_FENCE_RE = new RegExp(
+	`^[${PY_WS}]*(?:\`{3,}|~{3,})[${PY_WS}]*\\{?[${PY_WS}]*(?:python3?|py|ipython3?)${PY_WORD_END}`,
+	"iu",
+);
 
 export function pyRstrip(s: string): string {
 	return s.replace(PY_RSTRIP_RE, "");
@@ -81,6 +88,10 @@ export interface ParsedNote {
 	lines: string[];
 	blocks: Block[];
 	problems: NoteProblem[];
+	/** regions of ours that follow no python block: inert text */
+	orphans: Region[];
+	/** 0-based lines of markers that pair with nothing we wrote */
+	strayMarkers: number[];
 }
 
 export function splitLines(text: string): string[] {
@@ -114,7 +125,8 @@ function frontmatterSpan(lines: string[]): number {
 	if (first === undefined || pyRstrip(stripEnding(first)) !== "---") return 0;
 	for (let i = 1; i < lines.length; i++) {
 		const line = pyRstrip(stripEnding(lines[i] ?? ""));
-		if (line === "---" || line === "...") return i + 1;
+		if (line === "---") return i + 1; // Obsidian's reading: only `---` closes the properties
+		if (MARKER_LINE_RE.test(lines[i] ?? "")) return 0; // a `---` rule opens the note
 	}
 	return 0;
 }
@@ -133,43 +145,77 @@ function stripPrefix(line: string, prefix: string): string {
 	return body.replace(/^[ >\t]+/, "");
 }
 
-function findRegion(lines: string[], closeIndex: number, prefix: string): { region: Region | null; problem: NoteProblem | null } {
-	let i = closeIndex + 1;
-	while (i < lines.length && !pyStrip(stripPrefix(lines[i] ?? "", prefix))) i++;
-	if (i >= lines.length) return { region: null, problem: null };
-	const opening = OPEN_RE.exec(pyStrip(stripPrefix(lines[i] ?? "", prefix)));
-	if (!opening) return { region: null, problem: null };
-	const body: string[] = [];
-	for (let j = i + 1; j < lines.length; j++) {
-		const content = stripPrefix(lines[j] ?? "", prefix);
-		const end = END_RE.exec(pyStrip(content));
-		if (end) {
-			const text = body.map((line) => line + "\n").join("");
-			const recordedSum = end[1] ?? "";
-			return {
-				region: {
-					start: i,
-					stop: j + 1,
-					codeHash: opening[1] ?? "",
-					recordedSum,
-					body: text,
-					handEdited: regionChecksum(text) !== recordedSum,
-				},
-				problem: null,
-			};
+/**
+ * note.py `_scan_regions`: every region of ours, found by its markers alone, and the stray
+ * markers. A region is ours when an opening marker pairs with the next end marker (no other
+ * opening marker between) under the same prefix; a hand-edited one that now holds a python
+ * fence is the user's text (markers that paired by accident).
+ */
+function scanRegions(lines: string[], start: number): { regions: Region[]; strays: number[] } {
+	const regions: Region[] = [];
+	const strays: number[] = [];
+	let i = start;
+	while (i < lines.length) {
+		const marker = MARKER_LINE_RE.exec(lines[i] ?? "");
+		if (!marker) {
+			i++;
+			continue;
 		}
-		if (OPEN_RE.test(pyStrip(content))) break;
-		body.push(content);
+		const prefix = marker[1] ?? "";
+		const opening = OPEN_RE.exec(pyStrip(stripPrefix(lines[i] ?? "", prefix)));
+		if (!opening) {
+			strays.push(i);
+			i++;
+			continue;
+		}
+		const body: string[] = [];
+		let endIndex: number | null = null;
+		let end: RegExpExecArray | null = null;
+		for (let j = i + 1; j < lines.length; j++) {
+			const content = stripPrefix(lines[j] ?? "", prefix);
+			end = END_RE.exec(pyStrip(content));
+			if (end) {
+				endIndex = j;
+				break;
+			}
+			if (OPEN_RE.test(pyStrip(content))) break;
+			body.push(content);
+		}
+		if (endIndex === null || end === null) {
+			strays.push(i);
+			i++;
+			continue;
+		}
+		const text = body.map((line) => line + "\n").join("");
+		const recordedSum = end[1] ?? "";
+		const region: Region = {
+			start: i,
+			stop: endIndex + 1,
+			codeHash: opening[1] ?? "",
+			recordedSum,
+			body: text,
+			handEdited: regionChecksum(text) !== recordedSum,
+		};
+		if (region.handEdited && body.some((line) => RUNNABLE_FENCE_RE.test(line))) {
+			strays.push(i);
+			i++;
+			continue;
+		}
+		regions.push(region);
+		i = endIndex + 1;
 	}
-	return {
-		region: null,
-		problem: {
-			message:
-				"has an output region with no end marker; delete its `<!-- vault-runner:output` line (or restore the end marker) and run again",
-			line: i + 1,
-		},
-	};
+	return { regions, strays };
 }
+
+/** note.py `_region_after`: where a closing fence's region would start (blank lines may sit between). */
+function regionAfter(lines: string[], closeIndex: number, prefix: string, starts: ReadonlyMap<number, Region>): number {
+	let i = closeIndex + 1;
+	while (i < lines.length && !starts.has(i) && !pyStrip(stripPrefix(lines[i] ?? "", prefix))) i++;
+	return i;
+}
+
+const NO_END_MARKER =
+	"has an output region with no end marker; delete its `<!-- vault-runner:output` line (or restore the end marker) and run again";
 
 function firstEnding(lines: string[]): string {
 	for (const line of lines) {
@@ -184,16 +230,21 @@ export function parseNote(text: string): ParsedNote {
 	const bom = text.startsWith("\ufeff") ? "\ufeff" : "";
 	const lines = splitLines(text.slice(bom.length));
 	const span = frontmatterSpan(lines);
-	// Blank the frontmatter rather than cut it, so line maps stay note lines.
-	const source = "\n".repeat(span) + lines.slice(span).map((line) => stripEnding(line) + "\n").join("");
+	const { regions, strays } = scanRegions(lines, span);
+	const inert = new Set<number>();
+	for (const region of regions) for (let line = region.start; line < region.stop; line++) inert.add(line);
+	// Blank the frontmatter and our regions rather than cut them, so line maps stay note lines
+	// and nothing an output holds can change how the user's own text parses.
+	const source = lines.map((line, index) => (index < span || inert.has(index) ? "\n" : stripEnding(line) + "\n")).join("");
 	const tokens = parser().parse(source, {});
+	const starts = new Map<number, Region>(regions.map((r) => [r.start, r]));
+	const strayOpens = new Set(strays.filter((i) => OPEN_RE.test(pyStrip(stripEnding(lines[i] ?? "").replace(/^[ >\t]+/, "")))));
 	const blocks: Block[] = [];
 	const problems: NoteProblem[] = [];
-	let regionUntil = -1;
+	const attached = new Set<number>();
 	for (const token of tokens) {
 		if (token.type !== "fence" || !token.map || !isRunnable(token.info)) continue;
 		const [openIndex, stopIndex] = token.map;
-		if (openIndex < regionUntil) continue; // a fence inside one of our output regions
 		const closeIndex = stopIndex - 1;
 		const closed = (token.content.match(/\n/g) ?? []).length === stopIndex - openIndex - 2;
 		if (!closed) {
@@ -205,9 +256,10 @@ export function parseNote(text: string): ParsedNote {
 		}
 		const closeLine = lines[closeIndex] ?? "";
 		const prefix = fencePrefix(closeLine, token.markup.charAt(0));
-		const { region, problem } = findRegion(lines, closeIndex, prefix);
-		if (problem) problems.push(problem);
-		if (region) regionUntil = region.stop;
+		const where = regionAfter(lines, closeIndex, prefix, starts);
+		const region = starts.get(where) ?? null;
+		if (region) attached.add(region.start);
+		else if (strayOpens.has(where)) problems.push({ message: NO_END_MARKER, line: where + 1 });
 		blocks.push({
 			index: blocks.length,
 			fenceLine: openIndex + 1,
@@ -219,7 +271,13 @@ export function parseNote(text: string): ParsedNote {
 			region,
 		});
 	}
-	return { text, bom, lines, blocks, problems };
+	const orphans = regions.filter((r) => !attached.has(r.start));
+	return { text, bom, lines, blocks, problems, orphans, strayMarkers: strays };
+}
+
+/** note.py `removable_orphans`: orphaned regions exactly as we wrote them. */
+export function removableOrphans(note: ParsedNote): Region[] {
+	return note.orphans.filter((o) => !o.handEdited);
 }
 
 /** note.py `region_lines`: the region's lines, prefixed and ended like the block's own. */
@@ -244,57 +302,77 @@ export interface TextChange {
 /** For each block index: its new region lines, or null to remove its region. */
 export type RegionMap = ReadonlyMap<number, string[] | null>;
 
+interface SpliceLine {
+	text: string;
+	/** the original line index, or null for a line that is new or changed */
+	orig: number | null;
+}
+
 /**
- * note.py `splice`, as changes against the original text instead of a new string: each
- * block's region lines (or the point after its closing fence) are replaced, then the common
- * head and tail of old and new are trimmed away, so that unchanged text (and a cursor in it)
- * is not touched. Changes are sorted and do not overlap.
+ * note.py `splice` (regions of blocks replaced or removed, `orphans` removed), run exactly
+ * as Python runs it, bottom-up on the lines, each line remembering whether it is an
+ * original one; then read back as changes against the original text: every run of new or
+ * changed lines replaces the original lines between the kept ones around it. The common
+ * head and tail of each change are trimmed, so unchanged text (and a cursor in it) is not
+ * touched. Changes are sorted and disjoint.
  */
-export function spliceChanges(note: ParsedNote, regions: RegionMap): TextChange[] {
-	const { lines, bom } = note;
-	const starts: number[] = [bom.length];
-	for (const line of lines) starts.push((starts[starts.length - 1] ?? 0) + line.length);
-	const offset = (line: number): number => starts[line] ?? 0;
-	const changes: TextChange[] = [];
+export function spliceChanges(note: ParsedNote, regions: RegionMap, orphans: readonly Region[] = []): TextChange[] {
+	const lines: SpliceLine[] = note.lines.map((text, orig) => ({ text, orig }));
+	type Edit = { start: number; stop: number; fresh: string[] | null; block: Block | null };
+	const edits: Edit[] = [];
 	for (const block of note.blocks) {
 		if (!regions.has(block.index)) continue;
-		const wanted = regions.get(block.index);
-		let start: number;
-		let stop: number;
-		if (block.region) {
-			start = block.region.start;
-			stop = block.region.stop;
-		} else {
-			start = stop = block.closeLine; // 0-based index just after the closing fence
-		}
-		if (wanted === null || wanted === undefined) {
-			if (!block.region) continue;
-			const atEnd = stop === lines.length && !lineEnding(lines[stop - 1] ?? "");
-			let from = offset(start);
-			if (atEnd && start > 0) from -= lineEnding(lines[start - 1] ?? "").length;
-			changes.push({ from, to: offset(stop), insert: "" });
+		const fresh = regions.get(block.index) ?? null;
+		if (block.region) edits.push({ start: block.region.start, stop: block.region.stop, fresh, block });
+		else if (fresh !== null) edits.push({ start: block.closeLine, stop: block.closeLine, fresh, block });
+	}
+	for (const orphan of orphans) edits.push({ start: orphan.start, stop: orphan.stop, fresh: null, block: null });
+	edits.sort((a, b) => b.start - a.start); // bottom-up (stable, like Python's sorted)
+	const changed = (line: SpliceLine, text: string): SpliceLine => ({ text, orig: text === line.text ? line.orig : null });
+	for (const { start, stop, fresh, block } of edits) {
+		if (fresh === null) {
+			const atEnd = stop === lines.length && !lineEnding(lines[stop - 1]?.text ?? "");
+			lines.splice(start, stop - start);
+			const before = lines[start - 1];
+			if (atEnd && before) lines[start - 1] = changed(before, stripEnding(before.text));
 			continue;
 		}
-		const fresh = [...wanted];
-		let prefixText = "";
-		if (stop === lines.length) {
-			const last = fresh.length - 1;
+		const texts = [...fresh];
+		const last = texts.length - 1;
+		if (stop === lines.length && block) {
 			if (!block.region) {
 				// The closing fence is the last line: give it an ending, and keep the note's
 				// missing final newline by leaving it off our last line instead.
-				const fence = lines[start - 1] ?? "";
-				if (!lineEnding(fence)) {
-					prefixText = block.eol;
-					fresh[last] = stripEnding(fresh[last] ?? "");
+				const fence = lines[start - 1];
+				if (fence && !lineEnding(fence.text)) {
+					lines[start - 1] = changed(fence, fence.text + block.eol);
+					texts[last] = stripEnding(texts[last] ?? "");
 				}
-			} else if (!lineEnding(lines[stop - 1] ?? "")) {
-				fresh[last] = stripEnding(fresh[last] ?? "");
+			} else if (!lineEnding(lines[stop - 1]?.text ?? "")) {
+				texts[last] = stripEnding(texts[last] ?? "");
 			}
 		}
-		const insert = prefixText + fresh.join("");
-		changes.push(trimChange(note.text, { from: offset(start), to: offset(stop), insert }));
+		lines.splice(start, stop - start, ...texts.map((text) => ({ text, orig: null })));
 	}
-	changes.sort((a, b) => a.from - b.from);
+	const starts: number[] = [note.bom.length];
+	for (const line of note.lines) starts.push((starts[starts.length - 1] ?? 0) + line.length);
+	const offset = (line: number): number => starts[line] ?? 0;
+	const changes: TextChange[] = [];
+	let insert = "";
+	let next = 0;
+	const flush = (upTo: number): void => {
+		if (upTo !== next || insert !== "") changes.push(trimChange(note.text, { from: offset(next), to: offset(upTo), insert }));
+		insert = "";
+	};
+	for (const line of lines) {
+		if (line.orig === null) {
+			insert += line.text;
+			continue;
+		}
+		flush(line.orig);
+		next = line.orig + 1;
+	}
+	flush(note.lines.length);
 	return changes.filter((c) => c.from !== c.to || c.insert !== "");
 }
 
@@ -344,7 +422,7 @@ export interface PlanOptions {
 }
 
 /**
- * engine.py `_regions_for` + `splice`: match the blocks of the note as it is now to the
+ * writeback.py `_regions_for` + `splice`: match the blocks of the note as it is now to the
  * blocks as they ran, by code, occurrence by occurrence, and plan the changes.
  */
 export function planRegionChanges(text: string, updates: readonly RegionUpdate[], options: PlanOptions = {}): RegionPlan {
@@ -381,7 +459,8 @@ export function planRegionChanges(text: string, updates: readonly RegionUpdate[]
 		applied.push(update.index);
 	}
 	const unwritten = updates.filter((u) => u.region !== null && u.code_hash !== null && !matched.has(u)).map((u) => u.index);
-	return { changes: spliceChanges(note, regions), applied, unwritten, handEdited, problem: null };
+	// The engine also removes orphaned regions that are exactly as it wrote them.
+	return { changes: spliceChanges(note, regions, removableOrphans(note)), applied, unwritten, handEdited, problem: null };
 }
 
 /** The whole new text: what `Vault.process` writes for a note that is not open. */

@@ -89,7 +89,9 @@ const caseArb = noteArb.chain((text) => updatesArb(text).map((updates) => ({ tex
 function withoutRegions(text: string): string {
 	const note = parseNote(text);
 	const lines = [...note.lines];
-	for (const block of [...note.blocks].reverse()) if (block.region) lines.splice(block.region.start, block.region.stop - block.region.start);
+	// our regions: those under blocks and the orphans (which the write-back removes when intact)
+	const regions = [...note.blocks.flatMap((b) => (b.region ? [b.region] : [])), ...note.orphans].sort((a, b) => b.start - a.start);
+	for (const region of regions) lines.splice(region.start, region.stop - region.start);
 	return note.bom + lines.map((l) => l.replace(/\r\n|\r|\n/, "\n")).join("").replace(/\n+$/, "");
 }
 
@@ -204,6 +206,24 @@ describe("planRegionChanges: properties", () => {
 		expect(out.endsWith("-->")).toBe(true);
 		const removed = applyChanges(out, planRegionChanges(out, [{ ...updates[0]!, code_hash: null }]).changes);
 		expect(removed).toBe(text);
+	});
+
+	it("removes an orphaned region exactly as we wrote it, keeps an edited one (as write_back does)", () => {
+		const region = regionLines({ prefix: "", eol: "\n" }, "abcdef012345", "1\n").join("");
+		const text = "Texto\n\n" + region + "\n```python\nx = 1\n```\n";
+		const updates: RegionUpdate[] = [{ index: 0, code: "x = 1\n", code_hash: null, region: null }];
+		expect(parseNote(text).orphans.length).toBe(1);
+		expect(applyChanges(text, planRegionChanges(text, updates).changes)).toBe("Texto\n\n\n```python\nx = 1\n```\n");
+		const edited = text.replace("\n1\n", "\nmine\n");
+		expect(planRegionChanges(edited, updates).changes).toEqual([]);
+	});
+
+	it("treats markers around typed python code as the user's text", () => {
+		const text = "<!-- vault-runner:output code=abc -->\n```python\nx = 1\n```\n<!-- vault-runner:end sum=000000000000 -->\n";
+		const note = parseNote(text);
+		expect(note.blocks.length).toBe(1);
+		expect(note.orphans.length).toBe(0);
+		expect(note.strayMarkers).toEqual([0, 4]);
 	});
 
 	it("writes under blocks in callouts and lists with their prefix", () => {

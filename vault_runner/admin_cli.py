@@ -1,7 +1,0 @@
-"""Moved to vault_runner.frontends.cli.admin; this alias keeps old imports working during the refactor."""
-
-import sys
-
-from vault_runner.frontends.cli import admin as _moved
-
-sys.modules[__name__] = _moved
