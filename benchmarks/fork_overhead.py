@@ -33,7 +33,7 @@ from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vault_runner.forkserver import KernelTemplate, fork_unavailable_reason, wait_for_ready  # noqa: E402
+from vault_runner.kernel.fork import KernelTemplate, fork_unavailable_reason, wait_for_ready  # noqa: E402
 
 
 def run_forked(template: KernelTemplate, cwd: Path, code: str, background_shutdown: bool) -> float:

@@ -21,8 +21,8 @@ import nbformat
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _notebooks import code_cells, notebook_to_note, run_nbclient, text_outputs  # noqa: E402
 
+from vault_runner.disk.vault import load_vault  # noqa: E402
 from vault_runner.engine import Engine, load  # noqa: E402
-from vault_runner.vault import load_vault  # noqa: E402
 
 
 def main() -> int:

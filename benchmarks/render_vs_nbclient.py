@@ -22,8 +22,8 @@ import nbformat
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _notebooks import notebook_to_note, run_nbclient  # noqa: E402
 
+from vault_runner.disk.vault import load_vault  # noqa: E402
 from vault_runner.engine import Engine  # noqa: E402
-from vault_runner.vault import load_vault  # noqa: E402
 
 SNIPPETS = [
     "import torch\nx = torch.arange(12.)\nx",

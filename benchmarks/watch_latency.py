@@ -107,10 +107,10 @@ def save(path: Path, text: str) -> float:
 
 
 def measure_watch(base: Path, saves: int, first_runs: int) -> dict[str, Any]:
-    from vault_runner import trust
-    from vault_runner.session import Runner
-    from vault_runner.vault import load_vault
-    from vault_runner.watch import DEBOUNCE, VaultWatcher
+    from vault_runner.disk import trust
+    from vault_runner.disk.vault import load_vault
+    from vault_runner.frontends.watcher import DEBOUNCE, VaultWatcher
+    from vault_runner.live.runner import Runner
 
     root = base / "vault"
     (root / ".obsidian").mkdir(parents=True)
@@ -175,7 +175,7 @@ def measure_nbclient(base: Path, runs: int) -> dict[str, Any]:
     import nbformat
     from _notebooks import run_nbclient
 
-    from vault_runner import note as notes
+    from vault_runner.core import note as notes
 
     parsed = notes.parse_note(NOTE.format(n=0))
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(b.code) for b in parsed.blocks])

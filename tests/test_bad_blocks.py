@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 
 from vault_runner import engine as engine_mod
-from vault_runner import note as notes
+from vault_runner.core import note as notes
+from vault_runner.disk.vault import load_vault
 from vault_runner.kernel.sandbox import Policy, Sandbox
 from vault_runner.kernel.sandbox.cgroup import cgroup_support
 from vault_runner.kernel.sandbox.probe import probe
 from vault_runner.kernel.session import KernelSession
-from vault_runner.vault import load_vault
 
 from .conftest import copy_sample_vault
 

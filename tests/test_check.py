@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vault_runner import checks
-from vault_runner import note as notes
-from vault_runner.cli import main
+from vault_runner.ci import check as checks
+from vault_runner.core import compare
+from vault_runner.core import note as notes
+from vault_runner.disk.vault import load_vault
 from vault_runner.engine import load
+from vault_runner.errors import SanitizerError
+from vault_runner.frontends.cli.main import main
 from vault_runner.kernel.session import KernelSession
-from vault_runner.vault import load_vault
 
 from .conftest import REPO, copy_sample_vault, make_note_vault
 
@@ -258,7 +260,7 @@ def body(*texts: str, images: int = 0) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-SANITIZERS = checks.compile_sanitizers()
+SANITIZERS = compare.compile_sanitizers()
 
 
 def test_compare_ignores_addresses_timings_and_temp_paths() -> None:
@@ -274,26 +276,26 @@ def test_compare_ignores_addresses_timings_and_temp_paths() -> None:
         "guardado en /tmp/tmpzz99yy/modelo.pt",
         images=1,
     )
-    assert checks.compare_bodies(stored, fresh, SANITIZERS) is None
+    assert compare.compare_bodies(stored, fresh, SANITIZERS) is None
 
 
 def test_compare_catches_a_changed_value_and_a_lost_image() -> None:
-    diff = checks.compare_bodies(body("Media: 45.00"), body("Media: 45.01"), SANITIZERS)
+    diff = compare.compare_bodies(body("Media: 45.00"), body("Media: 45.01"), SANITIZERS)
     assert diff is not None and "-Media: 45.00" in diff and "+Media: 45.01" in diff
-    assert checks.compare_bodies(body("x", images=2), body("x", images=1), SANITIZERS) == (
+    assert compare.compare_bodies(body("x", images=2), body("x", images=1), SANITIZERS) == (
         "the stored output has 2 image(s), the fresh run made 1"
     )
     # Short hex values are data, not addresses.
-    assert checks.compare_bodies(body("0xff"), body("0xfe"), SANITIZERS) is not None
+    assert compare.compare_bodies(body("0xff"), body("0xfe"), SANITIZERS) is not None
 
 
 def test_compare_reads_folded_output_skips_tracebacks_and_uses_vault_sanitizers() -> None:
     folded = "> [!abstract]- Output (3 lines)\n> ```\n> a\n> b 1.5 s\n> ```\n"
     failure = '> [!failure] ValueError: x\n> ```pytb\n> File "n.md", line 3\n> ```\n'
-    assert checks.comparable(folded + "\n" + failure).texts == ("a\nb 1.5 s",)
-    custom = checks.compile_sanitizers([(r"\d+\.\d+ s", "<secs>")])
+    assert compare.comparable(folded + "\n" + failure).texts == ("a\nb 1.5 s",)
+    custom = compare.compile_sanitizers([(r"\d+\.\d+ s", "<secs>")])
     fresh = folded.replace("1.5 s", "2.25 s")
-    assert checks.compare_bodies(folded, fresh, SANITIZERS) is not None
-    assert checks.compare_bodies(folded, fresh, custom) is None
-    with pytest.raises(checks.SanitizerError):
-        checks.compile_sanitizers([("(", "")])
+    assert compare.compare_bodies(folded, fresh, SANITIZERS) is not None
+    assert compare.compare_bodies(folded, fresh, custom) is None
+    with pytest.raises(SanitizerError):
+        compare.compile_sanitizers([("(", "")])

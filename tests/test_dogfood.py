@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vault_runner.cli import main
+from vault_runner.frontends.cli.main import main
 
 from .conftest import SAMPLE_VAULT
 

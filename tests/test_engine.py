@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from vault_runner import engine as engine_mod
-from vault_runner import note as notes
-from vault_runner.cli import main
-from vault_runner.vault import load_vault
+from vault_runner.core import note as notes
+from vault_runner.disk.vault import load_vault
+from vault_runner.frontends.cli.main import main
 
 from .conftest import copy_sample_vault, make_note_vault
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from vault_runner.forkserver import (
+from vault_runner.kernel.fork import (
     ForkedKernel,
     ForkedKernelManager,
     ForkUnavailable,

@@ -6,8 +6,8 @@ import random
 from pathlib import Path
 
 from vault_runner import engine as engine_mod
-from vault_runner.cli import main
-from vault_runner.vault import load_vault
+from vault_runner.disk.vault import load_vault
+from vault_runner.frontends.cli.main import main
 
 from .conftest import make_note_vault
 

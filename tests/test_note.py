@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vault_runner import note as notes
+from vault_runner.core import note as notes
 
 # -- generators ---------------------------------------------------------------------------
 

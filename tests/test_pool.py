@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
+from vault_runner.core.options import DEFAULTS
+from vault_runner.disk.vault import load_vault
 from vault_runner.errors import KernelStartError
 from vault_runner.kernel.factory import Kernel, default_kernel_factory
 from vault_runner.kernel.pool import KernelPool, Slot
 from vault_runner.model import Event
-from vault_runner.options import DEFAULTS
-from vault_runner.vault import load_vault
 
 from .conftest import make_note_vault
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 
-from vault_runner import render
-from vault_runner.render import CellSource
+from vault_runner.core import render
+from vault_runner.core.render import CellSource
 
 NO_SOURCES: dict[int, CellSource] = {}
 

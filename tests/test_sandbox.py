@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vault_runner import trust
-from vault_runner.admin_cli import doctor_lines
+from vault_runner.disk import trust
 from vault_runner.errors import SandboxError
+from vault_runner.frontends.cli.admin import doctor_lines
 from vault_runner.kernel.sandbox import Policy, Sandbox
 from vault_runner.kernel.sandbox import launch as launch_script
 from vault_runner.kernel.sandbox.cgroup import Cgroup, cgroup_support
@@ -377,8 +377,8 @@ def test_doctor_lines_in_process() -> None:
 # -- the engine's kernel factory ------------------------------------------------------------------
 @pytest.mark.kernel
 def test_deterministic_option_sets_launch_environment(tmp_path: Path) -> None:
+    from vault_runner.disk.vault import load_vault
     from vault_runner.engine import Engine
-    from vault_runner.vault import load_vault
 
     root = copy_sample_vault(tmp_path / "vault")
     note = root / "Determinista.md"
@@ -408,8 +408,8 @@ def _hash_with_seed_zero(value: str) -> int:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 def test_cuda_note_runs_on_the_gpu_and_reports_peak_memory(tmp_path: Path) -> None:
+    from vault_runner.disk.vault import load_vault
     from vault_runner.engine import Engine
-    from vault_runner.vault import load_vault
 
     root = copy_sample_vault(tmp_path / "vault")
     note = root / "GPU.md"

@@ -23,10 +23,10 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, make_note_vault
-from vault_runner import trust
+from vault_runner.disk import trust
+from vault_runner.disk.vault import load_vault
 from vault_runner.frontends.api.app import ApiApp, ApiServer, create_app
-from vault_runner.session import Runner
-from vault_runner.vault import load_vault
+from vault_runner.live.runner import Runner
 
 pytestmark = pytest.mark.kernel
 
@@ -567,7 +567,7 @@ def test_the_committed_openapi_document_is_the_served_one(api) -> None:
     assert served.status_code == 200
     committed = json.loads((REPO / "docs" / "openapi.json").read_text(encoding="utf-8"))
     assert served.json() == committed, (
-        "docs/openapi.json is out of date: python -m vault_runner.server > docs/openapi.json"
+        "docs/openapi.json is out of date: python -m vault_runner.frontends.api.app > docs/openapi.json"
     )
 
 

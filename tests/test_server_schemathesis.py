@@ -17,7 +17,7 @@ from schemathesis import APIOperation
 
 from tests.conftest import make_note_vault
 from tests.test_server import TOKEN, serving
-from vault_runner import trust
+from vault_runner.disk import trust
 from vault_runner.frontends.api.app import ApiServer
 
 pytestmark = pytest.mark.kernel

@@ -18,7 +18,8 @@ import pytest
 
 from tests.conftest import make_note_vault
 from tests.test_server import TOKEN, client_for, serving
-from vault_runner import trust
+from vault_runner.disk import trust
+from vault_runner.disk.vault import load_vault
 from vault_runner.frontends.api.app import ApiServer
 from vault_runner.frontends.api.security import (
     PathRefused,
@@ -27,8 +28,7 @@ from vault_runner.frontends.api.security import (
     resolve_note,
     token_matches,
 )
-from vault_runner.session import Runner
-from vault_runner.vault import load_vault
+from vault_runner.live.runner import Runner
 
 EXTRA_ORIGIN = "http://localhost:5173"
 
@@ -348,7 +348,7 @@ def test_an_untrusted_vault_runs_nothing(secured) -> None:
 
 
 def test_a_runner_on_an_untrusted_vault_does_not_start(tmp_path: Path) -> None:
-    from vault_runner.session import UntrustedVault
+    from vault_runner.errors import UntrustedVault
 
     root = make_note_vault(tmp_path / "vault", {"victim.md": marker_note(str(tmp_path / "ran.txt"))})
     runner = Runner(load_vault(root), spares=0)

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from vault_runner import note as notes
-from vault_runner import trust
+from vault_runner.core import note as notes
+from vault_runner.disk import trust
+from vault_runner.disk.vault import load_vault
 from vault_runner.engine import Event, load
-from vault_runner.session import Runner, UntrustedVault
-from vault_runner.vault import load_vault
+from vault_runner.errors import UntrustedVault
+from vault_runner.live.runner import Runner
 
 from .conftest import make_note_vault
 

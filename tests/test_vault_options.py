@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from vault_runner import options, vault
-from vault_runner.vault import VaultError, WriteConflict, write_if_unchanged
+from vault_runner.core import options
+from vault_runner.disk import vault
+from vault_runner.disk.atomic import write_if_unchanged
+from vault_runner.errors import VaultError, WriteConflict
 
 
 def make_vault(root: Path, app: dict | None = None, config: str | None = None) -> vault.Vault:

@@ -22,12 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from vault_runner import note as notes
-from vault_runner import trust
+from vault_runner.core import note as notes
+from vault_runner.disk import trust
+from vault_runner.disk.atomic import swap_note
+from vault_runner.disk.vault import load_vault
 from vault_runner.engine import Event, load
-from vault_runner.session import Runner
-from vault_runner.vault import WriteConflict, load_vault, swap_note
-from vault_runner.watch import VaultWatcher
+from vault_runner.errors import WriteConflict
+from vault_runner.frontends.watcher import VaultWatcher
+from vault_runner.live.runner import Runner
 
 from .conftest import copy_sample_vault, make_note_vault
 

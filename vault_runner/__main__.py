@@ -1,5 +1,7 @@
+"""`python -m vault_runner`: the command line."""
+
 import sys
 
-from .cli import main
+from vault_runner.frontends.cli.main import main
 
 sys.exit(main())

@@ -11,6 +11,8 @@ from pathlib import Path
 __all__ = (
     "ApiError",
     "BlockFailed",
+    "ForkError",
+    "ForkUnavailable",
     "KernelDied",
     "KernelSetupError",
     "KernelStartError",
@@ -110,6 +112,18 @@ class KernelStartError(VaultRunnerError):
     """No kernel could be had for a note; the message is one line for the note-taker."""
 
     code = "kernel_start"
+
+
+class ForkUnavailable(VaultRunnerError):
+    """A kernel cannot be forked from a template here; start one the normal way. str() says why."""
+
+    code = "fork_unavailable"
+
+
+class ForkError(VaultRunnerError):
+    """The template died, a fork failed, or the forked child could not set up."""
+
+    code = "fork_failed"
 
 
 class SandboxError(VaultRunnerError):

@@ -5,7 +5,6 @@ attachment folder, for a symlink out of the vault, and the write-back must not f
 from __future__ import annotations
 
 import base64
-import os
 from pathlib import Path
 
 import pytest

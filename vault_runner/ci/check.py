@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vault_runner import note as notes
+from vault_runner.core import note as notes
 from vault_runner.core.freshness import freshness, hand_edit_message, needs_output
-from vault_runner.engine import Loaded, PlannedBlock
+from vault_runner.core.plan import PlannedBlock
+from vault_runner.engine.loading import Loaded
 
 MISSING = "missing"
 STALE = "stale"
@@ -166,15 +167,3 @@ def render_diff(loaded: Loaded, path: str | None = None) -> str:
         before.splitlines(keepends=True), after.splitlines(keepends=True), f"a/{shown}", f"b/{shown}"
     )
     return "".join(line if line.endswith(("\n", "\r")) else line + "\n\\ No newline at end of file\n" for line in lines)
-
-
-# Re-exported while callers move to vault_runner.core.compare.
-from vault_runner.core.compare import (  # noqa: E402, F401
-    BUILTIN_SANITIZERS,
-    Comparable,
-    comparable,
-    compare_bodies,
-    compile_sanitizers,
-    sanitize,
-)
-from vault_runner.errors import SanitizerError  # noqa: E402, F401

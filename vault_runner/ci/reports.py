@@ -13,14 +13,17 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
-from vault_runner.checks import Finding
+from vault_runner.ci.check import Finding
+from vault_runner.model import NOTE_FAILED, TEST_FAILED
+
+if TYPE_CHECKING:
+    from vault_runner.ci.testing import NoteResult
 from vault_runner.engine import BlockReport
-from vault_runner.testing import FAILING, NoteResult
 
 MAX_ANNOTATION_LINES = 30
 
@@ -147,7 +150,7 @@ def results_github(results: Sequence[NoteResult]) -> list[str]:
     out = []
     for result in results:
         report = result.report
-        if report.status in {"refused", "failed"}:
+        if report.status in NOTE_FAILED:
             path, line, message = _split_one_line(report.message or f"{result.path}: failed")
             out.append(
                 github_annotation(
@@ -155,7 +158,7 @@ def results_github(results: Sequence[NoteResult]) -> list[str]:
                 )
             )
         for block in report.blocks:
-            if block.status in FAILING:
+            if block.status in TEST_FAILED:
                 out.append(
                     github_annotation(
                         result.path,
@@ -179,7 +182,7 @@ def results_junit(results: Sequence[NoteResult]) -> str:
         if report.device:
             props = ET.SubElement(suite, "properties")
             ET.SubElement(props, "property", name="device", value=report.device)
-        if report.status in {"refused", "failed"}:
+        if report.status in NOTE_FAILED:
             case = ET.SubElement(suite, "testcase", classname=result.path, name="note", file=result.path)
             _path, line, _message = _split_one_line(report.message or "")
             if line:
@@ -202,7 +205,7 @@ def results_junit(results: Sequence[NoteResult]) -> str:
                 time=f"{block.duration:.3f}",
             )
             counts["tests"] += 1
-            if block.status in FAILING:
+            if block.status in TEST_FAILED:
                 counts["failures"] += 1
                 failure = ET.SubElement(case, "failure", message=block_message(block), type=block.status)
                 failure.text = failure_text(result, block)
@@ -220,10 +223,10 @@ def results_junit(results: Sequence[NoteResult]) -> str:
 def print_result(out: IO[str], result: NoteResult) -> None:
     """The plain lines of one note's failures (nothing for a passing note)."""
     report = result.report
-    if report.status in {"refused", "failed"}:
+    if report.status in NOTE_FAILED:
         print(report.message or f"{result.path}: {report.status}", file=out)
     for block in report.blocks:
-        if block.status in FAILING:
+        if block.status in TEST_FAILED:
             text = failure_text(result, block)
             head, _, rest = text.partition("\n")
             print(head, file=out)
@@ -244,9 +247,9 @@ def print_test_summary(console: Console, results: Sequence[NoteResult], seconds:
     for result in results:
         report = result.report
         blocks = [b for b in report.blocks if b.status != "not-run"]
-        failed = sum(1 for b in blocks if b.status in FAILING) + (report.status in {"refused", "failed"})
+        failed = sum(1 for b in blocks if b.status in TEST_FAILED) + (report.status in NOTE_FAILED)
         skipped = sum(1 for b in blocks if b.status == "skipped")
-        passed = len(blocks) - skipped - sum(1 for b in blocks if b.status in FAILING)
+        passed = len(blocks) - skipped - sum(1 for b in blocks if b.status in TEST_FAILED)
         totals.update(blocks=len(blocks), passed=passed, failed=failed, skipped=skipped)
         mark = "[red]✗[/]" if result.failed else "[green]✓[/]"
         table.add_row(

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vault_runner.checks import SanitizerError, compare_bodies, compile_sanitizers, shown_path
+from vault_runner.ci.check import shown_path
+from vault_runner.core.compare import compare_bodies, compile_sanitizers
+from vault_runner.disk.vault import CONFIG_NAME, Vault
 from vault_runner.engine import Engine, KernelFactory, NoteReport, default_kernel_factory, select
+from vault_runner.errors import SanitizerError, VaultError
 from vault_runner.model import NOTE_FAILED, TEST_FAILED
-from vault_runner.vault import CONFIG_NAME, Vault, VaultError
 
 MISMATCH = "mismatch"
 FAILING = TEST_FAILED

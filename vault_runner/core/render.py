@@ -16,7 +16,7 @@ from typing import Any
 
 from vault_runner.core.contained import markdown_is_closed
 from vault_runner.core.images import checked_image
-from vault_runner.note import sanitize_output_line
+from vault_runner.core.note import sanitize_output_line
 
 ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
 FOLD_LINES = 40

@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
+from vault_runner.disk.atomic import read_fd
 from vault_runner.errors import VaultError
 
 if sys.version_info >= (3, 11):
@@ -206,8 +207,3 @@ def load_config(root: Path) -> VaultConfig:
             raise VaultError(path, "each [[sanitize]] entry needs a `pattern` (and a `replace`)")
         sanitizers.append((str(item["pattern"]), str(item.get("replace", ""))))
     return VaultConfig(strings("include"), strings("exclude"), defaults, sanitizers)
-
-
-# Re-exported while callers move to vault_runner.disk.atomic.
-from vault_runner.disk.atomic import read_fd, swap_note, write_attachment, write_if_unchanged  # noqa: E402, F401
-from vault_runner.errors import WriteConflict  # noqa: E402, F401

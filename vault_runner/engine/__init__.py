@@ -2,21 +2,15 @@
 
 load.py decides whether and how a note runs; run.py executes it; writeback.py is the one
 place a byte of a note changes on the engine's behalf; clean.py removes regions.
+
+The names below are imported on first use, so that a command that starts no kernel
+(`check`) never imports jupyter_client by importing this package.
 """
 
-from vault_runner.core.plan import PlannedBlock
-from vault_runner.engine.clean import clean_note
-from vault_runner.engine.kernels import (
-    Kernel,
-    KernelFactory,
-    default_kernel_factory,
-    kernel_env,
-    needs_torch,
-    setup_code,
-)
-from vault_runner.engine.load import Loaded, Selection, block_report, could_have_blocks, load, may_be_opted_in, select
-from vault_runner.engine.run import BlockResult, Engine, Run
-from vault_runner.model import BlockReport, Event, EventSink, NoteReport
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = (
     "BlockReport",
@@ -42,3 +36,34 @@ __all__ = (
     "select",
     "setup_code",
 )
+
+_WHERE = {
+    "BlockReport": "vault_runner.model",
+    "BlockResult": "vault_runner.engine.run",
+    "Engine": "vault_runner.engine.run",
+    "Event": "vault_runner.model",
+    "EventSink": "vault_runner.model",
+    "Kernel": "vault_runner.kernel.factory",
+    "KernelFactory": "vault_runner.kernel.factory",
+    "Loaded": "vault_runner.engine.loading",
+    "NoteReport": "vault_runner.model",
+    "PlannedBlock": "vault_runner.core.plan",
+    "Run": "vault_runner.engine.run",
+    "Selection": "vault_runner.engine.loading",
+    "block_report": "vault_runner.engine.loading",
+    "clean_note": "vault_runner.engine.clean",
+    "could_have_blocks": "vault_runner.engine.loading",
+    "default_kernel_factory": "vault_runner.kernel.factory",
+    "kernel_env": "vault_runner.kernel.setup",
+    "load": "vault_runner.engine.loading",
+    "may_be_opted_in": "vault_runner.engine.loading",
+    "needs_torch": "vault_runner.engine.loading",
+    "select": "vault_runner.engine.loading",
+    "setup_code": "vault_runner.kernel.setup",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

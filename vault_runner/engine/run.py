@@ -18,19 +18,13 @@ from vault_runner.core import note as notes
 from vault_runner.core.freshness import freshness, hand_edit_message
 from vault_runner.core.plan import PlannedBlock
 from vault_runner.core.render import CellSource, Rendered, output_summary, render_outputs
-from vault_runner.disk.vault import Vault, VaultError
-from vault_runner.engine.kernels import (
-    Kernel,
-    KernelFactory,
-    default_kernel_factory,
-    kernel_env,
-    needs_torch,
-    setup_code,
-)
-from vault_runner.engine.load import Loaded, block_report, select
+from vault_runner.disk.vault import Vault
+from vault_runner.engine.loading import Loaded, block_report, needs_torch, select
 from vault_runner.engine.writeback import WriteBack
-from vault_runner.errors import KernelDied, KernelSetupError
+from vault_runner.errors import KernelDied, KernelSetupError, VaultError
+from vault_runner.kernel.factory import Kernel, KernelFactory, default_kernel_factory
 from vault_runner.kernel.session import Execution
+from vault_runner.kernel.setup import kernel_env, setup_code
 from vault_runner.model import BlockReport, Event, EventSink, NoteReport
 
 __all__ = ("BlockResult", "Engine", "Run", "attachment_stem")

@@ -29,9 +29,9 @@ import pytest
 from vault_runner.errors import BlockFailed, VaultCollectError
 
 if TYPE_CHECKING:
+    from vault_runner.core.render import CellSource
+    from vault_runner.disk.vault import Vault
     from vault_runner.engine import Engine, Kernel, Loaded
-    from vault_runner.render import CellSource
-    from vault_runner.vault import Vault
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -88,9 +88,9 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 
 def _note_collectors(session: pytest.Session, paths: list[Path]) -> Iterator[VaultNote]:
-    from vault_runner.cli import notes_under
     from vault_runner.engine import select
-    from vault_runner.vault import VaultError
+    from vault_runner.errors import VaultError
+    from vault_runner.frontends.cli.main import notes_under
 
     seen: set[Path] = set()
     try:
@@ -183,8 +183,8 @@ class VaultNote(pytest.File):
 
         Returns (block report, rendered body, comparison diff, note about failed blocks above).
         """
-        from vault_runner import checks
-        from vault_runner.testing import FAILING, MISMATCH
+        from vault_runner.ci import check as checks
+        from vault_runner.ci.testing import FAILING, MISMATCH
 
         assert self.engine is not None and self.loaded is not None
         if self.kernel is None:
@@ -251,8 +251,8 @@ class VaultBlock(pytest.Item):
         return self.parent
 
     def runtest(self) -> None:
-        from vault_runner.reports import block_failure_text
-        from vault_runner.testing import FAILING
+        from vault_runner.ci.reports import block_failure_text
+        from vault_runner.ci.testing import FAILING
 
         note = self.note
         if note.stop_reason is not None:
@@ -269,7 +269,7 @@ class VaultBlock(pytest.Item):
             raise BlockFailed(text)
 
     def _shown_path(self) -> str:
-        from vault_runner.checks import shown_path
+        from vault_runner.ci.check import shown_path
 
         return shown_path(self.path)
 

@@ -41,9 +41,9 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
+from vault_runner.disk.vault import CONFIG_NAME, MAX_NOTE_BYTES
 from vault_runner.engine import could_have_blocks
-from vault_runner.session import Runner
-from vault_runner.vault import CONFIG_NAME, MAX_NOTE_BYTES
+from vault_runner.live.runner import Runner
 
 DEBOUNCE = 0.04  # quiet time after a note's last event before it is read
 MAX_WAIT = 0.5  # a note that keeps changing is still read this often

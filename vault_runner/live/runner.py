@@ -16,7 +16,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from vault_runner import note as notes
+from vault_runner.core import note as notes
+from vault_runner.disk.trust import is_trusted, untrusted_message
+from vault_runner.disk.vault import Vault, load_vault
 from vault_runner.engine import (
     Event,
     EventSink,
@@ -25,11 +27,9 @@ from vault_runner.engine import (
     NoteReport,
     default_kernel_factory,
 )
-from vault_runner.errors import UntrustedVault
+from vault_runner.errors import UntrustedVault, VaultError
 from vault_runner.kernel.pool import WARM_CODE, KernelPool
 from vault_runner.live.session import SUPERSEDE_POLICIES, NoteSession, Request
-from vault_runner.trust import is_trusted, untrusted_message
-from vault_runner.vault import Vault, VaultError, load_vault
 
 
 # -- the runner: all notes of one vault -----------------------------------------------------

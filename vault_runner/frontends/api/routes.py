@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from vault_runner import __version__
 from vault_runner.disk.trust import is_trusted, untrusted_message
 from vault_runner.disk.vault import Vault, VaultError
-from vault_runner.engine.load import Loaded, block_report, load
+from vault_runner.engine.loading import Loaded, block_report, load
 from vault_runner.errors import ApiError, PathRefused
 from vault_runner.frontends.api.codes import run_error
 from vault_runner.frontends.api.events import EventHub, event_stream

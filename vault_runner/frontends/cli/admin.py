@@ -11,9 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vault_runner import __version__, trust
+from vault_runner import __version__
+from vault_runner.disk import trust
+from vault_runner.disk.vault import find_root
 from vault_runner.engine.machine import doctor_report, nvidia_device_nodes
-from vault_runner.vault import VaultError, find_root
+from vault_runner.errors import VaultError
 
 EXIT_OK, EXIT_USAGE = 0, 2
 

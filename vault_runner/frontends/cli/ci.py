@@ -20,11 +20,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from vault_runner import checks, reports
-from vault_runner.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, default_target, notes_under
-from vault_runner.engine import select
-from vault_runner.testing import NoteResult, NoteTestOptions, run_notes
-from vault_runner.vault import VaultError
+from vault_runner.ci import check as checks
+from vault_runner.ci import reports
+from vault_runner.engine.loading import select
+from vault_runner.errors import VaultError
+from vault_runner.frontends.cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, default_target, notes_under
 
 
 def _err_console() -> Console:
@@ -89,6 +89,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     started = time.monotonic()
     console = _err_console()
     candidates = notes_under(default_target(args.paths))
+    from vault_runner.ci.testing import NoteResult, NoteTestOptions, run_notes  # starts kernels
+
     options = NoteTestOptions(compare=args.compare, update=args.update, all_notes=args.all)
     quiet = args.json
 

@@ -20,11 +20,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColu
 from rich.progress import Progress as RichProgress
 
 from vault_runner import __version__
-from vault_runner.disk.vault import CONFIG_NAME
-from vault_runner.engine import Engine, Event, NoteReport, clean_note
-from vault_runner.model import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from vault_runner.reports import block_message
-from vault_runner.vault import Vault, VaultError, find_root, load_vault
+from vault_runner.ci.reports import block_message
+from vault_runner.disk.vault import CONFIG_NAME, Vault, find_root, load_vault
+from vault_runner.engine.clean import clean_note
+from vault_runner.errors import VaultError
+from vault_runner.model import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Event, NoteReport
 
 CommandAdder = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
@@ -183,6 +183,8 @@ def _run_notes(args: argparse.Namespace, require_opt_in: bool, paths: list[Path]
 
     def run_one(item: tuple[Vault, Path]) -> NoteReport:
         vault, path = item
+        from vault_runner.engine import Engine  # starts kernels: imported only by commands that run
+
         engine = Engine(vault, on_event=progress, force=args.force)
         report = engine.run_note(path, require_opt_in=require_opt_in and not args.all)
         with lock:
@@ -278,10 +280,10 @@ COMMANDS: list[CommandAdder] = [add_core_commands]
 # commands it adds, so that a front end whose optional dependency is missing (watchdog for
 # `watch`, FastAPI for `serve`) leaves the other commands working and says what to install.
 FRONT_ENDS: dict[str, tuple[str, ...]] = {
-    "vault_runner.ci_cli": ("check", "test"),
-    "vault_runner.admin_cli": ("doctor", "trust", "untrust"),
-    "vault_runner.watch_cli": ("watch",),
-    "vault_runner.server_cli": ("serve",),
+    "vault_runner.frontends.cli.ci": ("check", "test"),
+    "vault_runner.frontends.cli.admin": ("doctor", "trust", "untrust"),
+    "vault_runner.frontends.cli.watch": ("watch",),
+    "vault_runner.frontends.cli.serve": ("serve",),
 }
 
 

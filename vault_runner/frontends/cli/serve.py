@@ -31,13 +31,13 @@ from rich.console import Console
 from rich.markup import escape
 
 from vault_runner import __version__
+from vault_runner.disk.trust import config_dir, is_trusted, untrusted_message
+from vault_runner.disk.vault import load_vault
+from vault_runner.errors import UntrustedVault, VaultError
 from vault_runner.frontends.api.security import OBSIDIAN_ORIGIN, load_or_create_token, normalize_origin
+from vault_runner.frontends.cli.watch import Feedback, add_runner_options, runner_from_args
+from vault_runner.frontends.watcher import VaultWatcher
 from vault_runner.model import EXIT_OK, EXIT_USAGE
-from vault_runner.session import UntrustedVault
-from vault_runner.trust import config_dir, is_trusted, untrusted_message
-from vault_runner.vault import VaultError, load_vault
-from vault_runner.watch import VaultWatcher
-from vault_runner.watch_cli import Feedback, add_runner_options, runner_from_args
 
 # Checked cheaply here so that `vault-runner` without them still offers its other commands
 # and says what `serve` needs (cli.py), without importing them on every start.

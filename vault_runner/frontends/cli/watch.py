@@ -19,12 +19,14 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.markup import escape
 
+from vault_runner.disk.trust import is_trusted, untrusted_message
+from vault_runner.disk.vault import Vault, load_vault
 from vault_runner.engine import Event
+from vault_runner.errors import UntrustedVault, VaultError
+from vault_runner.frontends.watcher import DEBOUNCE, VaultWatcher
+from vault_runner.live.runner import Runner
+from vault_runner.live.session import SUPERSEDE_POLICIES
 from vault_runner.model import BLOCK_FAILED, EXIT_OK, EXIT_USAGE, NOTE_FAILED
-from vault_runner.session import SUPERSEDE_POLICIES, Runner, UntrustedVault
-from vault_runner.trust import is_trusted, untrusted_message
-from vault_runner.vault import Vault, VaultError, load_vault
-from vault_runner.watch import DEBOUNCE, VaultWatcher
 
 _ICONS = {
     "ok": "[green]✓[/]",

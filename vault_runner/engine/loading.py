@@ -173,3 +173,8 @@ def _without_blocks(note: notes.Note) -> bool:
 def _nothing_to_run(path: Path, relative: str, data: bytes, note: notes.Note | None = None) -> Loaded:
     empty = note or notes.parse_note("")
     return Loaded(path, relative, data, empty, opted_in=False, note_options=resolve({}, {}), plan=())
+
+
+def needs_torch(loaded: Loaded) -> bool:
+    """Whether the kernel's setup imports torch (the note's code mentions it or DEVICE)."""
+    return any("torch" in p.block.code or "DEVICE" in p.block.code for p in loaded.runnable)

@@ -1,0 +1,371 @@
+"""The template process that imports the heavy modules once and forks fresh kernels."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.connect import write_connection_file
+
+from vault_runner.errors import ForkError, ForkUnavailable
+from vault_runner.kernel.fork.common import (
+    CHILD_SCRIPT,
+    DEFAULT_KERNEL_ARGS,
+    DEFAULT_MPLBACKEND,
+    DEFAULT_PRELOAD,
+    FORK_TIMEOUT,
+    MAX_MESSAGE,
+    STARTUP_TIMEOUT,
+    TemplateKey,
+    fork_unavailable_reason,
+)
+from vault_runner.kernel.fork.forked import ForkedKernel
+
+
+class KernelTemplate:
+    """A warm process that forks fresh kernels. Thread-safe; use as a context manager.
+
+    `launch_prefix` is the sandbox's launch command without the kernel's own argv
+    (`Sandbox.wrap([])`); `env` the full environment a kernel of this key is launched with
+    (what KernelSession._env() gives); `runtime_dir` a folder the sandbox lets the kernel
+    write (the sandbox's runtime folder): every forked kernel gets a folder in it for its
+    connection file and ipc sockets.
+    """
+
+    def __init__(
+        self,
+        key: TemplateKey | None = None,
+        *,
+        launch_prefix: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        runtime_dir: str | os.PathLike[str] | None = None,
+        preload: Sequence[str] = DEFAULT_PRELOAD,
+        kernel_args: Sequence[str] = DEFAULT_KERNEL_ARGS,
+        preinitialize: bool = True,
+        python: str = sys.executable,
+        stdout: Any = None,
+        stderr: Any = None,
+        startup_timeout: float = STARTUP_TIMEOUT,
+    ) -> None:
+        self.env = dict(os.environ if env is None else env)
+        self.env.setdefault("MPLBACKEND", DEFAULT_MPLBACKEND)
+        self.env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # as kernel.py's launch env
+        self.key = key or TemplateKey(
+            "", json.dumps({"tier": "none"}), "auto", self.env.get("PYTHONHASHSEED") or "random"
+        )
+        self.launch_prefix = list(launch_prefix)
+        self.cwd = Path(cwd) if cwd is not None else None
+        self._own_runtime = runtime_dir is None
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="vr-fork-")) if runtime_dir is None else Path(runtime_dir)
+        self.preload = list(preload)
+        self.kernel_args = list(kernel_args)
+        self.preinitialize = preinitialize
+        self.python = python
+        self.stdout, self.stderr = stdout, stderr
+        self.startup_timeout = startup_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+        self.info: dict[str, Any] = {}
+        self._control: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._statuses: dict[int, int] = {}
+        self._kernels: dict[int, ForkedKernel] = {}
+        self._ids = itertools.count(1)
+        self._reader: threading.Thread | None = None
+        self._closed = False
+        self.died: str | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> KernelTemplate:
+        reason = fork_unavailable_reason()
+        if reason is not None:
+            raise ForkUnavailable(reason)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        spec = {
+            "preload": self.preload,
+            "cwd": str(self.cwd) if self.cwd else None,
+            "kernel_args": self.kernel_args,
+            "preinitialize": self.preinitialize,
+        }
+        argv = [*self.launch_prefix, self.python, str(CHILD_SCRIPT), str(theirs.fileno()), json.dumps(spec)]
+        try:
+            self.process = subprocess.Popen(
+                argv,
+                env=self.env,
+                cwd=str(self.cwd) if self.cwd else None,
+                stdin=subprocess.DEVNULL,
+                stdout=self.stdout,
+                stderr=self.stderr,
+                pass_fds=[theirs.fileno()],
+                start_new_session=True,
+            )
+        except OSError as exc:
+            ours.close()
+            raise ForkError(f"the kernel template could not be started: {exc}") from None
+        finally:
+            theirs.close()
+        self._control = ours
+        ours.settimeout(self.startup_timeout)
+        try:
+            data = ours.recv(MAX_MESSAGE)
+        except TimeoutError:
+            self.close()
+            raise ForkError(f"the kernel template did not start within {self.startup_timeout:g} s") from None
+        if not data:
+            code = self.process.wait(5)
+            self.close()
+            raise ForkError(f"the kernel template exited while starting (status {code})")
+        self.info = json.loads(data)
+        ours.settimeout(None)
+        if self.info.get("cuda_initialized") or self.info.get("zmq_context"):
+            self.close()
+            raise ForkError(f"the kernel template is not safe to fork: {self.info}")
+        self._reader = threading.Thread(target=self._read, name="vault-runner-template-reader", daemon=True)
+        self._reader.start()
+        return self
+
+    def __enter__(self) -> KernelTemplate:
+        if self.process is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def is_alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None and self.died is None and not self._closed
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Kill every kernel forked from it, then end the template. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            control, self._control = self._control, None
+        for kernel in list(self._kernels.values()):
+            kernel.kill()
+        if control is not None:
+            with contextlib.suppress(OSError):
+                control.send(json.dumps({"op": "close"}).encode())
+        if self.process is not None:
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _kill_tree(self.process.pid)
+                self.process.kill()
+                self.process.wait(timeout)
+        if control is not None:
+            control.close()
+        if self._reader is not None:
+            self._reader.join(timeout)
+        for kernel in list(self._kernels.values()):
+            kernel.close()
+        if self._own_runtime:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    # -- serving ----------------------------------------------------------------------------
+    def refusal(self, key: TemplateKey | None = None, env: Mapping[str, str] | None = None) -> str | None:
+        """None when this template can give a kernel for `key` and `env`, else why not."""
+        if not self.is_alive():
+            return self.died or "the kernel template is not running"
+        if key is not None and key != self.key:
+            return "the note's launch options differ from the template's"
+        if env is not None:
+            wanted = env.get("PYTHONHASHSEED") or "random"
+            have = self.env.get("PYTHONHASHSEED") or "random"
+            if wanted != have:
+                return f"PYTHONHASHSEED={wanted} differs from the template's ({have})"
+        return None
+
+    def connection_file(self) -> Path:
+        """A fresh folder in the runtime folder with an ipc connection file in it."""
+        folder = Path(tempfile.mkdtemp(prefix="k", dir=self.runtime_dir))
+        path = folder / "kernel.json"
+        write_connection_file(
+            str(path), ip=str(folder / "k"), transport="ipc", key=secrets.token_hex(16).encode(), kernel_name="python3"
+        )
+        return path
+
+    def fork(
+        self,
+        cwd: str | os.PathLike[str],
+        env: Mapping[str, str | None] | None = None,
+        *,
+        connection_file: str | os.PathLike[str] | None = None,
+        replace_env: bool = False,
+        rlimits: Mapping[str, int] | None = None,
+        cgroup: str | os.PathLike[str] | None = None,
+        timeout: float = FORK_TIMEOUT,
+    ) -> ForkedKernel:
+        """A new kernel in `cwd` with `env` applied (a value None removes a variable; with
+        `replace_env` it is the whole environment). `rlimits` ({"nproc": n, "core": 0})
+        are set in the child; with `cgroup` (a cgroup folder) the child is moved into it
+        before it runs anything. Without `connection_file` one is made in the runtime
+        folder (and removed with the kernel). Raises ForkUnavailable or ForkError."""
+        full_env = {**(self.env if not replace_env else {}), **{k: v for k, v in (env or {}).items() if v is not None}}
+        refusal = self.refusal(env=full_env)
+        if refusal is not None:
+            raise ForkUnavailable(refusal)
+        owned = None
+        if connection_file is None:
+            connection_file = self.connection_file()
+            owned = Path(connection_file).parent
+        request_id = next(self._ids)
+        request = {
+            "op": "fork",
+            "id": request_id,
+            "cwd": str(cwd),
+            "env": dict(env or {}),
+            "replace_env": replace_env,
+            "rlimits": dict(rlimits or {}),
+            "connection_file": str(connection_file),
+            "kernel_args": self.kernel_args,
+        }
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            with self._lock:
+                control = self._control
+                if control is None:
+                    raise ForkUnavailable("the kernel template is closed")
+                try:
+                    control.sendmsg(
+                        [json.dumps(request).encode()],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", theirs.fileno()))],
+                    )
+                except OSError as exc:
+                    raise ForkError(f"the kernel template is gone ({exc})") from None
+            theirs.close()
+            ours.settimeout(timeout)
+            try:
+                data, ancillary, _, _ = ours.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(12))
+            except TimeoutError:
+                raise ForkError(f"the kernel template did not fork within {timeout:g} s") from None
+            if not data:
+                raise ForkError(self.died or "the kernel template did not fork (it closed the request)")
+            answer = json.loads(data)
+            if "error" in answer:
+                raise ForkError(f"the forked kernel could not be set up: {answer['error']}")
+            pid = _credential_pid(ancillary)
+            if pid is None:
+                raise ForkError("the forked kernel did not say who it is")
+            # The child waits for "go": its pid is certainly its own while we open the pidfd.
+            pidfd = os.pidfd_open(pid)
+            if cgroup is not None:
+                try:
+                    Path(cgroup, "cgroup.procs").write_text(str(pid))
+                except OSError as exc:
+                    os.close(pidfd)
+                    raise ForkError(f"the forked kernel could not join its cgroup: {exc}") from None
+            kernel = ForkedKernel(
+                self, request_id, pid, int(answer["pid"]), pidfd, Path(connection_file), Path(cwd), owned
+            )
+            with self._cond:
+                self._kernels[request_id] = kernel
+            ours.send(b'{"go": true}')
+            try:
+                data = ours.recv(MAX_MESSAGE)
+            except TimeoutError:
+                kernel.close()
+                raise ForkError(f"the forked kernel did not start within {timeout:g} s") from None
+            if not data or not json.loads(data).get("bound"):
+                status = kernel.wait(1.0)
+                kernel.close()
+                raise ForkError(f"the forked kernel exited while starting (status {status})")
+            return kernel
+        except BaseException:
+            if owned is not None:
+                shutil.rmtree(owned, ignore_errors=True)
+            raise
+        finally:
+            theirs.close()
+            ours.close()
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def _read(self) -> None:
+        control = self._control
+        while control is not None:
+            try:
+                data = control.recv(MAX_MESSAGE)
+            except OSError:
+                data = b""
+            if not data:
+                with self._cond:
+                    if not self._closed:
+                        self.died = "the kernel template died"
+                    self._cond.notify_all()
+                return
+            message = json.loads(data)
+            if message.get("op") == "exited" and message.get("id") is not None:
+                with self._cond:
+                    self._statuses[int(message["id"])] = int(message["status"])
+                    kernel = self._kernels.get(int(message["id"]))
+                    if kernel is not None and kernel.returncode is None:
+                        kernel.returncode = int(message["status"])
+                    self._cond.notify_all()
+
+    def _exit_status(self, request_id: int, timeout: float) -> int | None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while request_id not in self._statuses:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.died is not None or self._control is None:
+                    break
+                self._cond.wait(left)
+            return self._statuses.get(request_id)
+
+    def _forget(self, kernel: ForkedKernel) -> None:
+        with self._cond:
+            self._kernels.pop(kernel.request_id, None)
+            self._statuses.pop(kernel.request_id, None)
+
+    def kernels(self) -> list[ForkedKernel]:
+        with self._cond:
+            return list(self._kernels.values())
+
+
+def _credential_pid(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= 12:
+            return int(struct.unpack("iII", data[:12])[0])
+    return None
+
+
+def _kill_tree(root: int) -> None:
+    """The template and its descendants (a template that ignored "close")."""
+    found, index = [root], 0
+    while index < len(found):
+        pid = found[index]
+        index += 1
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as handle:
+                    found.extend(int(c) for c in handle.read().split())
+        except OSError:
+            continue
+    for pid in reversed(found):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+# -- a KernelManager for kernel.KernelSession ---------------------------------------------------
