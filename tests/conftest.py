@@ -2,10 +2,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import textwrap
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from vault_runner.model import Event
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_VAULT = REPO / "sample_vault"
@@ -32,4 +39,63 @@ def make_note_vault(root: Path, notes: dict[str, str], app: dict | None = None, 
         path = root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+    return root
+
+
+RECORDER_WAIT = 120.0
+
+
+class Recorder:
+    """Collects runner events; lets a test wait for one."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, Event]] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, event: Event) -> None:
+        with self.cond:
+            self.events.append((time.monotonic(), event))
+            self.cond.notify_all()
+
+    def kinds(self, kind: str, note: str | None = None, since: int = 0) -> list[Event]:
+        with self.cond:
+            return [e for _, e in self.events[since:] if e.kind == kind and (note is None or e.note == note)]
+
+    def mark(self) -> int:
+        with self.cond:
+            return len(self.events)
+
+    def wait(self, predicate: Callable[[], bool], timeout: float = RECORDER_WAIT) -> bool:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not predicate():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self.cond.wait(min(remaining, 0.2))
+            return True
+
+    def logs(self, since: int = 0) -> list[str]:
+        return [str(e.data.get("message")) for e in self.kinds("log", since=since)]
+
+    def timed(self, note: str, since: int = 0) -> list[tuple[float, str]]:
+        with self.cond:
+            return [(t, e.kind) for t, e in self.events[since:] if e.note == note]
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    """A fresh event recorder for a runner's subscribers."""
+    return Recorder()
+
+
+@pytest.fixture(scope="session")
+def rendered_sample_vault(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A rendered copy of sample_vault, shared by the tests that only read it (a no-op render
+    once the repo's copy is rendered). Tests that edit it take a private copy."""
+    root = copy_sample_vault(tmp_path_factory.mktemp("rendered") / "vault")
+    done = subprocess.run(
+        [sys.executable, "-m", "vault_runner", "render", str(root)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
     return root

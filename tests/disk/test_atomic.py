@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import make_note_vault
 from vault_runner.disk.atomic import remove_file, swap_note, write_attachment
 from vault_runner.disk.vault import load_vault
 from vault_runner.errors import VaultError, WriteConflict
-
-from ..conftest import make_note_vault
 
 NOTE = "---\nvault-runner: true\n---\n```python\nprint(1)\n```\n"
 

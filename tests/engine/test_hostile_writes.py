@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import make_note_vault
 from vault_runner.disk.vault import load_vault
 from vault_runner.engine import Engine
 from vault_runner.engine.machine import sandbox_tier
-
-from ..conftest import make_note_vault
 
 pytestmark = pytest.mark.kernel
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from tests.conftest import make_note_vault
 from vault_runner import engine as engine_mod
 from vault_runner.disk.vault import load_vault
 from vault_runner.frontends.cli.main import main
-
-from .conftest import make_note_vault
 
 SAMPLES = [
     "# 深度学习笔记\n张量是多维数组。\n```js\nconsole.log('hola')\n```\n",

@@ -12,27 +12,20 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import make_note_vault
 from vault_runner.core import note as notes
 from vault_runner.disk.vault import load_vault
 from vault_runner.engine import load
 from vault_runner.frontends.cli.main import main
-
-from .conftest import copy_sample_vault, make_note_vault
 
 pytestmark = pytest.mark.kernel
 
 OPERACIONES = "PyTorch/02 Operaciones con tensores.md"
 
 
-@pytest.fixture(scope="module")
-def rendered_vault(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A rendered copy of sample_vault (a no-op render once the repo's copy is rendered)."""
-    root = copy_sample_vault(tmp_path_factory.mktemp("plugin") / "vault")
-    done = subprocess.run(
-        [sys.executable, "-m", "vault_runner", "render", str(root)], capture_output=True, text=True, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    return root
+@pytest.fixture
+def rendered_vault(rendered_sample_vault: Path) -> Path:
+    return rendered_sample_vault
 
 
 def expected_items(root: Path) -> set[tuple[str, str]]:
@@ -171,7 +164,7 @@ def test_a_broken_block_fails_exactly_its_item_also_under_xdist(rendered_vault: 
 
 
 def test_raises_option_and_compare_under_pytest(workdir: Path) -> None:
-    from .test_testing import BIEN, ERRORES
+    from tests.ci.test_testing import BIEN, ERRORES
 
     root = make_note_vault(
         workdir / "v",

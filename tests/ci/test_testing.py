@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import make_note_vault
 from vault_runner.ci import reports
 from vault_runner.ci.testing import NoteResult
 from vault_runner.core import note as notes
 from vault_runner.engine import BlockReport, NoteReport
 from vault_runner.frontends.cli.main import main
-
-from .conftest import make_note_vault
 
 ERRORES = """
     # Errores

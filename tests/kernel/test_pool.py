@@ -13,14 +13,13 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import make_note_vault
 from vault_runner.core.options import DEFAULTS
 from vault_runner.disk.vault import load_vault
 from vault_runner.errors import KernelStartError
 from vault_runner.kernel.factory import Kernel, default_kernel_factory
 from vault_runner.kernel.pool import KernelPool, Slot
 from vault_runner.model import Event
-
-from .conftest import make_note_vault
 
 pytestmark = pytest.mark.kernel
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.conftest import REPO, copy_sample_vault, make_note_vault
 from vault_runner.ci import check as checks
 from vault_runner.core import compare
 from vault_runner.core import note as notes
@@ -22,21 +21,13 @@ from vault_runner.errors import SanitizerError
 from vault_runner.frontends.cli.main import main
 from vault_runner.kernel.session import KernelSession
 
-from .conftest import REPO, copy_sample_vault, make_note_vault
-
 OPERACIONES = "PyTorch/02 Operaciones con tensores.md"
 TENSORES = "PyTorch/01 Tensores.md"
 
 
-@pytest.fixture(scope="module")
-def rendered_vault(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A rendered copy of sample_vault (a no-op render once the repo's copy is rendered)."""
-    root = copy_sample_vault(tmp_path_factory.mktemp("check") / "vault")
-    done = subprocess.run(
-        [sys.executable, "-m", "vault_runner", "render", str(root)], capture_output=True, text=True, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    return root
+@pytest.fixture
+def rendered_vault(rendered_sample_vault: Path) -> Path:
+    return rendered_sample_vault
 
 
 @pytest.fixture

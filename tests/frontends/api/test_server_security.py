@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import make_note_vault
-from tests.test_server import TOKEN, client_for, serving
+from tests.frontends.api.test_server import TOKEN, client_for, serving
 from vault_runner.disk import trust
 from vault_runner.disk.vault import load_vault
 from vault_runner.frontends.api.app import ApiServer

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_note_vault
-from tests.test_server import TOKEN, serving
+from tests.frontends.api.test_server import TOKEN, serving
 
 pytestmark = pytest.mark.kernel  # a real server and runner (no kernel should ever start)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import copy_sample_vault
 from vault_runner import engine as engine_mod
 from vault_runner.core import note as notes
 from vault_runner.disk.vault import load_vault
@@ -28,8 +29,6 @@ from vault_runner.kernel.sandbox import Policy, Sandbox
 from vault_runner.kernel.sandbox.cgroup import cgroup_support
 from vault_runner.kernel.sandbox.probe import probe
 from vault_runner.kernel.session import KernelSession
-
-from .conftest import copy_sample_vault
 
 pytestmark = pytest.mark.kernel
 

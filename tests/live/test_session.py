@@ -7,58 +7,22 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import Recorder, make_note_vault
 from vault_runner.core import note as notes
 from vault_runner.disk import trust
 from vault_runner.disk.vault import load_vault
-from vault_runner.engine import Event, load
+from vault_runner.engine import load
 from vault_runner.errors import UntrustedVault
 from vault_runner.live.runner import Runner
-
-from .conftest import make_note_vault
 
 pytestmark = pytest.mark.kernel
 
 WAIT = 120.0  # a guard against hanging, not a speed requirement
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[tuple[float, Event]] = []
-        self.cond = threading.Condition()
-
-    def __call__(self, event: Event) -> None:
-        with self.cond:
-            self.events.append((time.monotonic(), event))
-            self.cond.notify_all()
-
-    def mark(self) -> int:
-        with self.cond:
-            return len(self.events)
-
-    def kinds(self, kind: str, note: str | None = None, since: int = 0) -> list[Event]:
-        with self.cond:
-            return [e for _, e in self.events[since:] if e.kind == kind and (note is None or e.note == note)]
-
-    def timed(self, note: str, since: int = 0) -> list[tuple[float, str]]:
-        with self.cond:
-            return [(t, e.kind) for t, e in self.events[since:] if e.note == note]
-
-    def wait(self, predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while not predicate():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self.cond.wait(min(remaining, 0.2))
-            return True
 
 
 NOTES = {

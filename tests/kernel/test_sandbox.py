@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import copy_sample_vault
 from vault_runner.disk import trust
 from vault_runner.errors import SandboxError
 from vault_runner.frontends.cli.admin import doctor_lines
@@ -28,8 +29,6 @@ from vault_runner.kernel.sandbox.gpu import claim_gpu, release_gpu
 from vault_runner.kernel.sandbox.policy import NO_NETWORK_ENV, default_memory, parse_size, policy_from_options
 from vault_runner.kernel.sandbox.probe import SANDBOX_ENV, probe
 from vault_runner.kernel.sandbox.processes import MemoryWatchdog, kill_pid, process_tree, resident_memory
-
-from .conftest import copy_sample_vault
 
 LAUNCHER = [sys.executable, "-I", "-S", launch_script.__file__]
 PROBE = probe()

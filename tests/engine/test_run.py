@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import copy_sample_vault, make_note_vault
 from vault_runner import engine as engine_mod
 from vault_runner.core import note as notes
 from vault_runner.disk.vault import load_vault
 from vault_runner.frontends.cli.main import main
-
-from .conftest import copy_sample_vault, make_note_vault
 
 pytestmark = pytest.mark.kernel
 
@@ -69,7 +68,7 @@ def test_render_writes_outputs_plots_and_expected_error(rendered_vault: Path) ->
     # The note that does not opt in was not touched, the note without code neither.
     for name in ["Borradores/Ideas sin ejecutar.md", "Inicio.md", "PyTorch/00 Fundamentos de deep learning.md"]:
         assert (rendered_vault / name).read_bytes() == (
-            Path(__file__).parent.parent / "sample_vault" / name
+            Path(__file__).parent.parent.parent / "sample_vault" / name
         ).read_bytes()
 
 
@@ -87,7 +86,7 @@ def test_clean_gives_back_the_source_notes(rendered_vault: Path, tmp_path: Path)
 
     shutil.copytree(rendered_vault, copy)
     assert main(["clean", str(copy)]) == 0
-    sources = Path(__file__).parent.parent / "sample_vault"
+    sources = Path(__file__).parent.parent.parent / "sample_vault"
     for note in copy.rglob("*.md"):
         original = sources / note.relative_to(copy)
         assert notes.strip_regions(notes.parse_note(original.read_text(encoding="utf-8"))) == note.read_text(

@@ -2,7 +2,7 @@
 
 Bounded: few examples per operation, no deadline; a vault of trivial notes and a kernel
 cap of 1, so a generated request that happens to name a real note runs in milliseconds.
-The event stream is left out (it never ends, by design); tests/test_server.py covers it.
+The event stream is left out (it never ends, by design); tests/frontends/api/test_server.py covers it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import APIOperation
 
 from tests.conftest import make_note_vault
-from tests.test_server import TOKEN, serving
+from tests.frontends.api.test_server import TOKEN, serving
 from vault_runner.disk import trust
 from vault_runner.frontends.api.app import ApiServer
 
