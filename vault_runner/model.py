@@ -7,6 +7,7 @@ once; the CLI, the reports, the API and the pytest plugin all ask these sets.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -53,6 +54,22 @@ class Event:
     index: int | None = None
     line: int | None = None
     data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, seq: int | None = None) -> dict[str, Any]:
+        """`{id, time, kind, note, index, line, data}` (`id` only when numbered), as the CLI's
+        `--json` lines and the API's event stream show it."""
+        found: dict[str, Any] = {} if seq is None else {"id": seq}
+        found.update(
+            {
+                "time": round(time.time(), 3),
+                "kind": self.kind,
+                "note": self.note,
+                "index": self.index,
+                "line": self.line,
+                "data": self.data,
+            }
+        )
+        return found
 
 
 EventSink = Callable[[Event], None]

@@ -43,19 +43,8 @@ class EventSource(Protocol):
 
 
 def event_json(event: Event, seq: int | None = None) -> dict[str, Any]:
-    """An event as JSON: `{id, time, kind, note, index, line, data}` (`id` only when numbered)."""
-    found: dict[str, Any] = {} if seq is None else {"id": seq}
-    found.update(
-        {
-            "time": round(time.time(), 3),
-            "kind": event.kind,
-            "note": event.note,
-            "index": event.index,
-            "line": event.line,
-            "data": event.data,
-        }
-    )
-    return found
+    """An event as the stream sends it (see Event.to_json)."""
+    return event.to_json(seq)
 
 
 class EventStream:

@@ -118,7 +118,7 @@ class Progress:
             self.bar = None
 
 
-_ICONS = {
+ICONS = {  # a block status as one glyph, for text output
     "ok": "[green]✓[/]",
     "raised": "[green]✓[/]",
     "error": "[red]✗[/]",
@@ -148,7 +148,7 @@ def print_note(console: Console, report: NoteReport) -> None:
         if block.failed or block.status in {"skipped", "unwritten"}:
             detail = block_message(block)
             where = escape(f"{report.note}:{block.line}: {block.status}: {detail}")
-            console.print(f"  {_ICONS.get(block.status, '?')} {where}")
+            console.print(f"  {ICONS.get(block.status, '?')} {where}")
     if report.message:
         console.print(f"  [red]{escape(report.message)}[/]")
 

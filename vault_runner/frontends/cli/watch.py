@@ -23,33 +23,13 @@ from vault_runner.disk.trust import is_trusted, untrusted_message
 from vault_runner.disk.vault import Vault, load_vault
 from vault_runner.engine import Event
 from vault_runner.errors import UntrustedVault, VaultError
+from vault_runner.frontends.cli.main import ICONS as _ICONS
 from vault_runner.frontends.watcher import DEBOUNCE, VaultWatcher
 from vault_runner.live.runner import Runner
 from vault_runner.live.session import SUPERSEDE_POLICIES
 from vault_runner.model import BLOCK_FAILED, EXIT_OK, EXIT_USAGE, NOTE_FAILED
 
-_ICONS = {
-    "ok": "[green]✓[/]",
-    "raised": "[green]✓[/]",
-    "error": "[red]✗[/]",
-    "timeout": "[red]⏱[/]",
-    "dead": "[red]☠[/]",
-    "skipped": "[yellow]·[/]",
-    "hand-edited": "[yellow]✎[/]",
-    "unwritten": "[yellow]↻[/]",
-}
 _LEVELS = {"error": "red", "warning": "yellow", "info": "cyan"}
-
-
-def event_json(event: Event) -> dict[str, Any]:
-    return {
-        "time": round(time.time(), 3),
-        "kind": event.kind,
-        "note": event.note,
-        "index": event.index,
-        "line": event.line,
-        "data": event.data,
-    }
 
 
 class Feedback:
@@ -66,7 +46,7 @@ class Feedback:
     def __call__(self, event: Event) -> None:
         with self.lock:
             if self.as_json:
-                self.out.write(json.dumps(event_json(event), ensure_ascii=False, default=str) + "\n")
+                self.out.write(json.dumps(event.to_json(), ensure_ascii=False, default=str) + "\n")
                 self.out.flush()
                 return
             self._show(event)
