@@ -11,7 +11,7 @@ import pytest
 from vault_runner.core import options
 from vault_runner.disk import vault
 from vault_runner.disk.atomic import write_if_unchanged
-from vault_runner.errors import VaultError, WriteConflict
+from vault_runner.errors import OptionError, VaultError, WriteConflict
 
 
 def make_vault(root: Path, app: dict | None = None, config: str | None = None) -> vault.Vault:
@@ -147,3 +147,12 @@ def test_bad_option_values_are_refused(name: str, value: object) -> None:
 )
 def test_opt_in(frontmatter: dict, path: str, include: list[str], expected: bool) -> None:
     assert options.opted_in(frontmatter, path, include, []) is expected
+
+
+def test_a_flat_network_property_is_a_security_option_not_ignored() -> None:
+    """Issue 9.7: a top-level `network: false` was silently ignored."""
+    assert options.resolve({}, {"network": False})["network"] is False
+    assert options.resolve({}, {"network": False, "execute": {"seed": 1}})["network"] is False
+    assert options.resolve({}, {"network": False, "execute": {"network": True}})["network"] is True
+    with pytest.raises(OptionError):
+        options.resolve({}, {"network": "no"})

@@ -191,3 +191,14 @@ def test_raises_option_and_compare_under_pytest(workdir: Path) -> None:
     assert "expected it to raise KeyError, but it raised ZeroDivisionError" in output
     assert "-41" in output and "+42" in output
     assert kernels_of(root) == []
+
+
+def test_vault_alone_collects_only_the_vault_and_with_paths_both(workdir: Path) -> None:
+    """Issue 15.13: `pytest --vault V` also collected the tests of the current folder."""
+    make_note_vault(workdir / "v", {"n.md": "---\nvault-runner: true\n---\n```python\nprint(1)\n```\n"})
+    (workdir / "test_mine.py").write_text("def test_mine():\n    assert False\n", encoding="utf-8")
+    code, output, outcomes = run_pytest(workdir, "--vault", "v")
+    assert code == 0, output
+    assert [name for (_, name) in outcomes] == ["line 4"], outcomes
+    code, output, outcomes = run_pytest(workdir, "--vault", "v", "test_mine.py")
+    assert code == 1 and len(outcomes) == 2, output

@@ -7,12 +7,21 @@ render, check, test, the live runner and the API all ask here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from vault_runner.core.plan import PlannedBlock
 
-__all__ = ("Freshness", "freshness", "hand_edit_message", "is_current", "needs_output")
+__all__ = (
+    "Freshness",
+    "freshness",
+    "hand_edit_message",
+    "holds_failure",
+    "is_current",
+    "needs_output",
+    "stored_failures",
+)
 
 
 @dataclass(frozen=True)
@@ -65,3 +74,18 @@ def hand_edit_message(fence_line: int) -> str:
         f"the output region of the block at line {fence_line} was edited by hand, so it is left as it is; "
         "move your text out of it, or run `vault-runner render --force` to overwrite it"
     )
+
+
+# The callout render.py writes for an exception, a timeout or a dead kernel.
+_FAILURE_CALLOUT = re.compile(r"^> \[!failure\]", re.MULTILINE)
+
+
+def holds_failure(planned: PlannedBlock) -> bool:
+    """The block's stored output is a failure (an error, a timeout, a dead kernel, an interrupt)."""
+    region = planned.block.region
+    return region is not None and bool(_FAILURE_CALLOUT.search(region.body))
+
+
+def stored_failures(plan: Sequence[PlannedBlock]) -> list[PlannedBlock]:
+    """Blocks that run and whose current region is a stored failure (`render --failed` re-runs them)."""
+    return [p for p in plan if p.code_hash is not None and holds_failure(p) and not freshness(p).hand_edited]

@@ -81,13 +81,19 @@ class Resolved:
         return {k: v for k, v in self.values.items() if k not in NOT_HASHED}
 
 
+# A security option is never ignored: a flat `network: false` property (what Obsidian's
+# Properties panel writes) counts as if it were under `execute:`, which still wins.
+TOP_LEVEL_OPTIONS = frozenset({"network"})
+
+
 def frontmatter_options(frontmatter: Mapping[str, Any]) -> Mapping[str, Any]:
     options = frontmatter.get(FRONTMATTER_OPTIONS_KEY)
-    if options is None:
-        return {}
-    if not isinstance(options, Mapping):
+    if options is not None and not isinstance(options, Mapping):
         raise OptionError(f"the `{FRONTMATTER_OPTIONS_KEY}` property must hold options such as `seed: 42`")
-    return options
+    flat = {name: frontmatter[name] for name in TOP_LEVEL_OPTIONS if name in frontmatter}
+    if not flat:
+        return options or {}
+    return {**flat, **(options or {})}
 
 
 def resolve(

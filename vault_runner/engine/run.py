@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vault_runner.core import note as notes
-from vault_runner.core.freshness import freshness, hand_edit_message
+from vault_runner.core.freshness import freshness, hand_edit_message, stored_failures
 from vault_runner.core.plan import PlannedBlock
 from vault_runner.core.render import CellSource, Rendered, output_summary, render_outputs
 from vault_runner.disk.vault import Vault
@@ -65,8 +65,10 @@ class Engine(WriteBack):
         kernel_factory: KernelFactory = default_kernel_factory,
         on_event: EventSink | None = None,
         force: bool = False,
+        failed: bool = False,
     ) -> None:
         self.vault = vault
+        self.failed = failed  # also re-run notes whose stored outputs hold a failure
         self.kernel_factory = kernel_factory
         self.on_event = on_event or (lambda event: None)
         self.force = force
@@ -82,7 +84,7 @@ class Engine(WriteBack):
         if loaded is None:
             return NoteReport(note=selection.relative, status=str(selection.skipped))
         edited = loaded.hand_edited()
-        if not self.force and loaded.is_current():
+        if not self.force and loaded.is_current() and not (self.failed and stored_failures(loaded.plan)):
             return NoteReport(
                 note=loaded.relative,
                 status="current",

@@ -68,6 +68,18 @@ def _dist_given(config: pytest.Config) -> bool:
     return any(str(a).startswith(("--dist", "-d")) and not str(a).startswith("-dd") for a in sources)
 
 
+def _vault_only(config: pytest.Config) -> bool:
+    """`pytest --vault V` with no test paths collects the vault only, not the current folder's tests."""
+    if not config.getoption("vault", default=None):
+        return False
+    sources = getattr(pytest.Config, "ArgsSource", None)
+    return sources is not None and getattr(config, "args_source", None) != sources.ARGS
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    return True if _vault_only(config) else None
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
     # `-n N` means `--dist load`, which would split a note's blocks over workers, each then

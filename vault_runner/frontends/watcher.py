@@ -264,6 +264,7 @@ class VaultWatcher:
                     self._cond.notify_all()
             if time.monotonic() >= next_health:
                 self._safely(self._check_health)
+                self._safely(self.runner.still_trusted)  # untrust stops the vault's kernels
                 self._safely(self._end_burst_if_quiet)  # also when no event comes after a burst
                 next_health = time.monotonic() + self.health_interval
 

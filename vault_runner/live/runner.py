@@ -65,6 +65,9 @@ class Runner:
         self.supersede = supersede
         self.require_opt_in = require_opt_in
         self.require_trust = require_trust
+        self._untrusted = False
+        self._spares_wanted = spares
+        self._trust_lock = threading.Lock()
         self.force = force
         self.pool = KernelPool(
             vault,
@@ -237,6 +240,29 @@ class Runner:
         self.pool.set_vault(vault)
         self.log("info", f"{vault.root}: vault settings reloaded")
 
+    def still_trusted(self) -> bool:
+        """Trust is asked again before every execution, whatever starts it (a save, the API).
+
+        The first time the vault is found untrusted, every kernel of the vault is shut down
+        and no spare is kept warm until it is trusted again.
+        """
+        with self._trust_lock:
+            return self._check_trust()
+
+    def _check_trust(self) -> bool:
+        if not self.require_trust or is_trusted(self.vault.root):
+            if self._untrusted:
+                self._untrusted = False
+                self.pool.spares = self._spares_wanted
+                self.log("info", f"{self.vault.root}: the vault is trusted again; its notes run on save")
+            return True
+        if not self._untrusted:
+            self._untrusted = True
+            self._spares_wanted, self.pool.spares = self.pool.spares, 0
+            self.log("error", untrusted_message(self.vault.root))
+            self.reset_kernels("the vault is no longer trusted")
+        return False
+
     def reset_kernels(self, reason: str) -> None:
         """Shut every kernel down (spares too): the vault folder was replaced under them."""
         with self._lock:
@@ -316,7 +342,15 @@ class Runner:
                 request = session.queue.popleft()
             result: NoteReport | None
             try:
-                result = session.handle(request)
+                if request.kind in ("changed", "run", "block") and not self.still_trusted():
+                    result = NoteReport(
+                        note=session.relative(),
+                        status="refused",
+                        message=untrusted_message(self.vault.root),
+                        reason="untrusted",
+                    )
+                else:
+                    result = session.handle(request)
             except Exception as exc:  # a bug must not kill the worker or leave futures hanging
                 result = NoteReport(
                     note=session.relative(),

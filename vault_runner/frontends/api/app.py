@@ -51,8 +51,21 @@ def _handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        for error in errors:
+            if error.get("type") == "json_invalid":
+                return reply(
+                    "invalid_request", 'the request body is not valid JSON; send a JSON object such as {"note": "a.md"}'
+                )
+            if tuple(error.get("loc", ()))[-1:] == ("note",) and isinstance(error.get("input"), str):
+                # The schema's pattern is for machines; a note-taker gets the documented code and words.
+                return reply(
+                    "invalid_path",
+                    f"{error['input'][:200]!r}: is not a note path; give the note's path inside the vault, "
+                    "relative and /-separated, ending in .md (no `..`, no hidden folder, no backslash)",
+                )
         problems = []
-        for error in exc.errors()[:3]:
+        for error in errors[:3]:
             where = ".".join(str(part) for part in error.get("loc", ()) if part not in ("body", "query"))
             problems.append(f"{where or 'body'}: {error.get('msg', 'invalid')}")
         return reply("invalid_request", "invalid request: " + "; ".join(problems))

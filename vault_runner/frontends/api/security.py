@@ -255,7 +255,7 @@ class SecurityMiddleware:
                     "given with `vault-runner serve --allow-origin` may",
                 )
                 return
-            cors = origin
+            cors = origin.lower()  # echo the canonical form, not the case it was sent in
         method = scope["method"]
         if method == "OPTIONS" and cors is not None and "access-control-request-method" in headers:
             await self._preflight(send, cors, headers)

@@ -22,6 +22,7 @@ from rich.console import Console
 
 from vault_runner.ci import check as checks
 from vault_runner.ci import reports
+from vault_runner.core.freshness import stored_failures
 from vault_runner.engine.loading import select
 from vault_runner.errors import VaultError
 from vault_runner.frontends.cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, default_target, notes_under
@@ -41,6 +42,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     errors: list[str] = []
     checked: list[str] = []
     diffs: list[str] = []
+    failures = 0
     for vault, path in notes_under(default_target(args.paths)):
         try:
             loaded = select(vault, path, all_notes=args.all).loaded
@@ -53,6 +55,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         checked.append(shown)
         found = checks.find(loaded, shown)
         findings.extend(found)
+        failures += len(stored_failures(loaded.plan))
         if args.diff and found:
             diff = checks.render_diff(loaded, shown)
             if diff:
@@ -74,6 +77,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         if diffs:
             sys.stdout.write("".join(diffs))
         reports.print_check_summary(_err_console(), findings, len(checked), len(errors), seconds)
+        if failures:
+            _err_console().print(
+                f"{failures} block(s) hold a stored failure (an error, a timeout or an interrupt); "
+                "`vault-runner render --failed` runs their notes again"
+            )
     if args.junit_xml:
         reports.write_text(Path(args.junit_xml), reports.findings_junit(findings, checked, errors))
     sys.stdout.flush()

@@ -185,7 +185,7 @@ def _run_notes(args: argparse.Namespace, require_opt_in: bool, paths: list[Path]
         vault, path = item
         from vault_runner.engine import Engine  # starts kernels: imported only by commands that run
 
-        engine = Engine(vault, on_event=progress, force=args.force)
+        engine = Engine(vault, on_event=progress, force=args.force, failed=getattr(args, "failed", False))
         report = engine.run_note(path, require_opt_in=require_opt_in and not args.all)
         with lock:
             progress.advance()
@@ -253,6 +253,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the per-block report as JSON on stdout")
     parser.add_argument(
         "--force", action="store_true", help="run even when outputs are current, and overwrite hand-edited regions"
+    )
+    parser.add_argument(
+        "--failed",
+        action="store_true",
+        help="also re-run notes whose stored outputs are failures (an error, a timeout, an interrupt)",
     )
 
 

@@ -1,0 +1,47 @@
+"""A stored failure is current like any output; `render --failed` runs it again and `check`
+counts it (issue 15.9)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_note_vault
+from vault_runner.frontends.cli.main import main
+
+pytestmark = pytest.mark.kernel
+
+NOTE = """\
+---
+vault-runner: true
+---
+```python
+from pathlib import Path
+count = Path("count.txt")
+n = int(count.read_text()) + 1 if count.exists() else 1
+count.write_text(str(n))
+if n == 1:
+    raise ConnectionError("transient")
+print("ok", n)
+```
+"""
+
+
+def test_render_failed_reruns_only_notes_whose_outputs_are_failures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = make_note_vault(tmp_path / "v", {"n.md": NOTE, "fine.md": NOTE.replace("if n == 1:", "if False:").replace("count.txt", "fine.txt")})
+    main(["render", str(root)])  # n.md's block raises the first time
+    assert "[!failure] ConnectionError" in (root / "n.md").read_text(encoding="utf-8")
+    capsys.readouterr()
+    main(["render", "--json", str(root)])
+    statuses = {r["note"]: r["status"] for r in json.loads(capsys.readouterr().out)["notes"]}
+    assert statuses == {"n.md": "current", "fine.md": "current"}
+    assert main(["check", str(root)]) == 0
+    assert "1 block(s) hold a stored failure" in capsys.readouterr().err
+    main(["render", "--failed", "--json", str(root)])
+    statuses = {r["note"]: r["status"] for r in json.loads(capsys.readouterr().out)["notes"]}
+    assert statuses == {"n.md": "ran", "fine.md": "current"}
+    assert "ok 2" in (root / "n.md").read_text(encoding="utf-8")
