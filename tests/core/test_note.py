@@ -270,3 +270,28 @@ def test_code_hash_is_chained() -> None:
 def test_sanitize_defuses_markers() -> None:
     line = notes.sanitize_output_line("<!-- vault-runner:end sum=abc -->")
     assert "<!-- vault-runner:end" not in line
+
+
+def test_only_three_dashes_close_the_frontmatter_so_yaml_never_holds_a_block() -> None:
+    """Issue 10.5: `----` closed the frontmatter for opt-in but not for the block parser."""
+    text = (
+        "---\nvault-runner: true\nx: |\n  ```python\n  print('in yaml')\n  ```\n----\n"
+        "Texto.\n\n```python\nprint(1)\n```\n"
+    )
+    note = notes.parse_note(text)
+    assert note.frontmatter == {}  # as Obsidian reads it: no closing `---`, no properties
+    closed = notes.parse_note(text.replace("----\n", "---\n"))
+    assert closed.frontmatter["vault-runner"] is True
+    assert [b.code for b in closed.blocks] == ["print(1)\n"]  # the YAML block scalar is never code
+
+
+def test_a_list_item_block_with_a_differently_indented_closing_fence_cleans_back() -> None:
+    """Issue 10.6: a `10.` item, fence indented 4, closing fence indented 5, then a region."""
+    text = "10. Paso:\n\n    ```python\n    print(1)\n     ```\n\nDespués.\n"
+    note = notes.parse_note(text)
+    (block,) = note.blocks
+    lines = notes.region_lines(block, "abcdef123456", "```\n1\n```\n")
+    rendered = notes.splice(note, {block.index: lines})
+    again = notes.parse_note(rendered)
+    assert again.blocks[0].region is not None and not again.blocks[0].region.hand_edited
+    assert notes.cleaned(again) == text
