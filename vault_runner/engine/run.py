@@ -79,7 +79,7 @@ class Engine(WriteBack):
         try:
             selection = select(self.vault, path, all_notes=not require_opt_in)
         except VaultError as exc:
-            return NoteReport(note=str(path), status="refused", message=exc.one_line())
+            return NoteReport(note=self._shown(path), status="refused", message=exc.one_line())
         loaded = selection.loaded
         if loaded is None:
             return NoteReport(note=selection.relative, status=str(selection.skipped))
@@ -115,6 +115,13 @@ class Engine(WriteBack):
             Event("note-finished", loaded.relative, data={"failed": report.failed, "written": report.written})
         )
         return report
+
+    def _shown(self, path: Path) -> str:
+        """A note as every report names it: relative to the vault (as given, when it is not inside)."""
+        try:
+            return path.absolute().relative_to(self.vault.root).as_posix()
+        except ValueError:
+            return str(path)
 
     # -- execution -----------------------------------------------------------------------
     def start_kernel(self, loaded: Loaded) -> Kernel:

@@ -106,6 +106,7 @@ class WriteBack:
                 except WriteConflict:
                     continue
                 report.written = True
+                _lines_as_written(new_text, matched, by_report)
                 self.on_event(Event("note-written", loaded.relative))
             for index in unwritten:
                 block_report = by_report.get(index)
@@ -190,3 +191,11 @@ class WriteBack:
             regions[block.index] = notes.region_lines(block, planned.code_hash, result.rendered.body)
         unwritten = {p.block.index for p, r in ran if r is not None and p.block.index not in matched}
         return regions, old_links, unwritten, matched
+
+
+def _lines_as_written(new_text: str, matched: Mapping[int, int], by_report: Mapping[int, BlockReport]) -> None:
+    """Report each block at the line it has in the file the user now opens, not as it was read."""
+    written = notes.parse_note(new_text)
+    for planned, current in matched.items():
+        if planned in by_report and current < len(written.blocks):
+            by_report[planned].line = written.blocks[current].fence_line

@@ -30,7 +30,7 @@ CommandAdder = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"],
 
 
 def _err_console() -> Console:
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, soft_wrap=True)  # a finding is never wrapped (path:line: ...)
 
 
 def default_target(paths: Sequence[str]) -> list[Path]:
