@@ -107,7 +107,7 @@ def print_check_summary(
         console.print(f"[green]✓[/] {checked} note(s) checked in {seconds:.2f} s: every output is current")
         return
     part = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) or "no findings"
-    error_part = f"; {errors} note(s) could not be read" if errors else ""
+    error_part = f"; {errors} note(s) refused (see above)" if errors else ""
     console.print(
         f"[red]✗[/] {checked} note(s) checked in {seconds:.2f} s: {len(findings)} finding(s) in "
         f"{notes} note(s) ({part}){error_part}"

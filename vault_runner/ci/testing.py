@@ -3,7 +3,7 @@
 Nothing is written unless asked (`update`): the note's bytes are only read. A block
 passes when it ran without an error, or raised exactly the exception its `raises` option
 names; with `compare` (flag, or the `compare` option of a note or block) its text output
-must also match the stored region after sanitizing (checks.compare_bodies).
+must also match the stored region after sanitizing (core/compare.py, compare_bodies).
 """
 
 from __future__ import annotations

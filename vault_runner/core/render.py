@@ -163,7 +163,9 @@ def _error_block(output: Mapping[str, Any], sources: Mapping[int, CellSource], l
     traceback = output.get("traceback") or []
     body = map_traceback([str(t) for t in traceback], sources) if traceback else []
     body = [sanitize_output_line(line) for line in truncate_lines(body, limit)]
-    result = ["> [!failure] " + sanitize_output_line(title_lines[0])]
+    # An error the block's `raises:` option expects is shown in a neutral callout: it is not a failure.
+    kind = "example" if output.get("vault_runner_expected") else "failure"
+    result = [f"> [!{kind}] " + sanitize_output_line(title_lines[0])]
     result += [_quote(sanitize_output_line(line)) for line in title_lines[1:]]
     hint = output.get("vault_runner_hint")
     if hint:

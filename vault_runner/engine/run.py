@@ -17,7 +17,7 @@ from typing import Any
 from vault_runner.core import note as notes
 from vault_runner.core.freshness import freshness, hand_edit_message, stored_failures
 from vault_runner.core.plan import PlannedBlock
-from vault_runner.core.render import CellSource, Rendered, output_summary, render_outputs
+from vault_runner.core.render import CellSource, Rendered, output_summary, render_outputs, strip_ansi
 from vault_runner.disk.vault import Vault
 from vault_runner.engine.loading import Loaded, block_report, needs_torch, select
 from vault_runner.engine.writeback import WriteBack
@@ -290,6 +290,15 @@ class Engine(WriteBack):
                     "the block made more than the image limit]\n",
                 }
             )
+        expected = planned.options["raises"]
+        if expected:
+            # The error the block is meant to raise is shown, but not as a failure.
+            outputs = [
+                {**o, "vault_runner_expected": True}
+                if o.get("output_type") == "error" and str(o.get("ename")) == expected
+                else o
+                for o in outputs
+            ]
         shown = outputs if planned.options["output"] else [o for o in outputs if o.get("output_type") == "error"]
 
         def rerender(cell_sources: Mapping[int, CellSource]) -> Rendered:
@@ -303,7 +312,6 @@ class Engine(WriteBack):
 
         rendered = rerender(sources)
         status = execution.status
-        expected = planned.options["raises"]
         if expected:
             raised = [str(o.get("ename")) for o in outputs if o.get("output_type") == "error"]
             if status == "error" and expected in raised:
@@ -349,10 +357,19 @@ def _as_timeout(outputs: list[dict[str, Any]], timeout: float, restarted: bool) 
             "output_type": "error",
             "ename": "TimeoutError",
             "evalue": f"the block ran longer than its timeout of {timeout} s and was stopped",
-            "traceback": interrupt.get("traceback", []) if interrupt else [],
+            "traceback": _where_it_was(interrupt.get("traceback", [])) if interrupt else [],
             "vault_runner_hint": hint,
         }
     )
+    return kept
+
+
+def _where_it_was(traceback: list[str]) -> list[str]:
+    """The interrupt's traceback shows where the block was stuck; its closing
+    `KeyboardInterrupt:` line is ours (the timeout), not the note's, so it goes."""
+    kept = list(traceback)
+    while kept and strip_ansi(str(kept[-1])).strip().startswith("KeyboardInterrupt"):
+        kept.pop()
     return kept
 
 

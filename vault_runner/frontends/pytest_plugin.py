@@ -195,8 +195,8 @@ class VaultNote(pytest.File):
 
         Returns (block report, rendered body, comparison diff, note about failed blocks above).
         """
-        from vault_runner.ci import check as checks
         from vault_runner.ci.testing import FAILING, MISMATCH
+        from vault_runner.core.compare import compare_bodies, compile_sanitizers
 
         assert self.engine is not None and self.loaded is not None
         if self.kernel is None:
@@ -241,7 +241,7 @@ class VaultNote(pytest.File):
         region = planned.block.region
         compare = self.config.getoption("vault_compare") or planned.options["compare"]
         if compare and region is not None and report.status not in FAILING:
-            diff = checks.compare_bodies(region.body, body, checks.compile_sanitizers(self.vault.config.sanitizers))
+            diff = compare_bodies(region.body, body, compile_sanitizers(self.vault.config.sanitizers))
             if diff is not None:
                 report.status = MISMATCH
                 report.message = "its output differs from the output stored in the note"
