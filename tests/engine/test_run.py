@@ -55,11 +55,11 @@ def test_render_writes_outputs_plots_and_expected_error(rendered_vault: Path) ->
         assert data.startswith(b"\x89PNG")
     operaciones = (rendered_vault / "PyTorch" / "02 Operaciones con tensores.md").read_text(encoding="utf-8")
     callout = re.search(
-        r"> \[!failure\] RuntimeError: mat1 and mat2 shapes cannot be multiplied.*?<!-- vault-runner:end",
+        r"> \[!example\] RuntimeError: mat1 and mat2 shapes cannot be multiplied.*?<!-- vault-runner:end",
         operaciones,
         re.S,
     )
-    assert callout, "the deliberate shape error is shown as a failure callout"
+    assert callout, "the deliberate shape error (raises: RuntimeError) is shown in a neutral callout"
     line = next(i for i, text in enumerate(operaciones.splitlines(), 1) if text == "torch.matmul(tensor_A, tensor_B)")
     assert f'File "02 Operaciones con tensores.md", line {line}' in callout.group(0)
     # The block after the error still ran.

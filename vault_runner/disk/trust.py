@@ -20,24 +20,26 @@ def config_dir() -> Path:
     return Path(override) if override else Path(platformdirs.user_config_dir("vault-runner"))
 
 
-def _trust_file() -> Path:
+def trust_file() -> Path:
+    """Where the trust store is: the user's config dir, never a vault."""
     return config_dir() / "trusted-vaults.json"
 
 
-def trusted_vaults() -> list[Path]:
+def trusted_vaults(store: Path | None = None) -> list[Path]:
     try:
-        data = json.loads(_trust_file().read_text(encoding="utf-8"))
+        data = json.loads((store or trust_file()).read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError, OSError):
         return []
     return [Path(p) for p in data.get("vaults", []) if isinstance(p, str)]
 
 
-def is_trusted(root: Path) -> bool:
-    return root.resolve() in {p.resolve() for p in trusted_vaults()}
+def is_trusted(root: Path, store: Path | None = None) -> bool:
+    """`store`: a trust file read at start (a long-running server keeps asking the same one)."""
+    return root.resolve() in {p.resolve() for p in trusted_vaults(store)}
 
 
 def _save(vaults: list[Path]) -> None:
-    path = _trust_file()
+    path = trust_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_suffix(".tmp")
     temp.write_text(json.dumps({"vaults": sorted({str(v) for v in vaults})}, indent=2), encoding="utf-8")

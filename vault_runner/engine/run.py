@@ -18,6 +18,7 @@ from vault_runner.core import note as notes
 from vault_runner.core.freshness import freshness, hand_edit_message, stored_failures
 from vault_runner.core.plan import PlannedBlock
 from vault_runner.core.render import CellSource, Rendered, output_summary, render_outputs, strip_ansi
+from vault_runner.core.stopping import stop_message, stops_the_note
 from vault_runner.disk.vault import Vault
 from vault_runner.engine.loading import Loaded, block_report, needs_torch, select
 from vault_runner.engine.writeback import WriteBack
@@ -204,15 +205,8 @@ class Engine(WriteBack):
                 )
                 if execution.kernel_restarted:
                     run.kernel_restarted = True
-                    stop_reason = (
-                        f"not run: the kernel was restarted after the block at line "
-                        f"{block.fence_line}; fix it and run the note again"
-                    )
-                elif result.report.status == "error" and not planned.options["error"]:
-                    stop_reason = (
-                        f"not run: the block at line {block.fence_line} raised and "
-                        f"`error: false` stops the note at the first error"
-                    )
+                if stops_the_note(planned, result.report.status, execution.kernel_restarted):
+                    stop_reason = stop_message(planned, result.report.status, execution.kernel_restarted)
         except (KernelDied, KernelSetupError) as exc:
             report.status = "failed"
             report.message = str(exc) if isinstance(exc, KernelSetupError) else f"{relative}: {exc}"

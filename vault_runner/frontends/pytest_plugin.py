@@ -197,6 +197,7 @@ class VaultNote(pytest.File):
         """
         from vault_runner.ci.testing import FAILING, MISMATCH
         from vault_runner.core.compare import compare_bodies, compile_sanitizers
+        from vault_runner.core.stopping import stop_message, stops_the_note
 
         assert self.engine is not None and self.loaded is not None
         if self.kernel is None:
@@ -223,11 +224,8 @@ class VaultNote(pytest.File):
                 continue
             if planned.block.index < index:
                 above.append(f"line {planned.block.fence_line} ({report.status})")
-            if report.status == "error" and not planned.options["error"]:
-                self.stop_reason = (
-                    f"not run: the block at line {planned.block.fence_line} raised and "
-                    "`error: false` stops the note at the first error"
-                )
+            if stops_the_note(planned, report.status, kernel_restarted=False):
+                self.stop_reason = stop_message(planned, report.status, kernel_restarted=False)
         if run.kernel_restarted:
             self.stop_reason = (
                 "not run: the kernel was restarted (a timeout or a crash) in an earlier block; "

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vault_runner.core import note as notes
-from vault_runner.disk.trust import is_trusted, untrusted_message
+from vault_runner.disk.trust import is_trusted, trust_file, untrusted_message
 from vault_runner.disk.vault import Vault, load_vault
 from vault_runner.engine import (
     Event,
@@ -68,6 +68,7 @@ class Runner:
         self._untrusted = False
         self._spares_wanted = spares
         self._trust_lock = threading.Lock()
+        self._trust_store = trust_file()
         self.force = force
         self.pool = KernelPool(
             vault,
@@ -90,7 +91,7 @@ class Runner:
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
         """Check trust, then start warming kernels. Raises UntrustedVault."""
-        if self.require_trust and not is_trusted(self.vault.root):
+        if self.require_trust and not is_trusted(self.vault.root, self._trust_store):
             raise UntrustedVault(untrusted_message(self.vault.root))
         self.pool.start()
 
@@ -250,7 +251,7 @@ class Runner:
             return self._check_trust()
 
     def _check_trust(self) -> bool:
-        if not self.require_trust or is_trusted(self.vault.root):
+        if not self.require_trust or is_trusted(self.vault.root, self._trust_store):
             if self._untrusted:
                 self._untrusted = False
                 self.pool.spares = self._spares_wanted

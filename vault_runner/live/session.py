@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from vault_runner.core.freshness import needs_output
 from vault_runner.core.options import NOTE_LEVEL
 from vault_runner.core.render import CellSource, Rendered
+from vault_runner.core.stopping import stops_the_note
 from vault_runner.engine import (
     BlockResult,  # what Engine.write_back takes per block; built here to re-write kept outputs
     Engine,
@@ -400,10 +401,10 @@ class NoteSession:
             result = run.results.get(index)
             if block is None or result is None or index in dropped:
                 break
-            if block.status == "dead" or (block.status == "timeout" and run.kernel_restarted):
+            if block.status == "timeout" and run.kernel_restarted:
                 break
-            if block.status == "error" and not runnable[position].options["error"]:
-                break  # `error: false` stopped the note here: this block runs again next time
+            if stops_the_note(runnable[position], block.status, kernel_restarted=False):
+                break  # the note stopped here: this block runs again next time
             executed.append(digest)
             if result.rendered is not None:
                 self.kept[digest] = result.rendered

@@ -57,6 +57,12 @@ def _state(request: Request) -> Any:
     return request.app.state
 
 
+async def _named_note(request: Request, raw: str) -> tuple[Any, Path]:
+    """The app state and the note a control request names (it need not exist any more)."""
+    state = _state(request)
+    return state, await run_in_threadpool(_resolve, state.runner.vault, raw, False)
+
+
 def _resolve(vault: Vault, raw: str, must_exist: bool = True) -> Path:
     try:
         return resolve_note(vault, raw, must_exist=must_exist)
@@ -289,8 +295,7 @@ async def run_all(body: RunRequest, request: Request) -> JSONResponse:
     "written into the note. Queued runs of the note still run (use cancel to drop them).",
 )
 async def interrupt(body: NoteRequest, request: Request) -> InterruptResult:
-    state = _state(request)
-    path = await run_in_threadpool(_resolve, state.runner.vault, body.note, False)
+    state, path = await _named_note(request, body.note)
     done = await run_in_threadpool(state.runner.interrupt, path)
     return InterruptResult(note=state.runner.vault.relative(path), interrupted=bool(done))
 
@@ -305,8 +310,7 @@ async def interrupt(body: NoteRequest, request: Request) -> InterruptResult:
     "kernel from the top. Answers once the kernel is down.",
 )
 async def restart(body: NoteRequest, request: Request) -> RestartResult:
-    state = _state(request)
-    path = await run_in_threadpool(_resolve, state.runner.vault, body.note, False)
+    state, path = await _named_note(request, body.note)
     result = await _await(state.runner.restart(path))
     if result is _CANCELLED and state.runner.status().get("closed"):
         raise ApiError("shutting_down", "vault-runner is shutting down")
@@ -323,8 +327,7 @@ async def restart(body: NoteRequest, request: Request) -> RestartResult:
     "current run that have not started; the block running now finishes (interrupt stops it).",
 )
 async def cancel(body: NoteRequest, request: Request) -> CancelResult:
-    state = _state(request)
-    path = await run_in_threadpool(_resolve, state.runner.vault, body.note, False)
+    state, path = await _named_note(request, body.note)
     done = await run_in_threadpool(state.runner.cancel, path)
     return CancelResult(note=state.runner.vault.relative(path), cancelled=bool(done))
 

@@ -20,24 +20,31 @@ import hashlib
 import importlib.util
 import json
 import os
-import signal
 import threading
 import time
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 
 from vault_runner import __version__
-from vault_runner.disk.trust import config_dir, is_trusted, untrusted_message
-from vault_runner.disk.vault import load_vault
-from vault_runner.errors import UntrustedVault, VaultError
+from vault_runner.disk.trust import config_dir
 from vault_runner.frontends.api.security import OBSIDIAN_ORIGIN, load_or_create_token, normalize_origin
-from vault_runner.frontends.cli.watch import Feedback, add_runner_options, runner_from_args
+from vault_runner.frontends.cli.watch import (
+    Feedback,
+    add_runner_options,
+    runner_from_args,
+    start_runner,
+    stop_on_signal,
+    trusted_vault,
+)
 from vault_runner.frontends.watcher import VaultWatcher
 from vault_runner.model import EXIT_OK, EXIT_USAGE
+
+if TYPE_CHECKING:
+    from vault_runner.frontends.api.app import ApiServer
+    from vault_runner.live.runner import Runner
 
 # Checked cheaply here so that `vault-runner` without them still offers its other commands
 # and says what `serve` needs (cli.py), without importing them on every start.
@@ -100,17 +107,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from vault_runner.frontends.api.app import ApiServer, create_app
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    folder = Path(args.vault)
-    if not folder.is_dir():
-        raise VaultError(folder, "is not a folder; pass the vault folder to serve")
     try:
         origins = [normalize_origin(o) for o in args.allow_origin]
     except ValueError as exc:
         console.print(f"[red]error[/] --allow-origin: {escape(str(exc))}")
         return EXIT_USAGE
-    vault = load_vault(folder)
-    if not is_trusted(vault.root):
-        console.print(f"[red]error[/] {escape(untrusted_message(vault.root))}")
+    vault = trusted_vault(args.vault, "serve", console)
+    if vault is None:
         return EXIT_USAGE
     other = running_server(vault.root)
     if other is not None:
@@ -138,18 +141,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Pinned now that the port is known: the Host allow-list never depends on a header.
     api.app.security.port = api.port
     watcher = None if args.no_watch else VaultWatcher(runner)
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     announce = server_file(vault.root)
+    with stop_on_signal() as stopping:
+        return _serve(args, console, runner, api, watcher, feedback, announce, token_file, origins, stopping)
+
+
+def _serve(
+    args: argparse.Namespace,
+    console: Console,
+    runner: Runner,
+    api: ApiServer,
+    watcher: VaultWatcher | None,
+    feedback: Feedback,
+    announce: Path,
+    token_file: Path,
+    origins: list[str],
+    stopping: threading.Event,
+) -> int:
+    vault = runner.vault
     try:
-        try:
-            runner.start()
-        except UntrustedVault as exc:
-            console.print(f"[red]error[/] {escape(str(exc))}")
+        if not start_runner(runner, console):
             return EXIT_USAGE
         if watcher is not None:
             watcher.start()
@@ -179,8 +190,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 console.print(f"[red]error[/] the API server stopped ({escape(repr(api.error))})")
                 break
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         remove_server_file(announce)
         if watcher is not None:
             watcher.stop()

@@ -12,6 +12,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
@@ -140,48 +142,77 @@ class Feedback:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    folder = Path(args.vault)
-    if not folder.is_dir():
-        raise VaultError(folder, "is not a folder; pass the vault folder to watch")
-    vault = load_vault(folder)
-    if not is_trusted(vault.root):
-        console.print(f"[red]error[/] {escape(untrusted_message(vault.root))}")
+    vault = trusted_vault(args.vault, "watch", console)
+    if vault is None:
         return EXIT_USAGE
     runner = runner_from_args(vault, args)
     feedback = Feedback(console, args.json)
     runner.subscribe(feedback)
     watcher = VaultWatcher(runner, debounce=args.debounce)
+    with stop_on_signal() as stopping:
+        try:
+            if not start_runner(runner, console):
+                return EXIT_USAGE
+            watcher.start()
+            feedback.say(
+                "watching",
+                vault=str(vault.root),
+                kernels=args.kernels,
+                warm=args.warm,
+                message=f"watching {vault.root} · up to {args.kernels} kernel(s), {args.warm} kept warm · "
+                "Ctrl+C to stop",
+            )
+            while not stopping.wait(0.5):
+                pass
+        finally:
+            watcher.stop()
+            runner.close()
+            feedback.stop()
+            feedback.say("stopped", message="stopped; every kernel was shut down")
+    return EXIT_OK
+
+
+@contextmanager
+def stop_on_signal() -> Iterator[threading.Event]:
+    """An event set by SIGTERM or SIGINT while the block runs; the old handlers come back after.
+
+    Both by hand: a background job's SIGINT may be inherited as ignored.
+    """
     stopping = threading.Event()
 
-    def on_term(signum: int, frame: FrameType | None) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         stopping.set()
 
-    # Both by hand: a background job's SIGINT may be inherited as ignored.
-    previous = {sig: signal.signal(sig, on_term) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        try:
-            runner.start()
-        except UntrustedVault as exc:
-            console.print(f"[red]error[/] {escape(str(exc))}")
-            return EXIT_USAGE
-        watcher.start()
-        feedback.say(
-            "watching",
-            vault=str(vault.root),
-            kernels=args.kernels,
-            warm=args.warm,
-            message=f"watching {vault.root} · up to {args.kernels} kernel(s), {args.warm} kept warm · Ctrl+C to stop",
-        )
-        while not stopping.wait(0.5):
-            pass
+        yield stopping
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        watcher.stop()
-        runner.close()
-        feedback.stop()
-        feedback.say("stopped", message="stopped; every kernel was shut down")
-    return EXIT_OK
+
+
+def trusted_vault(given: str, command: str, console: Console) -> Vault | None:
+    """The vault `watch` or `serve` was given; None (said on the console) when it is not trusted."""
+    folder = Path(given)
+    if not folder.exists():
+        raise VaultError(folder, f"does not exist; pass the vault folder to {command}")
+    if not folder.is_dir():
+        raise VaultError(folder, f"is not a folder; pass the vault folder to {command}")
+    vault = load_vault(folder)
+    if not is_trusted(vault.root):
+        console.print(f"[red]error[/] {escape(untrusted_message(vault.root))}")
+        return None
+    return vault
+
+
+def start_runner(runner: Runner, console: Console) -> bool:
+    """Start the runner; False (said on the console) when the vault is not trusted."""
+    try:
+        runner.start()
+    except UntrustedVault as exc:
+        console.print(f"[red]error[/] {escape(str(exc))}")
+        return False
+    return True
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
