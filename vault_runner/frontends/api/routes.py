@@ -228,13 +228,24 @@ _RUN_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post(
-    f"{API_PREFIX}/run",
-    response_model=RunResult,
-    responses=_RUN_RESPONSES,
-    tags=_NOTES,
-    summary="Run a note",
-    description="Bring the note's outputs up to date in its warm kernel: the blocks whose code changed "
+def _note_endpoint(name: str, model: type[Any], responses: dict[int | str, Any], summary: str, description: str) -> Any:
+    """A POST endpoint on one note, in the `notes` group of the OpenAPI document."""
+    return router.post(
+        f"{API_PREFIX}/{name}",
+        response_model=model,
+        responses=responses,
+        tags=_NOTES,
+        summary=summary,
+        description=description,
+    )
+
+
+@_note_endpoint(
+    "run",
+    RunResult,
+    _RUN_RESPONSES,
+    "Run a note",
+    "Bring the note's outputs up to date in its warm kernel: the blocks whose code changed "
     "since they ran, and those after them (incremental; a note already current runs nothing). Runs of "
     "one note happen one after another; different notes run in parallel up to the kernel cap. Outputs "
     "are written into the note with the same compare-and-swap as the watcher: an edit made while it ran "
@@ -247,13 +258,12 @@ async def run_note(body: RunRequest, request: Request) -> JSONResponse:
     return await _submit_run(state, loaded.relative, future, body.wait)
 
 
-@router.post(
-    f"{API_PREFIX}/run-block",
-    response_model=RunResult,
-    responses=_RUN_RESPONSES,
-    tags=_NOTES,
-    summary="Run one block",
-    description="Run one block, named by `index` (among the note's python blocks, from 0) or by a `line` "
+@_note_endpoint(
+    "run-block",
+    RunResult,
+    _RUN_RESPONSES,
+    "Run one block",
+    "Run one block, named by `index` (among the note's python blocks, from 0) or by a `line` "
     "inside it, in the note's warm kernel; blocks above it whose code changed since they ran run first. "
     "The block runs even when its output is current.",
 )
@@ -268,13 +278,12 @@ async def run_block(body: BlockByIndex | BlockByLine, request: Request) -> JSONR
     return await _submit_run(state, loaded.relative, future, body.wait)
 
 
-@router.post(
-    f"{API_PREFIX}/run-all",
-    response_model=RunResult,
-    responses=_RUN_RESPONSES,
-    tags=_NOTES,
-    summary="Restart and run all",
-    description="Shut the note's kernel down and run every block from the top in a fresh one: the "
+@_note_endpoint(
+    "run-all",
+    RunResult,
+    _RUN_RESPONSES,
+    "Restart and run all",
+    "Shut the note's kernel down and run every block from the top in a fresh one: the "
     "ground truth, as `vault-runner render` gives it.",
 )
 async def run_all(body: RunRequest, request: Request) -> JSONResponse:
@@ -284,13 +293,12 @@ async def run_all(body: RunRequest, request: Request) -> JSONResponse:
     return await _submit_run(state, loaded.relative, future, body.wait)
 
 
-@router.post(
-    f"{API_PREFIX}/interrupt",
-    response_model=InterruptResult,
-    responses=ERROR_RESPONSES,
-    tags=_NOTES,
-    summary="Interrupt a note's run",
-    description="Interrupt the block running for the note (KeyboardInterrupt, as Jupyter's stop button) "
+@_note_endpoint(
+    "interrupt",
+    InterruptResult,
+    ERROR_RESPONSES,
+    "Interrupt a note's run",
+    "Interrupt the block running for the note (KeyboardInterrupt, as Jupyter's stop button) "
     "and skip the rest of that run. The interrupted block's output, with the KeyboardInterrupt, is "
     "written into the note. Queued runs of the note still run (use cancel to drop them).",
 )
@@ -300,13 +308,12 @@ async def interrupt(body: NoteRequest, request: Request) -> InterruptResult:
     return InterruptResult(note=state.runner.vault.relative(path), interrupted=bool(done))
 
 
-@router.post(
-    f"{API_PREFIX}/restart",
-    response_model=RestartResult,
-    responses=ERROR_RESPONSES,
-    tags=_NOTES,
-    summary="Restart a note's kernel",
-    description="Stop what runs for the note and shut its kernel down; its next run starts in a fresh "
+@_note_endpoint(
+    "restart",
+    RestartResult,
+    ERROR_RESPONSES,
+    "Restart a note's kernel",
+    "Stop what runs for the note and shut its kernel down; its next run starts in a fresh "
     "kernel from the top. Answers once the kernel is down.",
 )
 async def restart(body: NoteRequest, request: Request) -> RestartResult:
@@ -317,13 +324,12 @@ async def restart(body: NoteRequest, request: Request) -> RestartResult:
     return RestartResult(note=state.runner.vault.relative(path), restarted=result is not _CANCELLED)
 
 
-@router.post(
-    f"{API_PREFIX}/cancel",
-    response_model=CancelResult,
-    responses=ERROR_RESPONSES,
-    tags=_NOTES,
-    summary="Cancel a note's queued runs",
-    description="Drop the note's queued runs (their requests answer `cancelled`) and the blocks of its "
+@_note_endpoint(
+    "cancel",
+    CancelResult,
+    ERROR_RESPONSES,
+    "Cancel a note's queued runs",
+    "Drop the note's queued runs (their requests answer `cancelled`) and the blocks of its "
     "current run that have not started; the block running now finishes (interrupt stops it).",
 )
 async def cancel(body: NoteRequest, request: Request) -> CancelResult:
