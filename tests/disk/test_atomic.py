@@ -128,3 +128,20 @@ def test_an_in_place_save_blocked_by_the_lease_lands_in_the_note(tmp_path: Path)
         atomic._replace_if_unchanged = real
     assert saved.wait(10)
     assert path.read_bytes() == b"start\ntyped\n"
+
+
+def test_clean_leaves_no_empty_attachment_folder_behind(tmp_path: Path) -> None:
+    """Issue 15.14: clean left the (now empty) attachment folder it had created."""
+    from vault_runner.disk.attachments import remove_stale_attachments
+
+    root = make_note_vault(tmp_path / "vault", {})
+    folder = root / "adjuntos"
+    write_attachment(folder / "n-vr-0123456789ab.png", b"\x89PNG\r\n\x1a\n", root=root)
+    remove_stale_attachments(folder, {"n-vr-0123456789ab.png"}, "", root=root)
+    assert not folder.exists()
+    keep = root / "mine"
+    keep.mkdir()
+    (keep / "photo.png").write_bytes(b"x")
+    write_attachment(keep / "n-vr-0123456789ab.png", b"\x89PNG\r\n\x1a\n", root=root)
+    remove_stale_attachments(keep, {"n-vr-0123456789ab.png"}, "", root=root)
+    assert (keep / "photo.png").exists()  # a folder with the user's files stays

@@ -25,7 +25,15 @@ from pathlib import Path
 
 from vault_runner.errors import VaultError, WriteConflict
 
-__all__ = ("Folder", "read_file", "remove_file", "swap_note", "write_attachment", "write_if_unchanged")
+__all__ = (
+    "Folder",
+    "read_file",
+    "remove_empty_folder",
+    "remove_file",
+    "swap_note",
+    "write_attachment",
+    "write_if_unchanged",
+)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
@@ -250,6 +258,19 @@ def remove_file(path: Path, *, root: Path | None = None) -> bool:
             return True
     except (OSError, VaultError):
         return False
+
+
+def remove_empty_folder(path: Path, *, root: Path) -> bool:
+    """Remove a folder inside the vault (never the vault itself) if it is empty. True if removed."""
+    if path == root:
+        return False
+    try:
+        with Folder(path.parent, root) as parent:
+            parent.check_inside()
+            os.rmdir(path.name, dir_fd=parent.fd)
+            return True
+    except (OSError, VaultError):
+        return False  # not empty, a symlink, gone: left as it is
 
 
 # -- an in-place save that lands during the swap ----------------------------------------------

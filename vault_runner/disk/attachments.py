@@ -6,7 +6,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from vault_runner.core.render import ATTACHMENT_LINK_RE
-from vault_runner.disk.atomic import remove_file
+from vault_runner.disk.atomic import remove_empty_folder, remove_file
 from vault_runner.disk.vault import ATTACHMENT_RE
 
 __all__ = ("attachment_names", "links_to", "remove_stale_attachments")
@@ -15,10 +15,13 @@ __all__ = ("attachment_names", "links_to", "remove_stale_attachments")
 def remove_stale_attachments(folder: Path, old_links: set[str], new_text: str, *, root: Path | None = None) -> None:
     """Delete attachments our old regions linked and the note no longer does: only our own
     files (name pattern), never through a symlink, never outside the vault `root`."""
+    removed = False
     for name in old_links:
         if not ATTACHMENT_RE.search(name) or links_to(new_text, name):
             continue
-        remove_file(folder / name, root=root)
+        removed |= remove_file(folder / name, root=root)
+    if removed and root is not None:
+        remove_empty_folder(folder, root=root)  # the folder our attachments needed, now empty
 
 
 def attachment_names(body: str) -> set[str]:
