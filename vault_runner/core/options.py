@@ -69,10 +69,22 @@ def _check(name: str, value: Any) -> Any:
     return value
 
 
+class OptionWarning(str):
+    """A warning about one option: its text, with the option's `name` and the layer it came from."""
+
+    name: str
+    origin: str  # vault config | frontmatter | block
+
+    def __new__(cls, message: str, name: str, origin: str) -> OptionWarning:
+        warning = super().__new__(cls, message)
+        warning.name, warning.origin = name, origin
+        return warning
+
+
 @dataclass(frozen=True)
 class Resolved:
     values: Mapping[str, Any]
-    warnings: tuple[str, ...] = field(default=())
+    warnings: tuple[OptionWarning, ...] = field(default=())
 
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
@@ -103,18 +115,20 @@ def resolve(
 ) -> Resolved:
     """Merge the option layers; raise OptionError on a bad value."""
     values = dict(DEFAULTS)
-    warnings: list[str] = []
+    warnings: list[OptionWarning] = []
     layers = [("vault config", config_defaults), ("frontmatter", frontmatter_options(frontmatter))]
     if block is not None:
         layers.append(("block", block))
     for origin, layer in layers:
         for name, value in layer.items():
             if name not in DEFAULTS:
-                warnings.append(f"unknown option `{name}` in {origin} is ignored")
+                warnings.append(OptionWarning(f"unknown option `{name}` in {origin} is ignored", name, origin))
                 continue
             _check(name, value)
             if origin == "block" and name in NOTE_LEVEL:
-                warnings.append(f"option `{name}` applies to the whole note; set it in the frontmatter")
+                warnings.append(
+                    OptionWarning(f"option `{name}` applies to the whole note; set it in the frontmatter", name, origin)
+                )
                 continue
             values[name] = value
     return Resolved(values, tuple(warnings))

@@ -9,6 +9,7 @@ from vault_runner.core import note as notes
 from vault_runner.core.freshness import freshness, is_current
 from vault_runner.core.options import OptionError, Resolved, opted_in, resolve
 from vault_runner.core.plan import PlannedBlock, plan_blocks
+from vault_runner.core.warnings import option_warnings
 from vault_runner.disk.vault import Vault
 from vault_runner.errors import NoteError, VaultError
 from vault_runner.model import BlockReport
@@ -34,6 +35,7 @@ class Loaded:
     opted_in: bool
     note_options: Resolved
     plan: tuple[PlannedBlock, ...]
+    warnings: tuple[str, ...] = ()  # `note:line: warning: ...` for options that are ignored
 
     @property
     def runnable(self) -> tuple[PlannedBlock, ...]:
@@ -95,6 +97,7 @@ def load(vault: Vault, path: Path, data: bytes | None = None) -> Loaded:
         opted_in=opted_in(note.frontmatter, relative, config.include, config.exclude),
         note_options=note_options,
         plan=plan,
+        warnings=tuple(option_warnings(relative, note, note_options, plan)),
     )
 
 

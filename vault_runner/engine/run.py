@@ -90,6 +90,7 @@ class Engine(WriteBack):
                 note=loaded.relative,
                 status="current",
                 blocks=[block_report(loaded, p, "current") for p in loaded.runnable],
+                warnings=list(loaded.warnings),
             )
         if (
             not self.force
@@ -165,7 +166,7 @@ class Engine(WriteBack):
         relative = loaded.relative
         run = Run(loaded, NoteReport(note=relative, status="ran"), {})
         report = run.report
-        report.warnings = list(loaded.note_options.warnings)
+        report.warnings = list(loaded.warnings)
         self.on_event(Event("note-started", relative, data={"blocks": len(loaded.runnable)}))
         owns_kernel = kernel is None
         sources = {} if sources is None else sources

@@ -43,6 +43,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     checked: list[str] = []
     diffs: list[str] = []
     failures = 0
+    warnings: list[str] = []
     for vault, path in notes_under(default_target(args.paths)):
         try:
             loaded = select(vault, path, all_notes=args.all).loaded
@@ -55,6 +56,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         checked.append(shown)
         found = checks.find(loaded, shown)
         findings.extend(found)
+        warnings.extend(loaded.warnings)
         failures += len(stored_failures(loaded.plan))
         if args.diff and found:
             diff = checks.render_diff(loaded, shown)
@@ -76,6 +78,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(line)
         if diffs:
             sys.stdout.write("".join(diffs))
+        for warning in warnings:
+            print(warning, file=sys.stderr)
         reports.print_check_summary(_err_console(), findings, len(checked), len(errors), seconds)
         if failures:
             _err_console().print(

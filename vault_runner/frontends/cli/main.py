@@ -136,6 +136,8 @@ def print_note(console: Console, report: NoteReport) -> None:
         console.print(f"[red]error[/] {escape(report.message or '')}")
         return
     if report.status in {"not-opted-in", "no-blocks", "current"}:
+        for warning in report.warnings:
+            console.print(f"[yellow]{escape(warning)}[/]")
         return
     written = "written" if report.written else "unchanged"
     ran = [b for b in report.blocks if b.status not in {"not-run", "skipped"}]
@@ -151,6 +153,8 @@ def print_note(console: Console, report: NoteReport) -> None:
             console.print(f"  {ICONS.get(block.status, '?')} {where}")
     if report.message:
         console.print(f"  [red]{escape(report.message)}[/]")
+    for warning in report.warnings:
+        console.print(f"  [yellow]{escape(warning)}[/]")
 
 
 def summarize(console: Console, reports: Sequence[NoteReport]) -> None:

@@ -1,0 +1,56 @@
+"""Option warnings with the line the option is written on, in the note. Pure.
+
+An unknown option (`#| timout: 5`) or one in the wrong place (a note-level `#| seed: 3`) is
+ignored, so the note-taker must hear of it at the line they would fix.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from vault_runner.core.note import Note
+from vault_runner.core.options import FRONTMATTER_OPTIONS_KEY, OptionWarning, Resolved
+from vault_runner.core.plan import PlannedBlock
+
+__all__ = ("option_warnings",)
+
+
+def option_warnings(relative: str, note: Note, note_options: Resolved, plan: Sequence[PlannedBlock]) -> list[str]:
+    """Every option warning of a note as `note:line: warning: ...`, in note order."""
+    found: list[tuple[int, str]] = []
+    for warning in note_options.warnings:
+        line = _frontmatter_line(note, warning) if warning.origin == "frontmatter" else 0
+        found.append((line, f"{relative}:{line}: warning: {warning}" if line else f"{relative}: warning: {warning}"))
+    for planned in plan:
+        for warning in planned.options.warnings:
+            if warning.origin != "block":
+                continue  # the note's own warnings are reported once, above
+            line = _block_option_line(planned, warning.name)
+            found.append((line, f"{relative}:{line}: warning: {warning}"))
+    return [text for _, text in sorted(found, key=lambda item: item[0])]
+
+
+def _frontmatter_line(note: Note, warning: OptionWarning) -> int:
+    """The line of `name:` under `execute:` (or at the top level), else the frontmatter's first."""
+    name = re.escape(warning.name)
+    inside = False
+    for index, line in enumerate(note.lines[1:], start=2):
+        text = line.rstrip("\r\n")
+        if text.rstrip() == "---":
+            break
+        if re.match(rf"^{FRONTMATTER_OPTIONS_KEY}\s*:", text):
+            inside = True
+            continue
+        if inside and re.match(rf"^\s+{name}\s*:", text):
+            return index
+        if inside and text and not text[0].isspace():
+            inside = False
+    return 1
+
+
+def _block_option_line(planned: PlannedBlock, name: str) -> int:
+    for offset, line in enumerate(planned.block.code.split("\n")):
+        if re.match(rf"^#\|\s*{re.escape(name)}\s*:", line):
+            return planned.block.code_line + offset
+    return planned.block.fence_line
