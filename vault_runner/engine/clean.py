@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vault_runner.core import note as notes
 from vault_runner.core.freshness import hand_edit_message
-from vault_runner.disk.atomic import read_file, swap_note
+from vault_runner.disk.atomic import swap_note
 from vault_runner.disk.attachments import attachment_names, remove_stale_attachments
 from vault_runner.disk.vault import Vault, VaultError
 from vault_runner.engine.writeback import MAX_WRITE_ATTEMPTS
@@ -71,9 +71,6 @@ def clean_note(vault: Vault, path: Path, *, force: bool = False) -> Cleaned:
             return result
         new_text = notes.cleaned(note, force=force)
         try:
-            current = read_file(real, root=vault.root)
-            if current != data:
-                continue
             swap_note(real, data, new_text.encode("utf-8", "surrogatepass"), root=vault.root)
         except WriteConflict:
             continue
