@@ -101,8 +101,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 def _note_collectors(session: pytest.Session, paths: list[Path]) -> Iterator[VaultNote]:
     from vault_runner.engine import select
+    from vault_runner.engine.targets import notes_under
     from vault_runner.errors import VaultError
-    from vault_runner.frontends.cli.main import notes_under
 
     seen: set[Path] = set()
     try:

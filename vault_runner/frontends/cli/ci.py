@@ -24,8 +24,9 @@ from vault_runner.ci import check as checks
 from vault_runner.ci import reports
 from vault_runner.core.freshness import stored_failures
 from vault_runner.engine.loading import select
+from vault_runner.engine.targets import notes_under
 from vault_runner.errors import VaultError
-from vault_runner.frontends.cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, default_target, notes_under
+from vault_runner.frontends.cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, default_target
 
 
 def _err_console() -> Console:

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,8 +21,9 @@ from rich.progress import Progress as RichProgress
 
 from vault_runner import __version__
 from vault_runner.ci.reports import block_message
-from vault_runner.disk.vault import CONFIG_NAME, Vault, find_root, load_vault
+from vault_runner.disk.vault import CONFIG_NAME, Vault
 from vault_runner.engine.clean import clean_note
+from vault_runner.engine.targets import notes_under
 from vault_runner.errors import VaultError
 from vault_runner.model import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Event, NoteReport
 
@@ -48,37 +49,6 @@ def default_target(paths: Sequence[str]) -> list[Path]:
         "is not inside a vault (no .obsidian folder here or above) and no vault was given; pass a vault folder "
         "or notes (e.g. `vault-runner render sample_vault`)",
     )
-
-
-def notes_under(paths: Iterable[Path]) -> list[tuple[Vault, Path]]:
-    """Expand folders into their notes; each note with the vault it belongs to."""
-    found: list[tuple[Vault, Path]] = []
-    vaults: dict[Path, Vault] = {}
-    for path in paths:
-        if not path.exists():
-            raise VaultError(path, "does not exist")
-        root = find_root(path)
-        vault = vaults.get(root) or vaults.setdefault(root, load_vault(path))
-        if path.is_dir():
-            found.extend((vault, p) for p in vault.notes(path.resolve()))
-        else:
-            found.append((vault, path))
-    return _once_each(found)
-
-
-def _once_each(found: list[tuple[Vault, Path]]) -> list[tuple[Vault, Path]]:
-    """A note reached twice (a symlink to another note, a note given twice) runs once."""
-    seen: set[Path] = set()
-    unique = []
-    for vault, path in found:
-        try:
-            real = path.resolve()
-        except (OSError, RuntimeError):  # a symlink loop: load() reports it
-            real = path
-        if real not in seen:
-            seen.add(real)
-            unique.append((vault, path))
-    return unique
 
 
 class Progress:
