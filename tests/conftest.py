@@ -7,7 +7,8 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,11 @@ def rendered_sample_vault(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert done.returncode == 0, done.stderr
     return root
+
+
+@contextmanager
+def using_config_dir(path: Path) -> Iterator[Path]:
+    """For a module-scoped server: the config dir (trust store, token) it starts with."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VAULT_RUNNER_CONFIG_DIR", str(path))
+        yield path

@@ -32,7 +32,10 @@ print("ok", n)
 def test_render_failed_reruns_only_notes_whose_outputs_are_failures(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = make_note_vault(tmp_path / "v", {"n.md": NOTE, "fine.md": NOTE.replace("if n == 1:", "if False:").replace("count.txt", "fine.txt")})
+    root = make_note_vault(
+        tmp_path / "v",
+        {"n.md": NOTE, "fine.md": NOTE.replace("if n == 1:", "if False:").replace("count.txt", "fine.txt")},
+    )
     main(["render", str(root)])  # n.md's block raises the first time
     assert "[!failure] ConnectionError" in (root / "n.md").read_text(encoding="utf-8")
     capsys.readouterr()

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REPO, make_note_vault
+from tests.conftest import REPO, make_note_vault, using_config_dir
 from vault_runner.disk import trust
 from vault_runner.disk.vault import load_vault
 from vault_runner.frontends.api.app import ApiApp, ApiServer, create_app
@@ -279,17 +279,9 @@ NOTES = {
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ApiServer, Runner, Path]]:
     root = make_note_vault(tmp_path_factory.mktemp("vault"), NOTES)
-    config = tmp_path_factory.mktemp("config")
-    previous = os.environ.get("VAULT_RUNNER_CONFIG_DIR")
-    os.environ["VAULT_RUNNER_CONFIG_DIR"] = str(config)
-    try:
+    with using_config_dir(tmp_path_factory.mktemp("config")):
         with serving(root) as (server, runner, _app):
             yield server, runner, root
-    finally:
-        if previous is None:
-            os.environ.pop("VAULT_RUNNER_CONFIG_DIR", None)
-        else:
-            os.environ["VAULT_RUNNER_CONFIG_DIR"] = previous
 
 
 @pytest.fixture(autouse=True)

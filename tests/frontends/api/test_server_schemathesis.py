@@ -7,7 +7,6 @@ The event stream is left out (it never ends, by design); tests/frontends/api/tes
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -15,7 +14,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import APIOperation
 
-from tests.conftest import make_note_vault
+from tests.conftest import make_note_vault, using_config_dir
 from tests.frontends.api.test_server import TOKEN, serving
 from vault_runner.disk import trust
 from vault_runner.frontends.api.app import ApiServer
@@ -39,17 +38,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
         tmp_path_factory.mktemp("vault"),
         {"a.md": TRIVIAL, "Folder/b.md": TRIVIAL, "PyTorch/01 Tensores.md": TRIVIAL, "plain.md": "no code\n"},
     )
-    previous = os.environ.get("VAULT_RUNNER_CONFIG_DIR")
-    os.environ["VAULT_RUNNER_CONFIG_DIR"] = str(tmp_path_factory.mktemp("config"))
-    try:
+    with using_config_dir(tmp_path_factory.mktemp("config")):
         with serving(root, max_kernels=1, spares=0) as (server, _runner, _app):
             server.root = root  # type: ignore[attr-defined]
             yield server
-    finally:
-        if previous is None:
-            os.environ.pop("VAULT_RUNNER_CONFIG_DIR", None)
-        else:
-            os.environ["VAULT_RUNNER_CONFIG_DIR"] = previous
 
 
 @pytest.fixture(autouse=True)

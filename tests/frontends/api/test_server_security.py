@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import make_note_vault
+from tests.conftest import make_note_vault, using_config_dir
 from tests.frontends.api.test_server import TOKEN, client_for, serving
 from vault_runner.disk import trust
 from vault_runner.disk.vault import load_vault
@@ -53,17 +53,9 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     root = make_note_vault(base / "vault", {"victim.md": marker_note(str(base / "victim-ran.txt"))})
     (root / "link.md").symlink_to(outside / "secret.md")
     (root / "linkdir").symlink_to(outside, target_is_directory=True)
-    config = tmp_path_factory.mktemp("config")
-    previous = os.environ.get("VAULT_RUNNER_CONFIG_DIR")
-    os.environ["VAULT_RUNNER_CONFIG_DIR"] = str(config)
-    try:
+    with using_config_dir(tmp_path_factory.mktemp("config")):
         with serving(root, allowed_origins=(EXTRA_ORIGIN,), spares=0) as (server, runner, app):
             yield {"server": server, "runner": runner, "app": app, "root": root, "base": base, "outside": outside}
-    finally:
-        if previous is None:
-            os.environ.pop("VAULT_RUNNER_CONFIG_DIR", None)
-        else:
-            os.environ["VAULT_RUNNER_CONFIG_DIR"] = previous
 
 
 @pytest.fixture(autouse=True)
