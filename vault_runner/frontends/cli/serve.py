@@ -20,10 +20,9 @@ import hashlib
 import importlib.util
 import json
 import os
-import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -41,10 +40,6 @@ from vault_runner.frontends.cli.watch import (
 )
 from vault_runner.frontends.watcher import VaultWatcher
 from vault_runner.model import EXIT_OK, EXIT_USAGE
-
-if TYPE_CHECKING:
-    from vault_runner.frontends.api.app import ApiServer
-    from vault_runner.live.runner import Runner
 
 # Checked cheaply here so that `vault-runner` without them still offers its other commands
 # and says what `serve` needs (cli.py), without importing them on every start.
@@ -143,63 +138,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
     watcher = None if args.no_watch else VaultWatcher(runner)
     announce = server_file(vault.root)
     with stop_on_signal() as stopping:
-        return _serve(args, console, runner, api, watcher, feedback, announce, token_file, origins, stopping)
-
-
-def _serve(
-    args: argparse.Namespace,
-    console: Console,
-    runner: Runner,
-    api: ApiServer,
-    watcher: VaultWatcher | None,
-    feedback: Feedback,
-    announce: Path,
-    token_file: Path,
-    origins: list[str],
-    stopping: threading.Event,
-) -> int:
-    vault = runner.vault
-    try:
-        if not start_runner(runner, console):
-            return EXIT_USAGE
-        if watcher is not None:
-            watcher.start()
-        api.start()
-        info = {
-            "vault": str(vault.root),
-            "url": api.url,
-            "host": api.host,
-            "port": api.port,
-            "pid": os.getpid(),
-            "token_file": str(token_file),
-            "version": __version__,
-            "started": round(time.time(), 3),
-            "server_file": str(announce),
-        }
-        write_server_file(announce, info)
-        print(json.dumps(info), flush=True)
-        what = "watching and serving" if watcher is not None else "serving"
-        origin_text = ", ".join([OBSIDIAN_ORIGIN, *origins])
-        console.print(
-            f"{what} {escape(str(vault.root))} at {api.url} · token in {escape(str(token_file))} · "
-            f"server file {escape(str(announce))} · origins {escape(origin_text)} · "
-            f"up to {args.kernels} kernel(s) · Ctrl+C to stop"
-        )
-        while not stopping.wait(0.5):
-            if api.error is not None:
-                console.print(f"[red]error[/] the API server stopped ({escape(repr(api.error))})")
-                break
-    finally:
-        remove_server_file(announce)
-        if watcher is not None:
-            watcher.stop()
-        # Runs waiting in requests end (cancelled or interrupted) before the server closes.
-        api.app.close()
-        api.server.should_exit = True
-        runner.close()
-        api.stop()
-        feedback.stop()
-        console.print("stopped; every kernel was shut down")
+        try:
+            if not start_runner(runner, console):
+                return EXIT_USAGE
+            if watcher is not None:
+                watcher.start()
+            api.start()
+            info = {
+                "vault": str(vault.root),
+                "url": api.url,
+                "host": api.host,
+                "port": api.port,
+                "pid": os.getpid(),
+                "token_file": str(token_file),
+                "version": __version__,
+                "started": round(time.time(), 3),
+                "server_file": str(announce),
+            }
+            write_server_file(announce, info)
+            print(json.dumps(info), flush=True)
+            what = "watching and serving" if watcher is not None else "serving"
+            origin_text = ", ".join([OBSIDIAN_ORIGIN, *origins])
+            console.print(
+                f"{what} {escape(str(vault.root))} at {api.url} · token in {escape(str(token_file))} · "
+                f"server file {escape(str(announce))} · origins {escape(origin_text)} · "
+                f"up to {args.kernels} kernel(s) · Ctrl+C to stop"
+            )
+            while not stopping.wait(0.5):
+                if api.error is not None:
+                    console.print(f"[red]error[/] the API server stopped ({escape(repr(api.error))})")
+                    break
+        finally:
+            remove_server_file(announce)
+            if watcher is not None:
+                watcher.stop()
+            # Runs waiting in requests end (cancelled or interrupted) before the server closes.
+            api.app.close()
+            api.server.should_exit = True
+            runner.close()
+            api.stop()
+            feedback.stop()
+            console.print("stopped; every kernel was shut down")
     return EXIT_OK
 
 
