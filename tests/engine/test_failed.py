@@ -32,19 +32,18 @@ print("ok", n)
 def test_render_failed_reruns_only_notes_whose_outputs_are_failures(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = make_note_vault(
-        tmp_path / "v",
-        {"n.md": NOTE, "fine.md": NOTE.replace("if n == 1:", "if False:").replace("count.txt", "fine.txt")},
-    )
+    # In a folder: under Landlock a note at the vault root cannot create files beside itself (issue 10.14).
+    fine = NOTE.replace("if n == 1:", "if False:").replace("count.txt", "fine.txt")
+    root = make_note_vault(tmp_path / "v", {"Notas/n.md": NOTE, "Notas/fine.md": fine})
     main(["render", str(root)])  # n.md's block raises the first time
-    assert "[!failure] ConnectionError" in (root / "n.md").read_text(encoding="utf-8")
+    assert "[!failure] ConnectionError" in (root / "Notas" / "n.md").read_text(encoding="utf-8")
     capsys.readouterr()
     main(["render", "--json", str(root)])
     statuses = {r["note"]: r["status"] for r in json.loads(capsys.readouterr().out)["notes"]}
-    assert statuses == {"n.md": "current", "fine.md": "current"}
+    assert statuses == {"Notas/n.md": "current", "Notas/fine.md": "current"}
     assert main(["check", str(root)]) == 0
     assert "1 block(s) hold a stored failure" in capsys.readouterr().err
     main(["render", "--failed", "--json", str(root)])
     statuses = {r["note"]: r["status"] for r in json.loads(capsys.readouterr().out)["notes"]}
-    assert statuses == {"n.md": "ran", "fine.md": "current"}
-    assert "ok 2" in (root / "n.md").read_text(encoding="utf-8")
+    assert statuses == {"Notas/n.md": "ran", "Notas/fine.md": "current"}
+    assert "ok 2" in (root / "Notas" / "n.md").read_text(encoding="utf-8")

@@ -420,30 +420,31 @@ def test_an_untrusted_vault_runs_nothing(tmp_path: Path) -> None:
 
 def test_untrust_while_running_stops_the_kernels_and_runs_nothing_more(tmp_path: Path) -> None:
     """Issue 9.4: the API answered 403 after untrust, but a save still ran the note's code."""
-    marker = tmp_path / "vault" / "ran.txt"
+    # In a folder: under Landlock a note at the vault root cannot create files beside itself (issue 10.14).
+    marker = tmp_path / "vault" / "Notas" / "ran.txt"
     note_text = (
         "---\nvault-runner: true\n---\n```python\nfrom pathlib import Path\n"
         "n = len(Path('ran.txt').read_text()) if Path('ran.txt').exists() else 0\n"
         "Path('ran.txt').write_text('x' * (n + 1))\n```\n"
     )
-    root = make_note_vault(tmp_path / "vault", {"n.md": note_text})
+    root = make_note_vault(tmp_path / "vault", {"Notas/n.md": note_text})
     trust.trust(root)
     runner = Runner(load_vault(root), spares=1)
     recorder = Recorder()
     runner.subscribe(recorder)
     try:
         runner.start()
-        first = runner.run_note(root / "n.md").result(timeout=WAIT)
+        first = runner.run_note(root / "Notas" / "n.md").result(timeout=WAIT)
         assert first is not None and first.status == "ran" and marker.read_text() == "x"
         assert runner.status()["pool"]["kernels"], runner.status()
         trust.untrust(root)
-        refused = runner.run_note(root / "n.md").result(timeout=WAIT)
+        refused = runner.run_note(root / "Notas" / "n.md").result(timeout=WAIT)
         assert refused is not None and refused.status == "refused" and refused.reason == "untrusted"
         assert "vault-runner trust" in (refused.message or "")
         assert marker.read_text() == "x"  # nothing ran after untrust
         assert recorder.wait(lambda: not runner.status()["pool"]["kernels"]), runner.status()
         trust.trust(root)
-        again = runner.run_note(root / "n.md", restart=True).result(timeout=WAIT)
+        again = runner.run_note(root / "Notas" / "n.md", restart=True).result(timeout=WAIT)
         assert again is not None and again.status == "ran" and marker.read_text() == "xx"
     finally:
         runner.close()
