@@ -1,11 +1,13 @@
-"""End to end with a real ipykernel: run, render, write back, clean."""
+"""The engine end to end with a real ipykernel: run, render, write back, clean.
+
+These call the engine (Engine.run_note, clean_note) as the front ends do; what the CLI
+prints and returns is tested in tests/frontends/test_cli.py."""
 
 from __future__ import annotations
 
-import json
+import os
 import re
-import subprocess
-import sys
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -16,7 +18,8 @@ from tests.conftest import copy_sample_vault, make_note_vault
 from vault_runner import engine as engine_mod
 from vault_runner.core import note as notes
 from vault_runner.disk.vault import load_vault
-from vault_runner.frontends.cli.main import main
+from vault_runner.engine.targets import notes_under
+from vault_runner.model import NoteReport
 
 pytestmark = pytest.mark.kernel
 
@@ -29,10 +32,21 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
     }
 
 
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+def render(*paths: Path, force: bool = False) -> list[NoteReport]:
+    """What `render PATHS` does: every opted-in note under the paths, one engine each."""
+    return [
+        engine_mod.Engine(vault, force=force).run_note(note, require_opt_in=True) for vault, note in notes_under(paths)
+    ]
+
+
+def run(note: Path, *, force: bool = False) -> NoteReport:
+    """What `run NOTE` does: the note runs whether or not it opted in."""
+    [(vault, path)] = notes_under([note])
+    return engine_mod.Engine(vault, force=force).run_note(path, require_opt_in=False)
+
+
+def statuses(report: NoteReport) -> list[str]:
+    return [b.status for b in report.blocks]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +54,7 @@ def rendered_vault(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = copy_sample_vault(tmp_path_factory.mktemp("rendered") / "vault")
     for note in root.rglob("*.md"):  # start from the sources, whatever state the repo copy is in
         engine_mod.clean_note(load_vault(root), note)
-    assert main(["render", str(root)]) == 0
+    assert not any(r.failed or r.status == "refused" for r in render(root))
     return root
 
 
@@ -72,20 +86,20 @@ def test_render_writes_outputs_plots_and_expected_error(rendered_vault: Path) ->
         ).read_bytes()
 
 
-def test_second_render_writes_nothing(rendered_vault: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_second_render_writes_nothing(rendered_vault: Path) -> None:
     before = snapshot(rendered_vault)
-    code, _, err = run_cli(["render", str(rendered_vault)], capsys)
-    assert code == 0
+    reports = render(rendered_vault)
     assert snapshot(rendered_vault) == before
-    assert "0 note(s) written" in err
+    assert {r.status for r in reports} <= {"current", "no-blocks", "not-opted-in"}
+    assert not any(r.written for r in reports)
 
 
 def test_clean_gives_back_the_source_notes(rendered_vault: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
-    import shutil
-
     shutil.copytree(rendered_vault, copy)
-    assert main(["clean", str(copy)]) == 0
+    vault = load_vault(copy)
+    for note in vault.notes(copy):
+        assert not engine_mod.clean_note(vault, note).kept
     sources = Path(__file__).parent.parent.parent / "sample_vault"
     for note in copy.rglob("*.md"):
         original = sources / note.relative_to(copy)
@@ -96,7 +110,7 @@ def test_clean_gives_back_the_source_notes(rendered_vault: Path, tmp_path: Path)
     assert (copy / "adjuntos" / "diagrama-tensores.png").exists()  # the user's own image stays
 
 
-def test_json_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_of_a_note_with_an_error_and_an_unrun_block(tmp_path: Path) -> None:
     root = make_note_vault(
         tmp_path / "v",
         {
@@ -114,15 +128,14 @@ def test_json_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         """
         },
     )
-    code, out, _ = run_cli(["run", "--json", str(root / "n.md")], capsys)
-    assert code == 1
-    report = json.loads(out)["notes"][0]
-    first, second, third = report["blocks"]
-    assert first["status"] == "ok" and first["line"] == 1 and first["first_line"] == 'print("hola")'
-    assert first["outputs"] == [{"type": "stream", "name": "stdout", "text": "hola\n"}]
-    assert first["device"] == "cpu" and first["duration"] >= 0
-    assert second["status"] == "error" and second["outputs"][0]["ename"] == "ZeroDivisionError"
-    assert third["status"] == "not-run"
+    report = run(root / "n.md")
+    assert report.failed and report.written
+    first, second, third = report.blocks
+    assert (first.status, first.line, first.first_line) == ("ok", 1, 'print("hola")')
+    assert first.outputs == [{"type": "stream", "name": "stdout", "text": "hola\n"}]
+    assert first.device == "cpu" and first.duration >= 0
+    assert second.status == "error" and second.outputs[0]["ename"] == "ZeroDivisionError"
+    assert third.status == "not-run"
     text = (root / "n.md").read_text(encoding="utf-8")
     assert "nunca()\n```\n" in text and text.count("vault-runner:output") == 2
 
@@ -153,7 +166,8 @@ def test_errors_continue_and_error_false_stops(tmp_path: Path) -> None:
             """,
         },
     )
-    assert main(["run", str(root / "sigue.md"), str(root / "para.md")]) == 1
+    assert statuses(run(root / "sigue.md")) == ["error", "ok"]
+    assert statuses(run(root / "para.md")) == ["error", "skipped"]
     assert "dos" in (root / "sigue.md").read_text(encoding="utf-8")
     stopped = (root / "para.md").read_text(encoding="utf-8")
     assert "ValueError: uno" in stopped and "\ndos\n" not in stopped
@@ -178,9 +192,7 @@ def test_timeout_interrupts_and_the_note_goes_on(tmp_path: Path) -> None:
         """
         },
     )
-    vault = load_vault(root)
-    report = engine_mod.Engine(vault).run_note(root / "t.md", require_opt_in=False)
-    assert [b.status for b in report.blocks] == ["ok", "timeout", "ok"]
+    assert statuses(run(root / "t.md")) == ["ok", "timeout", "ok"]
     text = (root / "t.md").read_text(encoding="utf-8")
     assert "TimeoutError: the block ran longer than its timeout of 1 s" in text
     assert "\n42\n" in text  # state survived the interrupt
@@ -198,10 +210,10 @@ def test_seed_reproduces(tmp_path: Path) -> None:
         ```
         """
     root = make_note_vault(tmp_path / "v", {"a.md": note, "b.md": note})
-    assert main(["run", str(root / "a.md"), str(root / "b.md")]) == 0
+    assert not run(root / "a.md").failed and not run(root / "b.md").failed
     a = (root / "a.md").read_text(encoding="utf-8")
     assert a == (root / "b.md").read_text(encoding="utf-8")
-    assert main(["run", "--force", str(root / "a.md")]) == 0
+    assert not run(root / "a.md", force=True).failed
     assert (root / "a.md").read_text(encoding="utf-8") == a
 
 
@@ -222,24 +234,22 @@ def test_figures_follow_attachment_folder(tmp_path: Path, setting: str, folder: 
         },
         app={"attachmentFolderPath": setting, "useMarkdownLinks": True, "newLinkFormat": "relative"},
     )
-    assert main(["run", str(root / "Curso" / "plot.md")]) == 0
+    assert statuses(run(root / "Curso" / "plot.md")) == ["ok"]
     [image] = list((root / folder).glob("plot-*-vr-*.png"))
     text = (root / "Curso" / "plot.md").read_text(encoding="utf-8")
-    import os
-
     relative = os.path.relpath(image, root / "Curso").replace(os.sep, "/")
     assert f"![]({relative})" in text
     # An unchanged figure is not rewritten; a changed one replaces the old file.
     mtime = image.stat().st_mtime_ns
-    assert main(["run", "--force", str(root / "Curso" / "plot.md")]) == 0
+    assert statuses(run(root / "Curso" / "plot.md", force=True)) == ["ok"]
     assert image.stat().st_mtime_ns == mtime
     (root / "Curso" / "plot.md").write_text(text.replace("[1, 2, 3]", "[3, 2, 1]"), encoding="utf-8")
-    assert main(["run", str(root / "Curso" / "plot.md")]) == 0
+    assert statuses(run(root / "Curso" / "plot.md")) == ["ok"]
     [new_image] = list((root / folder).glob("plot-*-vr-*.png"))
     assert new_image != image and not image.exists()
 
 
-def test_bad_input_is_refused_and_left_untouched(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_is_refused_and_left_untouched(tmp_path: Path) -> None:
     root = make_note_vault(tmp_path / "v", {})
     cases = {
         "latin1.md": ("```python\nprint(1)\n```\ncaf\xe9\n".encode("latin-1"), ":4:", "UTF-8"),
@@ -248,29 +258,30 @@ def test_bad_input_is_refused_and_left_untouched(tmp_path: Path, capsys: pytest.
     }
     for name, (data, where, what) in cases.items():
         (root / name).write_bytes(data)
-        code, _, err = run_cli(["run", str(root / name)], capsys)
-        assert code == 2
-        assert where in err and what in err
+        report = run(root / name)
+        assert report.status == "refused"
+        assert where in report.message and what in report.message and "\n" not in report.message
         assert (root / name).read_bytes() == data
     outside = tmp_path / "fuera.md"
     outside.write_text("```python\nprint(1)\n```\n", encoding="utf-8")
     (root / "enlace.md").symlink_to(outside)
-    code, _, err = run_cli(["run", str(root / "enlace.md")], capsys)
-    assert code == 2 and "outside the vault" in err
+    report = run(root / "enlace.md")
+    assert report.status == "refused" and "outside the vault" in report.message
     assert outside.read_text(encoding="utf-8") == "```python\nprint(1)\n```\n"
 
 
-def test_hand_edited_region_is_kept_unless_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_hand_edited_region_is_kept_unless_forced(tmp_path: Path) -> None:
     root = make_note_vault(tmp_path / "v", {"h.md": "```python\nprint('original')\n```\n"})
-    assert main(["run", str(root / "h.md")]) == 0
     note = root / "h.md"
+    assert statuses(run(note)) == ["ok"]
     edited = note.read_text(encoding="utf-8").replace("original\n```", "mi comentario\n```")
     note.write_text(edited, encoding="utf-8")
-    code, _, err = run_cli(["run", str(note)], capsys)
-    assert code == 1 and "edited by hand" in err and "h.md:4" in err
+    report = run(note)
+    [block] = report.blocks
+    assert report.failed and block.status == "hand-edited"
+    assert "edited by hand" in block.message and "h.md:4" in block.message
     assert note.read_text(encoding="utf-8") == edited
-    code, _, _ = run_cli(["run", "--force", str(note)], capsys)
-    assert code == 0 and "original" in note.read_text(encoding="utf-8")
+    assert statuses(run(note, force=True)) == ["ok"] and "original" in note.read_text(encoding="utf-8")
 
 
 def test_edit_made_while_a_block_runs_is_never_lost(tmp_path: Path) -> None:
@@ -299,7 +310,7 @@ def test_edit_made_while_a_block_runs_is_never_lost(tmp_path: Path) -> None:
 
     editor = threading.Thread(target=edit)
     editor.start()
-    report = engine_mod.Engine(load_vault(root)).run_note(note, require_opt_in=False)
+    report = run(note)
     editor.join()
     text = note.read_text(encoding="utf-8")
     assert "una línea nueva\n" in text and 'print("cambiado")' in text
@@ -323,8 +334,7 @@ def test_dead_kernel_is_reported_and_next_run_is_clean(tmp_path: Path) -> None:
         """
         },
     )
-    report = engine_mod.Engine(load_vault(root)).run_note(root / "d.md", require_opt_in=False)
-    assert [b.status for b in report.blocks] == ["dead", "skipped"]
+    assert statuses(run(root / "d.md")) == ["dead", "skipped"]
     assert "KernelDied" in (root / "d.md").read_text(encoding="utf-8")
 
 
@@ -349,11 +359,6 @@ def test_notebook_semantics_magics_display_and_last_expression(tmp_path: Path) -
         """
         },
     )
-    assert main(["run", str(root / "m.md")]) == 0
+    assert statuses(run(root / "m.md")) == ["ok", "ok", "ok"]
     text = (root / "m.md").read_text(encoding="utf-8")
     assert "**negrita**" in text and "desde-shell" in text and "\n21\n" in text and "\noculto\n" in text
-
-
-def test_python_dash_m_entry_point(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "vault_runner", "--version"], capture_output=True, text=True)
-    assert result.returncode == 0 and "vault-runner" in result.stdout
