@@ -8,7 +8,7 @@ from pathlib import Path
 from tests.conftest import make_note_vault
 from vault_runner import engine as engine_mod
 from vault_runner.disk.vault import load_vault
-from vault_runner.frontends.cli.main import main
+from vault_runner.engine.targets import notes_under
 
 SAMPLES = [
     "# 深度学习笔记\n张量是多维数组。\n```js\nconsole.log('hola')\n```\n",
@@ -33,7 +33,8 @@ def test_render_of_a_large_vault_without_code_changes_nothing(tmp_path: Path) ->
             data += b"\xff\xfe latin-1 caf\xe9 bytes\n"
         (folder / f"nota {i} ñ.md").write_bytes(data)
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*.md")}
-    assert main(["render", str(root)]) == 0
+    reports = [engine_mod.Engine(v, force=False).run_note(note) for v, note in notes_under([root])]
+    assert len(reports) == 3000 and not any(r.failed for r in reports)
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*.md")} == before
     assert not list(root.rglob("*.png"))
 
