@@ -45,6 +45,8 @@ NOTE_FAILED: frozenset[str] = frozenset({"refused", "failed"})
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 _INTERNAL = {"internal": True}
+# Not in the API's schema (the API runs notes on its own machine), but in `--json` when set.
+_WHEN_SET = {"internal": True, "when_set": True}
 
 
 @dataclass
@@ -109,6 +111,9 @@ class NoteReport:
     message: str | None = None
     warnings: list[str] = field(default_factory=list)
     reason: str | None = field(default=None, metadata=_INTERNAL)  # e.g. write_conflict; see BlockReport
+    # How the note's kernel was made: forked from a warm template, or started (kernel/fork).
+    kernel: Literal["forked", "started"] | None = None
+    node: str | None = field(default=None, metadata=_WHEN_SET)  # the Ray node it ran on (--executor ray)
 
     @property
     def failed(self) -> bool:
@@ -119,9 +124,13 @@ class NoteReport:
 
 
 def _public(value: Any) -> Any:
-    """asdict without the internal fields."""
+    """asdict without the internal fields (but with those shown when set, and set)."""
     if hasattr(value, "__dataclass_fields__"):
-        return {f.name: _public(getattr(value, f.name)) for f in fields(value) if not f.metadata.get("internal")}
+        return {
+            f.name: _public(getattr(value, f.name))
+            for f in fields(value)
+            if not f.metadata.get("internal") or (f.metadata.get("when_set") and getattr(value, f.name) is not None)
+        }
     if isinstance(value, list):
         return [_public(item) for item in value]
     if isinstance(value, dict):

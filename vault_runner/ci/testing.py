@@ -11,7 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,8 +72,10 @@ def run_note(
     options: NoteTestOptions = NoteTestOptions(),
     *,
     kernel_factory: KernelFactory = default_kernel_factory,
+    make_engine: Callable[..., Engine] = Engine,
 ) -> NoteResult:
-    """Run one note in a fresh kernel and judge its blocks."""
+    """Run one note in a fresh kernel and judge its blocks (`make_engine`: Engine, or the
+    RayEngine of a cluster, which runs the note there and judges and writes it here)."""
     shown = shown_path(path)
     started = time.monotonic()
     try:
@@ -87,7 +89,7 @@ def run_note(
     loaded = selection.loaded
     if loaded is None or not loaded.runnable:
         return NoteResult(shown, NoteReport(note=selection.relative, status=selection.skipped or "no-blocks"))
-    engine = Engine(vault, kernel_factory=kernel_factory)
+    engine = make_engine(vault, kernel_factory=kernel_factory)
     run = engine.execute(loaded)
     report = run.report
     result = NoteResult(shown, report, code={p.block.index: p.block.code for p in loaded.plan})
@@ -122,11 +124,15 @@ def run_note(
 
 
 def _guarded(
-    vault: Vault, path: Path, options: NoteTestOptions, kernel_factory: KernelFactory = default_kernel_factory
+    vault: Vault,
+    path: Path,
+    options: NoteTestOptions,
+    kernel_factory: KernelFactory = default_kernel_factory,
+    make_engine: Callable[..., Engine] = Engine,
 ) -> NoteResult:
     """run_note, with an unexpected crash turned into a failed note instead of a lost run."""
     try:
-        return run_note(vault, path, options, kernel_factory=kernel_factory)
+        return run_note(vault, path, options, kernel_factory=kernel_factory, make_engine=make_engine)
     except Exception as exc:
         shown = shown_path(path)
         message = f"{shown}: vault-runner could not test this note ({type(exc).__name__}: {exc}); run it again"
@@ -140,20 +146,24 @@ def run_notes(
     jobs: int = 1,
     on_result: Callable[[NoteResult], None] | None = None,
     kernel_factory: KernelFactory = default_kernel_factory,
+    make_engine: Callable[..., Engine] | None = None,
 ) -> list[NoteResult]:
     """Test notes, `jobs` at a time (one kernel per note); results in the order of `notes`.
 
     With more than one job, notes run in worker processes (spawned, so no kernel's sockets
-    or threads are inherited); a custom `kernel_factory` needs jobs=1.
+    or threads are inherited); a custom `kernel_factory` needs jobs=1. With `make_engine`
+    (a Ray cluster's), they wait on the cluster in threads of this process, its driver.
     """
     done = on_result or (lambda result: None)
     if jobs <= 1 or len(notes) <= 1:
         results = []
         for vault, path in notes:
-            result = _guarded(vault, path, options, kernel_factory)
+            result = _guarded(vault, path, options, kernel_factory, make_engine or Engine)
             done(result)
             results.append(result)
         return results
+    if make_engine is not None:
+        return _in_threads(notes, options, jobs, done, kernel_factory, make_engine)
     if kernel_factory is not default_kernel_factory:
         raise ValueError("a custom kernel_factory only works with jobs=1")
     slots: list[NoteResult | None] = [None] * len(notes)
@@ -168,4 +178,29 @@ def run_notes(
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+    return [r for r in slots if r is not None]
+
+
+def _in_threads(
+    notes: Sequence[tuple[Vault, Path]],
+    options: NoteTestOptions,
+    jobs: int,
+    done: Callable[[NoteResult], None],
+    kernel_factory: KernelFactory,
+    make_engine: Callable[..., Engine],
+) -> list[NoteResult]:
+    slots: list[NoteResult | None] = [None] * len(notes)
+    pool = ThreadPoolExecutor(max_workers=min(jobs, len(notes)))
+    futures = {
+        pool.submit(_guarded, vault, path, options, kernel_factory, make_engine): i
+        for i, (vault, path) in enumerate(notes)
+    }
+    try:
+        for future in as_completed(futures):
+            result = future.result()
+            slots[futures[future]] = result
+            done(result)
+    finally:
+        # Not waiting: on Ctrl+C the caller cancels the tasks these threads wait on.
+        pool.shutdown(wait=False, cancel_futures=True)
     return [r for r in slots if r is not None]

@@ -32,12 +32,14 @@ DEFAULTS: dict[str, Any] = {
     "deterministic": False,  # deterministic torch algorithms, CUBLAS workspace config
     "gpu-memory-fraction": None,  # per-kernel cap of CUDA memory (0 < f <= 1)
     "memory": None,  # kernel memory cap, e.g. "8G"
+    "gpus": None,  # GPUs a note reserves on a Ray cluster (0.5, 1, 2); None: 1 for device cuda, else 0
 }
 
 # Options that describe the kernel of a whole note; a `#|` line cannot change them.
-NOTE_LEVEL = frozenset({"seed", "device", "network", "deterministic", "gpu-memory-fraction", "memory"})
+NOTE_LEVEL = frozenset({"seed", "device", "network", "deterministic", "gpu-memory-fraction", "memory", "gpus"})
 # Options that cannot change what a block outputs; kept out of the staleness hash.
-NOT_HASHED = frozenset({"label", "raises", "compare", "timeout"})
+# `gpus` only says where a note is scheduled, not what it computes.
+NOT_HASHED = frozenset({"label", "raises", "compare", "timeout", "gpus"})
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _MEMORY_RE = re.compile(r"^\d+(\.\d+)?\s*[KMGT]?i?B?$", re.IGNORECASE)
@@ -62,6 +64,13 @@ def _check(name: str, value: Any) -> Any:
         expect(isinstance(value, int) and not isinstance(value, bool) and value >= 10, "a whole number of at least 10")
     elif name == "gpu-memory-fraction":
         expect(value is None or (isinstance(value, (int, float)) and 0 < value <= 1), "a number between 0 and 1")
+    elif name == "gpus":
+        expect(
+            value is None
+            or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1)
+            or (isinstance(value, int) and not isinstance(value, bool) and value > 1),
+            "a number of GPUs: a fraction between 0 and 1, or a whole number",
+        )
     elif name == "memory":
         expect(value is None or (isinstance(value, str) and bool(_MEMORY_RE.match(value))), "a size such as 4G or 512M")
     elif name in {"label", "raises"}:

@@ -28,7 +28,7 @@ from vault_runner.kernel.session import Execution
 from vault_runner.kernel.setup import kernel_env, setup_code
 from vault_runner.model import BlockReport, Event, EventSink, NoteReport
 
-__all__ = ("BlockResult", "Engine", "Run", "attachment_stem")
+__all__ = ("BlockResult", "Engine", "Rerender", "Run", "attachment_stem")
 
 SETUP_TIMEOUT = 120.0
 
@@ -296,15 +296,9 @@ class Engine(WriteBack):
             ]
         shown = outputs if planned.options["output"] else [o for o in outputs if o.get("output_type") == "error"]
 
-        def rerender(cell_sources: Mapping[int, CellSource]) -> Rendered:
-            return render_outputs(
-                shown,
-                note_stem=attachment_stem(loaded),
-                embed=lambda name: self.vault.embed(loaded.path, self.vault.attachment_dir(loaded.path) / name),
-                sources=cell_sources,
-                output_lines=int(planned.options["output-lines"]),
-            )
-
+        rerender = Rerender(
+            shown, attachment_stem(loaded), self.vault, loaded.path, int(planned.options["output-lines"])
+        )
         rendered = rerender(sources)
         status = execution.status
         if expected:
@@ -329,6 +323,30 @@ class Engine(WriteBack):
     def _hand_edit_message(self, loaded: Loaded, block: notes.Block) -> str:
         line = block.region.first_line if block.region else block.close_line + 1
         return f"{loaded.relative}:{line}: {hand_edit_message(block.fence_line)}"
+
+
+@dataclass(frozen=True)
+class Rerender:
+    """Renders a block's outputs for its note (again, with other traceback line numbers).
+
+    A value, not a closure: a Run computed on a Ray worker travels to the driver, which
+    points it at its own vault and note (engine/ray_executor.py) and writes it back there.
+    """
+
+    outputs: list[dict[str, Any]]
+    note_stem: str
+    vault: Vault
+    note: Path
+    output_lines: int
+
+    def __call__(self, sources: Mapping[int, CellSource]) -> Rendered:
+        return render_outputs(
+            self.outputs,
+            note_stem=self.note_stem,
+            embed=lambda name: self.vault.embed(self.note, self.vault.attachment_dir(self.note) / name),
+            sources=sources,
+            output_lines=self.output_lines,
+        )
 
 
 def attachment_stem(loaded: Loaded) -> str:

@@ -26,6 +26,7 @@ from vault_runner.core.freshness import stored_failures
 from vault_runner.engine.loading import select
 from vault_runner.engine.targets import notes_under
 from vault_runner.errors import VaultError
+from vault_runner.frontends.cli.executor import add_executor_options, executor
 from vault_runner.frontends.cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, default_target
 
 
@@ -121,7 +122,11 @@ def cmd_test(args: argparse.Namespace) -> int:
             blocks = sum(1 for b in result.report.blocks if b.status != "not-run")
             console.print(f"{mark} {result.path} · {blocks} block(s) · {result.report.duration:.2f} s")
 
-    results = [r for r in run_notes(candidates, options, jobs=jobs, on_result=done) if r.counted]
+    with executor(args) as where:  # here, or a Ray cluster (--executor ray)
+        on_ray = args.executor == "ray"
+        jobs = where.in_flight(len(candidates), jobs)
+        ran = run_notes(candidates, options, jobs=jobs, on_result=done, make_engine=where.engine if on_ray else None)
+    results = [r for r in ran if r.counted]
     seconds = time.monotonic() - started
     if args.json:
         print(reports.dumps(reports.results_json(results)))
@@ -187,4 +192,5 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="compare text outputs with the stored ones (after sanitizers; images only by count)",
     )
     test.add_argument("--update", action="store_true", help="write the fresh outputs into the notes, as render does")
+    add_executor_options(test)
     test.set_defaults(func=cmd_test)

@@ -25,6 +25,7 @@ from vault_runner.disk.vault import CONFIG_NAME, Vault
 from vault_runner.engine.clean import clean_note
 from vault_runner.engine.targets import notes_under
 from vault_runner.errors import VaultError
+from vault_runner.frontends.cli.executor import add_executor_options, executor
 from vault_runner.model import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Event, NoteReport
 
 CommandAdder = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
@@ -157,9 +158,7 @@ def _run_notes(args: argparse.Namespace, require_opt_in: bool, paths: list[Path]
 
     def run_one(item: tuple[Vault, Path]) -> NoteReport:
         vault, path = item
-        from vault_runner.engine import Engine  # starts kernels: imported only by commands that run
-
-        engine = Engine(vault, on_event=progress, force=args.force, failed=getattr(args, "failed", False))
+        engine = where.engine(vault, on_event=progress, force=args.force, failed=getattr(args, "failed", False))
         report = engine.run_note(path, require_opt_in=require_opt_in and not args.all)
         with lock:
             progress.advance()
@@ -168,13 +167,18 @@ def _run_notes(args: argparse.Namespace, require_opt_in: bool, paths: list[Path]
         return report
 
     try:
-        jobs = max(1, getattr(args, "jobs", 1))
-        if jobs == 1:
-            reports = [run_one(item) for item in candidates]
-        else:
-            # One kernel per note, several notes at once; reports keep the vault's order.
-            with ThreadPoolExecutor(max_workers=jobs) as pool:
-                reports = list(pool.map(run_one, candidates))
+        with executor(args) as where:  # here, or a Ray cluster (--executor ray)
+            jobs = where.in_flight(len(candidates), max(1, getattr(args, "jobs", 1)))
+            if jobs == 1:
+                reports = [run_one(item) for item in candidates]
+            else:
+                # One kernel per note, several notes at once; reports keep the vault's order.
+                with ThreadPoolExecutor(max_workers=jobs) as pool:
+                    try:
+                        reports = list(pool.map(run_one, candidates))
+                    except BaseException:
+                        where.cancel()  # Ctrl+C: end what runs elsewhere, or the pool waits for it
+                        raise
     finally:
         progress.stop()
     reports = [r for r in reports if r.status != "no-blocks"]  # notes without code are not news
@@ -246,6 +250,7 @@ def add_core_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     render.add_argument("--all", action="store_true", help="ignore opt-in: run every note with python blocks")
     render.add_argument("-j", "--jobs", type=int, default=1, metavar="N", help="run N notes at once (default 1)")
     _add_run_options(render)
+    add_executor_options(render)
     render.set_defaults(func=cmd_render)
 
     clean = sub.add_parser("clean", help="remove output regions and the attachments vault-runner made")

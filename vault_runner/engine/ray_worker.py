@@ -1,0 +1,85 @@
+"""What a Ray task does on its worker: run one note in a fresh kernel, write nothing, return it all.
+
+The task gets the note as the driver loaded it and the vault (its settings, and its files
+shipped or on a shared filesystem: engine/shipping.py). It runs the same engine as a local
+run, in a scratch copy of the vault, with the worker's own sandbox tier and the note's
+options, and returns what the driver needs to write the note back itself: the report, each
+block's rendered outputs with their attachment bytes, and the sources of its tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from vault_runner.core.render import CellSource
+from vault_runner.disk.vault import Vault
+from vault_runner.engine.loading import Loaded
+from vault_runner.engine.run import BlockResult, Engine
+from vault_runner.engine.shipping import materialize
+from vault_runner.model import NoteReport
+
+__all__ = ("WorkerResult", "run_on_worker")
+
+
+@dataclass
+class WorkerResult:
+    """A Run without its Loaded (the driver has its own), and where it ran."""
+
+    report: NoteReport
+    results: dict[int, BlockResult]
+    kernel_restarted: bool = False
+    sources: dict[int, CellSource] = field(default_factory=dict)
+    node: str | None = None
+
+
+def run_on_worker(vault: Vault, loaded: Loaded, files: bytes | str, limit: int, gpus: float) -> WorkerResult:
+    """Run `loaded` in a scratch copy of `vault` (its files: a packed zip, or the vault's
+    folder as this worker sees it) and return what ran; the copy is removed afterwards."""
+    node = _node_id()
+    scratch = Path(tempfile.mkdtemp(prefix="vault-runner-ray-")).resolve()
+    try:
+        root = scratch / (vault.root.name or "vault")
+        root.mkdir()
+        materialize(root, files if isinstance(files, bytes) else Path(files), limit)
+        here = replace(vault, root=root)
+        note = root / loaded.relative
+        note.parent.mkdir(parents=True, exist_ok=True)
+        note.write_bytes(loaded.data)  # the bytes the driver planned, whatever the copy held
+        with _gpus_reserved(gpus):
+            run = Engine(here).execute(replace(loaded, path=note))
+        return WorkerResult(run.report, run.results, run.kernel_restarted, run.sources, node)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextmanager
+def _gpus_reserved(gpus: float) -> Iterator[None]:
+    """A note that reserved no GPU sees none (Ray only sets CUDA_VISIBLE_DEVICES for those
+    that did), so `device: auto` cannot land on a GPU another task holds."""
+    if gpus > 0:
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:  # outside Ray (a test calling this directly): no node
+        return None
