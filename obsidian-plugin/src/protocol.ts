@@ -3,8 +3,8 @@
  *
  * Everything the plugin and the server say to each other is typed here, in one file:
  * - the shapes of docs/openapi.json that the plugin uses (they exist in the server today),
- * - the extensions for contract 11 ("the editor owns the open note") that the server does
- *   NOT implement yet: `POST /api/v1/editors`, `POST /api/v1/regions-applied`, the
+ * - the extensions for contract 11 ("the editor owns the open note"), which the server
+ *   implements: `POST /api/v1/editors`, `POST /api/v1/regions-applied`, the
  *   `client` query parameter of `GET /api/v1/events` and the SSE event kind `regions`.
  *   PROTOCOL.md describes them precisely, for the Python side.
  */
@@ -179,7 +179,7 @@ export interface ServerEvent<D = Record<string, unknown>> {
 	data: D;
 }
 
-// -- NEW (not in the server yet): contract 11 --------------------------------------------------
+// -- contract 11: the editor owns the open note (PROTOCOL.md) ----------------------------------
 
 /**
  * `POST /api/v1/editors`: the notes this Obsidian window holds open in an editor. Each

@@ -8,8 +8,9 @@ not change since that re-read, and redo on a conflict.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from vault_runner.core import note as notes
 from vault_runner.core.freshness import hand_edit_message
@@ -24,9 +25,25 @@ from vault_runner.model import BlockReport, Event, EventSink
 if TYPE_CHECKING:
     from vault_runner.engine.run import BlockResult, Run
 
-__all__ = ("MAX_WRITE_ATTEMPTS", "WriteBack")
+__all__ = ("MAX_WRITE_ATTEMPTS", "EditorRegions", "WriteBack")
 
 MAX_WRITE_ATTEMPTS = 50
+
+
+@dataclass
+class EditorRegions:
+    """What an editor that holds the note open applies instead of our swap (DESIGN.md contract 11).
+
+    `updates`: every python block of the note as it ran, in note order (`index`, `code`,
+    `code_hash`, `region`: the region body, or None to keep the block's region as it is).
+    `old_links`: attachments the replaced regions linked (stale once the editor's text no
+    longer links them); `attachments`: the files written for the new regions.
+    """
+
+    updates: list[dict[str, Any]]
+    attachment_dir: Path
+    old_links: set[str] = field(default_factory=set)
+    attachments: set[str] = field(default_factory=set)
 
 
 class WriteBack:
@@ -54,6 +71,61 @@ class WriteBack:
             run.report.status = "failed"
             run.report.reason = "outside_vault"
             run.report.message = f"{run.loaded.relative}: outputs not written: {where} {exc.message}"
+
+    def editor_regions(self, run: Run) -> EditorRegions | None:
+        """The regions of `run` for an editor to apply; the note file is not written, its attachments are.
+
+        Tracebacks are re-lined to the note as it is on disk now (the editor's text may have
+        moved on; the editor matches blocks by code, as `_regions_for` does). Whether a region
+        was edited by hand is the editor's call, on its own text: no block is marked here.
+        None (and the report failed) when an attachment cannot be written inside the vault.
+        """
+        loaded, report, results = run.loaded, run.report, run.results
+        ran = [(p, results.get(p.block.index)) for p in loaded.plan]
+        by_report = {b.index: b for b in report.blocks}
+        try:
+            current = read_file(loaded.path, root=self.vault.root)
+            note = loaded.note if current == loaded.data else notes.parse_note(notes.decode_note(current))
+        except (OSError, VaultError, notes.NoteError):
+            note = loaded.note  # the editor has the text that counts; ours only places tracebacks
+        if note.problems:
+            note = loaded.note
+        kept = [(b, b.status, b.message) for b in report.blocks]
+        regions, old_links, _, matched = self._regions_for(note, ran, by_report)
+        new_text = notes.splice(note, regions, notes.removable_orphans(note))
+        if self._reline_tracebacks(new_text, matched, ran, run.sources):
+            regions, old_links, _, matched = self._regions_for(note, ran, by_report)
+            new_text = notes.splice(note, regions, notes.removable_orphans(note))
+        for block, status, message in kept:  # undo the hand-edit marks: the editor decides them
+            block.status, block.message = status, message
+        delegated = EditorRegions(updates=[], attachment_dir=self.vault.attachment_dir(loaded.path))
+        delegated.old_links = old_links
+        try:
+            for _, result in ran:
+                for attachment in result.rendered.attachments if result and result.rendered else ():
+                    if attachment.name not in delegated.attachments:
+                        write_attachment(
+                            delegated.attachment_dir / attachment.name, attachment.data, root=self.vault.root
+                        )
+                        delegated.attachments.add(attachment.name)
+        except VaultError as exc:
+            try:
+                where = exc.path.relative_to(self.vault.root).as_posix()
+            except ValueError:
+                where = str(exc.path)
+            report.status = "failed"
+            report.reason = "outside_vault"
+            report.message = f"{loaded.relative}: outputs not written: {where} {exc.message}"
+            return None
+        for planned, result in ran:
+            body = None
+            if planned.code_hash is not None and result is not None and result.rendered is not None:
+                body = result.rendered.body
+            block = planned.block
+            delegated.updates.append(
+                {"index": block.index, "code": block.code, "code_hash": planned.code_hash, "region": body}
+            )
+        return delegated
 
     def _write_back(self, run: Run) -> None:
         loaded, report, results = run.loaded, run.report, run.results

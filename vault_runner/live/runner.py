@@ -29,6 +29,7 @@ from vault_runner.engine import (
 )
 from vault_runner.errors import UntrustedVault, VaultError
 from vault_runner.kernel.pool import WARM_CODE, KernelPool
+from vault_runner.live.delegation import Delegation
 from vault_runner.live.session import SUPERSEDE_POLICIES, NoteSession, Request
 
 
@@ -87,6 +88,9 @@ class Runner:
         self._own_writes: dict[Path, str] = {}
         self._scheduled = 0  # sessions with a worker draining their queue
         self._closed = False
+        # Notes an editor holds open get their regions as a `regions` event, not a write
+        # (DESIGN.md contract 11); `delegation.editors` is set by the API, None elsewhere.
+        self.delegation = Delegation(self)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -319,10 +323,15 @@ class Runner:
             future.cancel()
             return future
         queue = session.queue
-        if request.kind == "changed" and queue and queue[-1].kind == "changed":
-            queue[-1].futures.append(future)  # saves in a row: one run serves them all
-            return future
         request.futures.append(future)
+        if request.kind in _COALESCED:
+            # The same run queued again (saves in a row, a plugin's repeated clicks): one run
+            # serves them all, at the place of the latest, so a queue never grows past one
+            # entry per kind of request (issue 9.11).
+            same = next((r for r in queue if _same_run(r, request)), None)
+            if same is not None:
+                queue.remove(same)
+                request.futures[:0] = same.futures
         queue.append(request)
         if not session.scheduled:
             session.scheduled = True
@@ -387,6 +396,13 @@ def _key(path: Path) -> Path:
     import os
 
     return Path(os.path.abspath(path))
+
+
+_COALESCED = ("changed", "run", "block")
+
+
+def _same_run(queued: Request, new: Request) -> bool:
+    return (queued.kind, queued.restart, queued.index) == (new.kind, new.restart, new.index)
 
 
 def _cancel_requests(queue: deque[Request]) -> None:

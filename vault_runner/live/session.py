@@ -237,6 +237,8 @@ class NoteSession:
             )
             return self._finish_early(NoteReport(note=relative, status="refused", message=message))
         start, stop, restores = plan.start, plan.stop, list(plan.restores)
+        if restores and runner.delegation.is_held(relative):
+            restores = []  # an editor holds the note: its text is the truth, nothing is put back
         if start is None:
             self.seen = digests
             if not restores:
@@ -389,7 +391,7 @@ class NoteSession:
                 block.message = _SKIP_MESSAGES[block.reason]
         self._add_restores(run, runnable, restores)
         failed_before = report.status == "failed"
-        engine.write_back(run)
+        delegated = runner.delegation.write_back(engine, run)  # to the editor holding the note, or the file
         write_failed = report.status == "failed" and not failed_before
         report.duration = time.monotonic() - started
 
@@ -424,6 +426,7 @@ class NoteSession:
         data = finished_data(report, restored=len(restores))
         data["from_line"] = runnable[start].block.fence_line
         data["superseded"] = superseded
+        data["delegated"] = delegated
         runner.emit(Event("note-finished", relative, data=data))
         self.last_report = report
         return report

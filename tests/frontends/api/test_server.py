@@ -473,11 +473,12 @@ def test_interrupt_stops_a_running_block_and_cancel_drops_queued_runs(api) -> No
         running = Call(server, "/api/v1/run", {"note": "loop.md"})
         running.start()
         assert events.wait(lambda: bool(events.of("output"))), events.events
-        # Two runs queue behind it: one answered at once (202), one waiting for its result.
+        # Two identical runs queue behind it, as one run (issue 9.11): one answered at once (202),
+        # one waiting for its result.
         assert post(server, "/api/v1/run-all", {"note": "loop.md", "wait": False}).status_code == 202
         waiting = Call(server, "/api/v1/run-all", {"note": "loop.md"})
         waiting.start()
-        wait_until(lambda: _queue_length(runner, "loop.md") == 2, "the second run to queue")
+        wait_until(lambda: _queued_requests(runner, "loop.md") == [2], "the second run to join the queued one")
 
         cancel = post(server, "/api/v1/cancel", {"note": "loop.md"})
         assert cancel.status_code == 200 and cancel.json() == {"note": "loop.md", "cancelled": True}
@@ -504,13 +505,14 @@ def test_interrupt_stops_a_running_block_and_cancel_drops_queued_runs(api) -> No
     assert nothing.json() == {"note": "loop.md", "interrupted": False}
 
 
-def _queue_length(runner: Runner, note: str) -> int:
+def _queued_requests(runner: Runner, note: str) -> list[int]:
     # Runner.status() says "running" for a note with a run and a queue; the queue itself is
-    # only in its session (session.py), read here for the test's sake.
+    # only in its session (session.py), read here for the test's sake: per queued run, the
+    # number of requests it serves.
     for session in list(runner._sessions.values()):
         if session.relative() == note:
-            return len(session.queue)
-    return 0
+            return [len(request.futures) for request in list(session.queue)]
+    return []
 
 
 def test_restart_shuts_the_notes_kernel_down(api) -> None:

@@ -33,6 +33,7 @@ from vault_runner import __version__
 from vault_runner.disk.vault import Vault
 from vault_runner.errors import ApiError
 from vault_runner.frontends.api.codes import error_json, http_status
+from vault_runner.frontends.api.editors import EditorRegistry, editors_router
 from vault_runner.frontends.api.events import HEARTBEAT_SECONDS, MAX_STREAMS, EventHub
 from vault_runner.frontends.api.routes import router, versions
 from vault_runner.frontends.api.security import SecurityMiddleware
@@ -139,10 +140,12 @@ def _make_app() -> FastAPI:
         openapi_tags=[
             {"name": "notes", "description": "run notes and blocks, stop them, read their results"},
             {"name": "server", "description": "status and the live event stream"},
+            {"name": "editors", "description": "notes a plugin holds open: their regions go to its editor"},
         ],
     )
     app.router.redirect_slashes = False  # a redirect would only hand a refused request a second path
     app.include_router(router)
+    app.include_router(editors_router)
     _handlers(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
@@ -164,7 +167,8 @@ class ApiApp:
         await self.security(scope, receive, send)
 
     def close(self) -> None:
-        """End every event stream (before the server shuts down)."""
+        """End every event stream (before the server shuts down); no note is held by an editor any more."""
+        self.fastapi.state.editors.close()
         self.fastapi.state.hub.close()
 
 
@@ -191,10 +195,12 @@ def create_app(
     app.state.watching = watching
     app.state.heartbeat = heartbeat
     app.state.versions = versions()
-    app.state.hub = EventHub(runner, max_streams)
+    app.state.editors = EditorRegistry()
+    app.state.hub = EventHub(runner, max_streams, app.state.editors)
+    runner.delegation.editors = app.state.editors  # held notes get regions, not writes (contract 11)
     json_routes = {
         (method, route.path)
-        for route in router.routes  # app.routes holds the included router, not its routes
+        for route in [*router.routes, *editors_router.routes]  # app.routes holds the routers, not their routes
         if isinstance(route, APIRoute)
         for method in route.methods
         if method in {"POST", "PUT", "PATCH", "DELETE"}

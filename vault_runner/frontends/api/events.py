@@ -2,7 +2,8 @@
 
 The runner's threads hand events to `EventHub`, which numbers them, remembers each note's
 last report (for `/results` and the device of each note in `/status`) and fans them out
-to the open streams. Each client's `EventStream` is a bounded asyncio queue: a slow client
+to the open streams (a `regions` event only to the streams of the plugins that hold its
+note open, editors.py). Each client's `EventStream` is a bounded asyncio queue: a slow client
 loses events (and is told how many, with an `overflow` event), never the server's memory.
 """
 
@@ -13,11 +14,11 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 from vault_runner.errors import ApiError
-from vault_runner.model import Event, EventSink
+from vault_runner.model import BLOCK_FAILED, Event, EventSink
 
 __all__ = (
     "HEARTBEAT_SECONDS",
@@ -50,9 +51,10 @@ def event_json(event: Event, seq: int | None = None) -> dict[str, Any]:
 class EventStream:
     """One client's event stream: an asyncio queue fed from the runner's threads."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, note: str | None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, note: str | None, client: str | None = None) -> None:
         self.loop = loop
         self.note = note
+        self.client = client
         self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(STREAM_QUEUE)
         self.dropped = 0
 
@@ -75,11 +77,22 @@ class EventStream:
                 self.dropped += 1  # a slow client loses events, never the server's memory
 
 
+class StreamClients(Protocol):
+    """What the hub needs of the editor registry (editors.py)."""
+
+    def holders(self, note: str, connected_only: bool = False) -> set[str]: ...
+    def stream_opened(self, client: str) -> None: ...
+    def stream_closed(self, client: str) -> None: ...
+
+
 class EventHub:
     """Subscribed to the runner once: fans events out to streams, remembers each note's last report."""
 
-    def __init__(self, runner: EventSource, max_streams: int = MAX_STREAMS) -> None:
+    def __init__(
+        self, runner: EventSource, max_streams: int = MAX_STREAMS, clients: StreamClients | None = None
+    ) -> None:
         self.max_streams = max_streams
+        self.clients = clients
         self._lock = threading.Lock()
         self._streams: set[EventStream] = set()
         self._seq = itertools.count(1)
@@ -99,8 +112,22 @@ class EventHub:
         with self._lock:
             item = event_json(event, next(self._seq))
             streams = list(self._streams)
+        if event.kind == "regions":
+            # Regions are for the editor that holds the note, never for a stream that would write them twice.
+            holders = self.clients.holders(event.note, connected_only=True) if self.clients is not None else set()
+            streams = [s for s in streams if s.client is not None and s.client in holders]
         for stream in streams:
             stream.push(item)
+
+    def amend_report(self, note: str, unwritten: Sequence[int], hand_edited: Sequence[int]) -> None:
+        """The editor's acknowledgement of a `regions` event: blocks it left alone get their status."""
+        with self._lock:
+            report = self._reports.get(note)
+            for block in report.get("blocks", []) if report else []:
+                if block.get("index") in hand_edited:
+                    block["status"] = "hand-edited"
+                elif block.get("index") in unwritten and block.get("status") not in BLOCK_FAILED:
+                    block["status"] = "unwritten"
 
     def last_report(self, note: str) -> dict[str, Any] | None:
         """The JSON report of the note's last run in this server, or None."""
@@ -112,9 +139,10 @@ class EventHub:
         with self._lock:
             return dict(self._devices)
 
-    def open(self, note: str | None) -> EventStream:
-        """A new stream (of one note's events, or all); ApiError when shutting down or too many are open."""
-        stream = EventStream(asyncio.get_running_loop(), note)
+    def open(self, note: str | None, client: str | None = None) -> EventStream:
+        """A new stream (of one note's events, or all; of a plugin `client`); ApiError when shutting down
+        or too many are open."""
+        stream = EventStream(asyncio.get_running_loop(), note, client)
         with self._lock:
             if self._closed:
                 raise ApiError("shutting_down", "vault-runner is shutting down; start it again")
@@ -124,11 +152,16 @@ class EventHub:
                     f"{self.max_streams} event streams are open already; close one (reload the plugin) and retry",
                 )
             self._streams.add(stream)
+        if client is not None and self.clients is not None:
+            self.clients.stream_opened(client)
         return stream
 
     def remove(self, stream: EventStream) -> None:
         with self._lock:
+            known = stream in self._streams
             self._streams.discard(stream)
+        if known and stream.client is not None and self.clients is not None:
+            self.clients.stream_closed(stream.client)
 
     def count(self) -> int:
         with self._lock:

@@ -28,6 +28,7 @@ from vault_runner.errors import ApiError, PathRefused
 from vault_runner.frontends.api.codes import run_error
 from vault_runner.frontends.api.events import EventHub, event_stream
 from vault_runner.frontends.api.schemas import (
+    CLIENT_PATTERN,
     ERROR_RESPONSES,
     NOTE_PATTERN,
     BlockByIndex,
@@ -412,7 +413,9 @@ async def status(request: Request) -> Status:
             "kind and `data:` a JSON object {id, time, kind, note, index, line, data}. Kinds: `ready` "
             "(first, once), `note-started`, `block-started`, `output` (data: one output, as it arrives, "
             "while the block still runs), `block-finished` (data: status, duration), `note-written`, "
-            "`note-finished` (data: status, written, report), `superseded`, `kernel-*`, `log`, "
+            "`note-finished` (data: status, written, delegated, report), `regions` (only with `client`, for a note "
+            "that client holds open: data {run, force, updates: [{index, code, code_hash, region}]}, applied by "
+            "the plugin instead of a write), `superseded`, `kernel-*`, `log`, "
             "`overflow` (a slow client missed events), `closing` (server shutting down). A comment line "
             "is sent every 15 s to keep the connection open.",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -433,6 +436,12 @@ async def events(
         pattern=NOTE_PATTERN,
         description="only this note's events (path inside the vault)",
     ),
+    client: str | None = Query(
+        None,
+        pattern=CLIENT_PATTERN,
+        description="the plugin instance's id (as in POST /api/v1/editors): this stream also gets the `regions` "
+        "events of the notes that client holds open, and keeps its set of open notes alive",
+    ),
 ) -> StreamingResponse:
     state = _state(request)
     hub: EventHub = state.hub
@@ -440,7 +449,7 @@ async def events(
     if note is not None:
         path = await run_in_threadpool(_resolve, state.runner.vault, note, False)
         relative = state.runner.vault.relative(path)
-    stream = hub.open(relative)
+    stream = hub.open(relative, client)
     return StreamingResponse(
         event_stream(hub, stream, state.heartbeat),
         media_type="text/event-stream",

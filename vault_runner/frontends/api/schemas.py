@@ -23,15 +23,21 @@ __all__ = (
     "BlockByIndex",
     "BlockByLine",
     "BlockResult",
+    "CLIENT_PATTERN",
     "CancelResult",
+    "EditorsRequest",
+    "EditorsResult",
     "ErrorBody",
     "ErrorCode",
     "ErrorResponse",
+    "IgnoredNote",
     "InterruptResult",
     "NoteRequest",
     "NoteResult",
     "NoteResults",
     "Output",
+    "RegionsAppliedRequest",
+    "RegionsAppliedResult",
     "RestartResult",
     "RunRequest",
     "RunResult",
@@ -235,6 +241,57 @@ class Status(BaseModel):
     versions: dict[str, str | None]
     streams: int = Field(description="open event streams")
     refused: dict[str, int] = Field(description="requests refused by the security checks, by error code")
+
+
+# -- the editor extensions (obsidian-plugin/PROTOCOL.md, DESIGN.md contract 11) -------------
+CLIENT_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
+_CLIENT_FIELD = Field(
+    pattern=CLIENT_PATTERN,
+    description="The plugin instance's random id (8 to 64 of `A-Z a-z 0-9 _ -`), also sent as `?client=` "
+    "on its event stream.",
+    examples=["3f9a0c1b2d4e5f60718293a4"],
+)
+
+
+class EditorsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    client: str = _CLIENT_FIELD
+    open: list[Annotated[str, Field(max_length=1024)]] = Field(
+        max_length=1000,
+        description="Every note this client holds open in an editor (vault-relative, `/`): the whole set, "
+        "not a change. `[]` when the plugin unloads.",
+    )
+
+
+class IgnoredNote(BaseModel):
+    note: str
+    code: ErrorCode = Field(description="why it was refused, as for any request naming it")
+
+
+class EditorsResult(BaseModel):
+    client: str
+    open: list[str] = Field(description="the notes accepted, named as events name them")
+    ignored: list[IgnoredNote] = Field(description="the paths refused, with their code")
+
+
+class RegionsAppliedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    client: str = _CLIENT_FIELD
+    note: str = _NOTE_FIELD
+    run: str = Field(min_length=1, max_length=64, description="the `run` of the `regions` event")
+    via: Literal["editor", "file", "none"] = Field(
+        description="editor: written into the open editor; file: with Vault.process; none: nothing written"
+    )
+    applied: list[_Whole] = Field(default_factory=list, max_length=10_000, description="blocks written or removed")
+    unwritten: list[_Whole] = Field(default_factory=list, max_length=10_000, description="their code changed")
+    hand_edited: list[_Whole] = Field(default_factory=list, max_length=10_000, description="left alone: edited by hand")
+    problem: str | None = Field(default=None, max_length=2000, description="why nothing could be written")
+
+
+class RegionsAppliedResult(BaseModel):
+    note: str
+    run: str
+    accepted: bool = Field(description="false for an unknown or already acknowledged run")
 
 
 # The documented error answers of every route: each client-error status (and 503), with its codes.

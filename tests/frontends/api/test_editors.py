@@ -1,0 +1,213 @@
+"""The editor owns the open note (obsidian-plugin/PROTOCOL.md, DESIGN.md contract 11), on a real
+uvicorn server on 127.0.0.1 with real kernels, driven with httpx as the plugin drives it: a note
+registered as open in an editor gets its regions on that client's event stream and its file is
+not written; the acknowledgement updates the report; unregistered, the server writes as before.
+Also: identical queued runs of a note are coalesced (issue 9.11).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_note_vault, using_config_dir
+from tests.frontends.api.test_server import WAIT, EventReader, client_for, serving
+from vault_runner.disk import trust
+from vault_runner.frontends.api.app import ApiApp, ApiServer
+from vault_runner.frontends.api.editors import EditorRegistry
+from vault_runner.live.runner import Runner
+
+pytestmark = pytest.mark.kernel
+
+CLIENT = "3f9a0c1b2d4e5f60718293a4"
+ORIGIN = {"Origin": "app://obsidian.md"}
+
+NOTES = {
+    "held.md": """
+        ---
+        vault-runner: true
+        ---
+        # Held
+
+        ```python
+        print("hello from the kernel")
+        ```
+
+        Prose between.
+
+        ```python
+        #| eval: false
+        import os
+        ```
+        """,
+    "Folder/slow.md": """
+        ---
+        vault-runner: true
+        ---
+        ```python
+        import time
+        time.sleep(1.5)
+        print("slept")
+        ```
+        """,
+}
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ApiServer, Runner, ApiApp, Path]]:
+    root = make_note_vault(tmp_path_factory.mktemp("vault"), NOTES)
+    with using_config_dir(tmp_path_factory.mktemp("config")):
+        with serving(root, max_kernels=2, spares=0) as (server, runner, app):
+            yield server, runner, app, root
+
+
+@pytest.fixture(autouse=True)
+def _trusted(request: pytest.FixtureRequest, _isolated_config: None) -> None:
+    if "api" in request.fixturenames:
+        trust.trust(request.getfixturevalue("api")[3])
+
+
+@contextmanager
+def stream(server: ApiServer, client: str | None = CLIENT) -> Iterator[EventReader]:
+    """The plugin's event stream: `?client=`, with Obsidian's Origin."""
+    reader = EventReader(server)
+    reader.client.headers.update(ORIGIN)
+    if client is not None:
+        reader.params = {"client": client}
+    try:
+        yield reader.start()
+    finally:
+        reader.close()
+
+
+def editors(server: ApiServer, notes: list[str], client: str = CLIENT) -> dict:
+    with client_for(server, **ORIGIN) as http:
+        answer = http.post("/api/v1/editors", json={"client": client, "open": notes})
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["access-control-allow-origin"] == "app://obsidian.md"
+    return answer.json()
+
+
+def digest(path: Path) -> tuple[str, int]:
+    return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
+
+
+def test_a_note_open_in_an_editor_gets_its_regions_on_the_stream_and_its_file_is_not_written(api) -> None:
+    server, _runner, _app, root = api
+    note = root / "held.md"
+    before = digest(note)
+    with stream(server) as plugin, stream(server, client=None) as other:
+        registered = editors(server, ["held.md", "../outside.md", "missing.md", "held.md"])
+        assert registered["open"] == ["held.md"]
+        assert {(i["note"], i["code"]) for i in registered["ignored"]} == {
+            ("../outside.md", "invalid_path"),
+            ("missing.md", "unknown_note"),
+        }
+        with client_for(server, **ORIGIN) as http:
+            answer = http.post("/api/v1/run", json={"note": "held.md"})
+        assert answer.status_code == 200, answer.text
+        result = answer.json()
+        assert result["error"] is None, result
+        assert result["report"]["written"] is False
+        assert plugin.wait(lambda: bool(plugin.of("note-finished")))
+        [(_, regions)] = plugin.of("regions")
+        assert regions["note"] == "held.md" and regions["kind"] == "regions"
+        data = regions["data"]
+        assert data["force"] is False and data["run"].startswith("r-")
+        first, second = data["updates"]
+        assert first["index"] == 0 and first["code"] == 'print("hello from the kernel")\n'
+        assert len(first["code_hash"]) == 12 and "hello from the kernel" in first["region"]
+        assert second == {"index": 1, "code": "#| eval: false\nimport os\n", "code_hash": None, "region": None}
+        finished = plugin.of("note-finished")[-1][1]["data"]
+        assert finished["delegated"] is True and finished["written"] is False
+        assert not plugin.of("note-written")
+        # Regions are for the editor that holds the note: a stream without that client never sees them.
+        assert other.wait(lambda: bool(other.of("note-finished")))
+        assert not other.of("regions")
+        assert digest(note) == before, "the server wrote a note that an editor holds open"
+
+        ack = {"client": CLIENT, "note": "held.md", "run": data["run"], "via": "editor"}
+        with client_for(server, **ORIGIN) as http:
+            done = http.post("/api/v1/regions-applied", json={**ack, "applied": [1], "unwritten": [0]})
+            again = http.post("/api/v1/regions-applied", json={**ack, "applied": [0, 1]})
+            results = http.get("/api/v1/results", params={"note": "held.md"}).json()
+        assert done.json() == {"note": "held.md", "run": data["run"], "accepted": True}
+        assert again.json()["accepted"] is False, "a run is acknowledged once"
+        # The editor found block 0's code changed: the last report says so, as a file write would.
+        assert results["source"] == "last-run"
+        assert [b["status"] for b in results["report"]["blocks"]][0] == "unwritten"
+
+        # Closed in the editor: the server writes the note itself again, as today.
+        assert editors(server, [])["open"] == []
+        mark = len(plugin.of("note-finished"))
+        with client_for(server, **ORIGIN) as http:
+            answer = http.post("/api/v1/run-block", json={"note": "held.md", "index": 0})
+        assert answer.json()["report"]["written"] is True
+        assert plugin.wait(lambda: len(plugin.of("note-finished")) > mark)
+        assert len(plugin.of("regions")) == 1 and plugin.of("note-written")
+    text = note.read_text(encoding="utf-8")
+    assert "<!-- vault-runner:output code=" in text and "hello from the kernel" in text
+    assert text.startswith("---\nvault-runner: true\n---\n# Held\n")
+
+
+def test_a_set_outlives_its_stream_only_for_the_grace_period_then_the_file_is_written(api) -> None:
+    server, _runner, app, root = api
+    registry: EditorRegistry = app.fastapi.state.editors
+    registry.grace = 1.0
+    note = root / "Folder" / "slow.md"
+    try:
+        with stream(server):
+            assert editors(server, ["Folder/slow.md"])["open"] == ["Folder/slow.md"]
+        # The stream dropped: the set holds while a reconnect may come...
+        assert registry.is_held("Folder/slow.md")
+        before = digest(note)
+        with client_for(server, **ORIGIN) as http:
+            answer = http.post("/api/v1/run", json={"note": "Folder/slow.md"})
+        # ...and no reconnect came, so the run wrote the file as today once the grace period ran out.
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["report"]["written"] is True
+        assert digest(note) != before and "slept" in note.read_text(encoding="utf-8")
+        assert not registry.is_held("Folder/slow.md")
+    finally:
+        registry.grace = 10.0
+        editors(server, [])
+
+
+def test_fifty_queued_run_alls_of_a_note_coalesce_into_at_most_two_runs(api) -> None:
+    server, runner, _app, _root = api
+    with stream(server, client=None) as reader, client_for(server) as http:
+        mark = len(reader.of("note-started"))
+        for _ in range(50):
+            answer = http.post("/api/v1/run-all", json={"note": "Folder/slow.md", "wait": False})
+            assert answer.status_code == 202, answer.text
+        assert runner.wait_idle(WAIT)
+        time.sleep(0.3)  # the last events cross the stream
+        started = [d for _, d in reader.of("note-started")[mark:] if d["note"] == "Folder/slow.md"]
+    # The one running when the requests came, and one queued that serves all the others.
+    assert 1 <= len(started) <= 2, f"{len(started)} runs for 50 identical requests"
+
+
+def test_the_registry_forgets_a_client_after_the_grace_period() -> None:
+    now = [0.0]
+    registry = EditorRegistry(grace=10.0, clock=lambda: now[0])
+    registry.set_open("c1", ["a.md"])
+    assert registry.is_held("a.md") and not registry.holders("a.md", connected_only=True)
+    registry.stream_opened("c1")
+    now[0] = 100.0
+    assert registry.holders("a.md", connected_only=True) == {"c1"}, "a connected client holds for ever"
+    registry.stream_closed("c1")
+    now[0] = 109.0
+    assert registry.is_held("a.md") and registry.wait_for_holder("b.md") is False
+    now[0] = 111.0
+    assert not registry.is_held("a.md")
+    registry.stream_opened("c1")  # a late reconnect does not bring the set back: a new POST does
+    assert not registry.is_held("a.md")
+    registry.set_open("c1", ["a.md"])
+    assert registry.holders("a.md", connected_only=True) == {"c1"}
+    registry.set_open("c1", [])
+    assert not registry.is_held("a.md")
