@@ -268,6 +268,7 @@ FRONT_ENDS: dict[str, tuple[str, ...]] = {
     "vault_runner.frontends.cli.admin": ("doctor", "trust", "untrust"),
     "vault_runner.frontends.cli.watch": ("watch",),
     "vault_runner.frontends.cli.serve": ("serve",),
+    "vault_runner.frontends.cli.obsidian": ("obsidian",),
 }
 
 
