@@ -16,6 +16,7 @@ from typing import Any
 
 from vault_runner.core import note as notes
 from vault_runner.core.freshness import freshness, hand_edit_message, stored_failures
+from vault_runner.core.options import resolve
 from vault_runner.core.plan import PlannedBlock
 from vault_runner.core.render import CellSource, Rendered, output_summary, render_outputs, strip_ansi
 from vault_runner.core.stopping import stop_message, stops_the_note
@@ -23,7 +24,7 @@ from vault_runner.disk.vault import Vault
 from vault_runner.engine.loading import Loaded, block_report, needs_torch, select
 from vault_runner.engine.writeback import WriteBack
 from vault_runner.errors import KernelDied, KernelSetupError, VaultError
-from vault_runner.kernel.factory import Kernel, KernelFactory, default_kernel_factory
+from vault_runner.kernel.factory import Kernel, KernelFactory, default_kernel_factory, prewarm
 from vault_runner.kernel.session import Execution
 from vault_runner.kernel.setup import kernel_env, setup_code
 from vault_runner.model import BlockReport, Event, EventSink, NoteReport
@@ -77,6 +78,7 @@ class Engine(WriteBack):
     # -- front door ----------------------------------------------------------------------
     def run_note(self, path: Path, *, require_opt_in: bool = True, write: bool = True) -> NoteReport:
         started = time.monotonic()
+        self.prewarm()  # the kernel template starts while the note is read
         try:
             selection = select(self.vault, path, all_notes=not require_opt_in)
         except VaultError as exc:
@@ -126,6 +128,14 @@ class Engine(WriteBack):
             return str(path)
 
     # -- execution -----------------------------------------------------------------------
+    def prewarm(self) -> None:
+        """Let the kernel factory get ready for a note of the vault's default options."""
+        try:
+            options = resolve(self.vault.config.defaults, {}).values
+        except (VaultError, ValueError):
+            return  # the note says what is wrong with them when it runs
+        prewarm(self.kernel_factory, self.vault.root, options)
+
     def start_kernel(self, loaded: Loaded) -> Kernel:
         kernel = self.kernel_factory(
             loaded.path.parent,
@@ -177,6 +187,7 @@ class Engine(WriteBack):
                 kernel = self.start_kernel(loaded)
                 device = self.prepare(kernel, loaded)
             report.device = device
+            report.kernel = getattr(kernel, "origin", None) or "started"
             for planned in loaded.plan:
                 block = planned.block
                 if planned.code_hash is None:

@@ -1,6 +1,6 @@
-"""The template process of the kernel factory (forkserver.py); run as a script, never imported.
+"""The template process of the kernel factory (template.py); run as a script, never imported.
 
-    python forkserver_child.py CONTROL_FD SPEC_JSON
+    python child.py CONTROL_FD SPEC_JSON
 
 It imports what every kernel imports (ipykernel, IPython, numpy, torch, matplotlib), runs
 no user code, starts no thread, creates no ZMQ context, never initialises CUDA, and then
@@ -20,6 +20,10 @@ Messages (JSON, one per datagram):
   child -> parent     {"pid": P} with SCM_CREDENTIALS, or {"error": "..."}
   parent -> child     {"go": true}
   child -> parent     {"bound": true}   its sockets are bound; then it closes the socket
+A spare (a fork request with "spare": true) is initialised in the template's folder and
+environment before any note is known, and after "bound" waits for its note:
+  parent -> child     {"cwd": ..., "env": ..., "replace_env": ..., "rlimits": ...}
+  child -> parent     {"assigned": true}, or {"error": "..."}; then it closes the socket
 
 Standard library at module level only: the heavy imports are the SPEC's `preload` list.
 """
@@ -218,6 +222,10 @@ def _fds(ancillary: list) -> list[int]:
 def _exit_child(code: int) -> int:
     # What a fresh interpreter does at exit: atexit handlers (the kernel's own, the note's),
     # then flushed streams. Never the template's Python-level teardown (os._exit).
+    _trace("exiting")
+    if _TRACE:
+        import faulthandler
+        faulthandler.dump_traceback_later(1.5, exit=False)
     try:
         import atexit
 
@@ -264,9 +272,37 @@ def _child(template: Template, request: dict, report_fd: int, template_pid: int)
     answer = report.recv(_MAX_MESSAGE)  # "go" once the parent has placed us (cgroup); b"" = abort
     if not answer or not json.loads(answer).get("go"):
         return 1
+    _trace("go")
+    before = dict(os.environ)
+    app = _initialize(request, argv)
+    _trace("initialized")
+    # The sockets are bound: a client that connects now needs no reconnect (ZMQ retries
+    # every 100 ms). Closed before the kernel runs anything a note sends.
+    _send(report, {"bound": True})
+    if request.get("spare"):
+        # A spare: initialised ahead of demand, it waits here until a note takes it.
+        answer = report.recv(_MAX_MESSAGE)
+        if not answer:
+            return 0
+        # What the shell's start-up put in the environment (TERM, PAGER, ...), kept
+        # across the note's own environment, as in a kernel that started with it.
+        kept = {k: v for k, v in os.environ.items() if before.get(k) != v}
+        try:
+            _place(json.loads(answer), kept)
+            _adopt_folder(app)
+        except Exception as exc:
+            _send(report, {"error": f"{type(exc).__name__}: {exc}"})
+            return 1
+        _trace("assigned")
+        _send(report, {"assigned": True})
+    report.close()
+    app.start()
+    return 0
+
+
+def _initialize(request: dict, argv: list[str]) -> object:
     from ipykernel.kernelapp import IPKernelApp
 
-    _trace("go")
     if IPKernelApp.initialized():
         # The template parsed the command line and the config files (_preinitialize):
         # what is left is this kernel's own part, from its connection file on.
@@ -277,13 +313,20 @@ def _child(template: Template, request: dict, report_fd: int, template_pid: int)
     else:
         app = IPKernelApp.instance()  # IPKernelApp.launch_instance, in two steps
         app.initialize(argv)
-    _trace("initialized")
-    # The sockets are bound: a client that connects now needs no reconnect (ZMQ retries
-    # every 100 ms). Closed before the kernel runs anything a note sends.
-    _send(report, {"bound": True})
-    report.close()
-    app.start()
-    return 0
+    return app
+
+
+def _adopt_folder(app: object) -> None:
+    """A spare's shell started in the template's folder: it now starts in the note's."""
+    from pathlib import Path
+
+    shell = getattr(app, "shell", None)
+    if shell is None:
+        return
+    shell.starting_dir = os.getcwd()
+    history = getattr(shell, "history_manager", None)
+    if history is not None:
+        history.dir_hist[:] = [Path.cwd()]
 
 
 class _base_initialize_done:
@@ -338,6 +381,24 @@ def _trace(stage: str) -> None:
 
 def _prepare(request: dict) -> list[str]:
     """Make this process look like a fresh `python -m ipykernel_launcher` in the note's folder."""
+    _place(request)
+    launcher = request.get("launcher") or "ipykernel_launcher"
+    sys.argv = [launcher, "-f", request["connection_file"], *request.get("kernel_args", [])]
+    sys.orig_argv = [sys.executable, "-m", "ipykernel_launcher", *sys.argv[1:]]
+    try:
+        import warnings
+
+        warnings._filters_mutated()  # forget "once" warnings the imports may have shown
+    except AttributeError:
+        pass
+    return sys.argv[1:]
+
+
+_PLACED_PATH: list[str] = []  # the folder this process put first on sys.path
+
+
+def _place(request: dict, kept: dict | None = None) -> None:
+    """The note's limits, folder, environment and random state (a spare: again, for its note)."""
     import resource
 
     for name, value in (request.get("rlimits") or {}).items():
@@ -348,7 +409,7 @@ def _prepare(request: dict) -> list[str]:
     env = request.get("env") or {}
     if request.get("replace_env"):
         os.environ.clear()
-    for key, value in env.items():
+    for key, value in {**env, **(kept or {})}.items():
         if value is None:
             os.environ.pop(key, None)
         else:
@@ -367,17 +428,10 @@ def _prepare(request: dict) -> list[str]:
     _trace("environment")
     _reseed()
     _trace("reseeded")
-    launcher = request.get("launcher") or "ipykernel_launcher"
-    sys.argv = [launcher, "-f", request["connection_file"], *request.get("kernel_args", [])]
-    sys.orig_argv = [sys.executable, "-m", "ipykernel_launcher", *sys.argv[1:]]
+    if _PLACED_PATH and _PLACED_PATH[0] in sys.path:
+        sys.path.remove(_PLACED_PATH[0])
+    _PLACED_PATH[:] = [os.getcwd()]
     sys.path.insert(0, os.getcwd())
-    try:
-        import warnings
-
-        warnings._filters_mutated()  # forget "once" warnings the imports may have shown
-    except AttributeError:
-        pass
-    return sys.argv[1:]
 
 
 _HASH_SEED = os.environ.get("PYTHONHASHSEED", "random")
@@ -413,10 +467,6 @@ def main(argv: list[str]) -> int:
     loaded, failed = _preload(list(spec.get("preload", [])))
     preinit_failed = _preinitialize(spec["kernel_args"]) if spec.get("preinitialize") else "off"
     _reseed()  # the first calls import and set up lazily (numpy: 20 ms); the child reseeds again
-    # Everything imported so far is shared with every kernel, copy-on-write: keep the
-    # collector from walking (and so copying) it in each child.
-    gc.collect()
-    gc.freeze()
     # Everything imported so far is shared with every kernel, copy-on-write: keep the
     # collector from walking (and so copying) it in each child.
     gc.collect()

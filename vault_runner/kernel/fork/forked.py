@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import select
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -46,6 +48,7 @@ class ForkedKernel:
         self.cwd = cwd
         self._owned_dir = owned_dir
         self.returncode: int | None = None
+        self.waiting: socket.socket | None = None  # a spare's line to its child, until a note takes it
 
     def __repr__(self) -> str:
         return f"ForkedKernel(pid={self.pid}, connection_file={str(self.connection_file)!r})"
@@ -121,6 +124,9 @@ class ForkedKernel:
 
     def close(self) -> None:
         """Release the pidfd and the kernel's own folder (connection file, sockets)."""
+        if self.waiting is not None:
+            self.waiting.close()
+            self.waiting = None
         if self.pidfd is not None:
             if self.is_alive():
                 self.kill()
@@ -228,23 +234,37 @@ class ForkedKernelManager(KernelManager):
         cwd = kw.get("cwd") or self._last_cwd or os.getcwd()
         env = kw.get("env") or self._last_env
         self._last_cwd, self._last_env = cwd, env
-        if self.transport == "ipc":
-            # Ports are numbered files next to `ip`; remove any a dead kernel left behind.
-            for port in (self.shell_port, self.iopub_port, self.stdin_port, self.hb_port, self.control_port):
-                if port:
-                    with contextlib.suppress(OSError):
-                        os.unlink(f"{self.ip}-{port}")
-        self.write_connection_file()
+        self._release()  # the kernel before a restart (after a death, the session only cleans up)
         self.forked = self.template.fork(
             cwd,
             env,
-            connection_file=self.connection_file,
             replace_env=self.replace_env and env is not None,
             rlimits=self.rlimits,
             cgroup=self.cgroup,
         )
+        # Ports, key and ipc path are the forked kernel's own (a spare was bound before
+        # its note was known): this manager and its clients take them from its file.
+        self._adopt(self.forked.connection_file)
         self.provisioner = _ForkedProvisioner(self.forked)  # type: ignore[assignment]
         self._connect_control_socket()
+
+    def _adopt(self, path: Path) -> None:
+        info = json.loads(path.read_text())
+        self.transport, self.ip = info["transport"], info["ip"]
+        for name in ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port"):
+            setattr(self, name, int(info[name]))
+        self.session.key = info["key"].encode()
+        self.session.signature_scheme = info.get("signature_scheme", self.session.signature_scheme)
+        self.connection_file = str(path)
+        self._connection_file_written = False  # the forked kernel's folder goes with it
+
+    def _release(self) -> None:
+        forked, self.forked = self.forked, None
+        if forked is not None:
+            forked.kill()
+            forked.wait(5.0)
+            forked.close()
+        self._close_control_socket()
 
     def is_alive(self) -> bool:  # type: ignore[override]
         return self.forked is not None and self.forked.is_alive()

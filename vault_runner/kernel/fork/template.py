@@ -90,6 +90,9 @@ class KernelTemplate:
         self._reader: threading.Thread | None = None
         self._closed = False
         self.died: str | None = None
+        self._spares: list[ForkedKernel] = []
+        self._spare_target = 0
+        self._filler: threading.Thread | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> KernelTemplate:
@@ -162,6 +165,13 @@ class KernelTemplate:
                 return
             self._closed = True
             control, self._control = self._control, None
+        with self._cond:
+            spares, self._spares = self._spares, []
+            self._cond.notify_all()
+        for kernel in spares:
+            if kernel.waiting is not None:
+                kernel.waiting.close()
+                kernel.waiting = None
         for kernel in list(self._kernels.values()):
             kernel.kill()
         if control is not None:
@@ -178,6 +188,8 @@ class KernelTemplate:
             control.close()
         if self._reader is not None:
             self._reader.join(timeout)
+        if self._filler is not None:
+            self._filler.join(timeout)
         for kernel in list(self._kernels.values()):
             kernel.close()
         if self._own_runtime:
@@ -221,11 +233,32 @@ class KernelTemplate:
         `replace_env` it is the whole environment). `rlimits` ({"nproc": n, "core": 0})
         are set in the child; with `cgroup` (a cgroup folder) the child is moved into it
         before it runs anything. Without `connection_file` one is made in the runtime
-        folder (and removed with the kernel). Raises ForkUnavailable or ForkError."""
+        folder (and removed with the kernel), or a ready spare is taken, whose connection
+        file is its own (`kernel.connection_file`). Raises ForkUnavailable or ForkError."""
         full_env = {**(self.env if not replace_env else {}), **{k: v for k, v in (env or {}).items() if v is not None}}
         refusal = self.refusal(env=full_env)
         if refusal is not None:
             raise ForkUnavailable(refusal)
+        placement = {
+            "cwd": str(cwd),
+            "env": dict(env or {}),
+            "replace_env": replace_env,
+            "rlimits": dict(rlimits or {}),
+        }
+        if connection_file is None:
+            kernel = self._take_spare(placement, cgroup, timeout)
+            if kernel is not None:
+                return kernel
+        return self._fork(placement, connection_file, cgroup, timeout, spare=False)
+
+    def _fork(
+        self,
+        placement: Mapping[str, Any],
+        connection_file: str | os.PathLike[str] | None,
+        cgroup: str | os.PathLike[str] | None,
+        timeout: float,
+        spare: bool,
+    ) -> ForkedKernel:
         owned = None
         if connection_file is None:
             connection_file = self.connection_file()
@@ -234,14 +267,13 @@ class KernelTemplate:
         request = {
             "op": "fork",
             "id": request_id,
-            "cwd": str(cwd),
-            "env": dict(env or {}),
-            "replace_env": replace_env,
-            "rlimits": dict(rlimits or {}),
+            **placement,
             "connection_file": str(connection_file),
             "kernel_args": self.kernel_args,
+            "spare": spare,
         }
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        keep = False
         try:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             with self._lock:
@@ -278,7 +310,7 @@ class KernelTemplate:
                     os.close(pidfd)
                     raise ForkError(f"the forked kernel could not join its cgroup: {exc}") from None
             kernel = ForkedKernel(
-                self, request_id, pid, int(answer["pid"]), pidfd, Path(connection_file), Path(cwd), owned
+                self, request_id, pid, int(answer["pid"]), pidfd, Path(connection_file), Path(placement["cwd"]), owned
             )
             with self._cond:
                 self._kernels[request_id] = kernel
@@ -292,6 +324,9 @@ class KernelTemplate:
                 status = kernel.wait(1.0)
                 kernel.close()
                 raise ForkError(f"the forked kernel exited while starting (status {status})")
+            if spare:
+                kernel.waiting = ours  # it waits on this socket for its note
+                keep = True
             return kernel
         except BaseException:
             if owned is not None:
@@ -299,7 +334,81 @@ class KernelTemplate:
             raise
         finally:
             theirs.close()
-            ours.close()
+            if not keep:
+                ours.close()
+
+    # -- spares: kernels initialised ahead of demand ------------------------------------------
+    def keep_spares(self, count: int) -> None:
+        """Keep `count` kernels forked and initialised ahead of demand (0: none); a note
+        then takes one and pays only for its placement (folder, environment, limits)."""
+        with self._cond:
+            self._spare_target = max(0, count)
+            self._cond.notify_all()
+            if self._filler is None and count > 0:
+                self._filler = threading.Thread(target=self._fill, name="vault-runner-template-spares", daemon=True)
+                self._filler.start()
+
+    def _fill(self) -> None:
+        failures = 0
+        while True:
+            with self._cond:
+                while not self._closed and self.died is None and len(self._spares) >= self._spare_target:
+                    self._cond.wait(5.0)
+                if self._closed or self.died is not None:
+                    return
+            try:
+                kernel = self._fork(
+                    {"cwd": str(self.cwd or self.runtime_dir), "env": {}, "replace_env": False, "rlimits": {}},
+                    None,
+                    None,
+                    FORK_TIMEOUT,
+                    spare=True,
+                )
+            except (ForkError, ForkUnavailable, OSError):
+                failures += 1
+                if failures >= 3:
+                    return  # notes fork on demand instead
+                time.sleep(1.0)
+                continue
+            failures = 0
+            with self._cond:
+                if self._closed:
+                    closed = True
+                else:
+                    closed = False
+                    self._spares.append(kernel)
+                    self._cond.notify_all()
+            if closed:
+                kernel.close()
+                return
+
+    def _take_spare(
+        self, placement: Mapping[str, Any], cgroup: str | os.PathLike[str] | None, timeout: float
+    ) -> ForkedKernel | None:
+        while True:
+            with self._cond:
+                kernel = self._spares.pop(0) if self._spares else None
+                self._cond.notify_all()  # the filler makes the next one
+            if kernel is None:
+                return None
+            waiting, kernel.waiting = kernel.waiting, None
+            try:
+                if waiting is None or not kernel.is_alive():
+                    raise ForkError("the spare kernel died")
+                if cgroup is not None:
+                    Path(cgroup, "cgroup.procs").write_text(str(kernel.pid))
+                waiting.settimeout(timeout)
+                waiting.send(json.dumps(dict(placement)).encode())
+                answer = json.loads(waiting.recv(MAX_MESSAGE) or b"{}")
+                if not answer.get("assigned"):
+                    raise ForkError(f"the spare kernel could not take the note: {answer.get('error', 'it exited')}")
+                kernel.cwd = Path(placement["cwd"])
+                return kernel
+            except (OSError, ForkError, ValueError):
+                kernel.close()  # then the next spare, or a fork on demand
+            finally:
+                if waiting is not None:
+                    waiting.close()
 
     # -- bookkeeping ------------------------------------------------------------------------
     def _read(self) -> None:

@@ -1,0 +1,277 @@
+"""The fork factory: one warm template per launch key, a forked kernel per note.
+
+`ForkFactory` is a `KernelFactory` (kernel/factory.py). For each note it builds the
+note's sandbox as the default factory does, works out the `TemplateKey` its kernel would
+be launched under (vault, sandbox tier and what is fixed at launch: network, device
+nodes, the Landlock folders; hash seed), and gives a `ForkedSession` bound to the
+template of that key, started on first demand (or ahead, by `prewarm`, while the first
+note is parsed) inside a sandbox of that key. Templates keep pre-initialised spare
+kernels, so a note takes a kernel that only has to move into its folder.
+
+A note the templates cannot serve gets a kernel started the normal way, and says why:
+fork turned off (`VAULT_RUNNER_FORK=0`) or not possible here, a note whose folder lies
+outside its vault, CUDA under Landlock (the CUDA driver writes into the kernel's own
+/proc entry, which the template's ruleset names by the template's pid). Per-note limits
+(memory, processes) are the note's own, applied to the forked kernel.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from vault_runner.errors import ForkError, ForkUnavailable, KernelDied, SandboxError
+from vault_runner.kernel.fork.common import DEFAULT_MPLBACKEND, STARTUP_TIMEOUT, TemplateKey, fork_unavailable_reason
+from vault_runner.kernel.fork.session import ForkedSession
+from vault_runner.kernel.fork.template import KernelTemplate
+from vault_runner.kernel.sandbox import Policy, Sandbox, policy_from_options
+from vault_runner.kernel.sandbox.filesystem import PROTECTED_IN_VAULT
+from vault_runner.kernel.sandbox.gpu import nvidia_device_nodes
+from vault_runner.kernel.setup import kernel_env
+
+__all__ = ("FORK_ENV", "SPARES_ENV", "ForkFactory", "fork_disabled_reason", "shared_fork_factory")
+
+FORK_ENV = "VAULT_RUNNER_FORK"  # 0: start every kernel the normal way
+SPARES_ENV = "VAULT_RUNNER_FORK_SPARES"  # pre-initialised kernels per template (default 1)
+MAX_TEMPLATES = 4  # templates are ~0.5 GB each with torch: the least recently used goes
+MAX_SPARES = 4
+
+
+def fork_disabled_reason() -> str | None:
+    """None when kernels are forked, else one line saying why they are started."""
+    if os.environ.get(FORK_ENV, "").strip().lower() in {"0", "false", "no", "off"}:
+        return f"{FORK_ENV}=0"
+    return fork_unavailable_reason()
+
+
+class _Slot:
+    """One template: started on a thread, waited for by the notes that need it."""
+
+    def __init__(self, key: TemplateKey, sandbox: Sandbox, env: dict[str, str], spares: int) -> None:
+        self.key = key
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="vr-tpl-"))
+        self.sandbox = sandbox
+        self.env = env
+        self.spares = spares
+        self.template: KernelTemplate | None = None
+        self.error: str | None = None
+        self.ready = threading.Event()
+        self.used = time.monotonic()
+        self.started_in: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._start, name="vault-runner-template-start", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        # This thread lives as long as the template: bubblewrap's --die-with-parent (a
+        # parent-death signal) fires when the *thread* that started it ends.
+        started = time.monotonic()
+        try:
+            policy = self.sandbox.policy
+            template = KernelTemplate(self.key, env={}, cwd=policy.vault or policy.cwd, runtime_dir=self.runtime_dir)
+            self.sandbox.setup(self.runtime_dir, lambda: template.pid)
+            template.launch_prefix = self.sandbox.wrap([])
+            template.env = {**self.env, **self.sandbox.env()}
+            template.env.setdefault("MPLBACKEND", DEFAULT_MPLBACKEND)
+            template.env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
+            template.start()
+            template.keep_spares(self.spares)
+            self.template = template
+            self.started_in = time.monotonic() - started
+        except (ForkError, ForkUnavailable, SandboxError, OSError, ValueError) as exc:
+            self.error = f"the kernel template could not be started: {exc}"
+        finally:
+            self.ready.set()
+        self._stop.wait()
+        if self.template is not None:
+            self.template.close()
+
+    def get(self, timeout: float) -> tuple[KernelTemplate | None, str | None]:
+        self.used = time.monotonic()
+        if not self.ready.wait(timeout):
+            return None, f"the kernel template did not start within {timeout:g} s"
+        if self.template is None:
+            return None, self.error
+        refusal = self.template.refusal()
+        return (None, refusal) if refusal else (self.template, None)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(STARTUP_TIMEOUT)
+        self.sandbox.close()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+
+class ForkFactory:
+    """A KernelFactory that forks each note's kernel from a warm template. Thread-safe."""
+
+    def __init__(self, *, spares: int | None = None, wait: float = STARTUP_TIMEOUT) -> None:
+        self.spares = _spares() if spares is None else spares
+        self.wait = wait
+        self._lock = threading.Lock()
+        self._slots: dict[TemplateKey, _Slot] = {}
+        self._closed = False
+
+    # -- KernelFactory ------------------------------------------------------------------------
+    def __call__(self, cwd: Path, env: dict[str, str], note_options: Mapping[str, Any]) -> ForkedSession:
+        try:
+            sandbox = Sandbox(policy_from_options(cwd, env, note_options))
+        except (SandboxError, ValueError) as exc:
+            raise KernelDied(f"the kernel's sandbox could not be set up: {exc}") from None
+        return self.session(sandbox, cwd, env)
+
+    def session(self, sandbox: Sandbox, cwd: Path, env: dict[str, str]) -> ForkedSession:
+        """A note's kernel in `sandbox` (its policy and limits), forked where a template can serve."""
+        key, refusal = self.key_for(sandbox, env)
+        if key is None:
+            return ForkedSession(cwd, env, sandbox=sandbox, template=None, refusal=refusal)
+        slot = self._slot(key, sandbox, env)
+        return ForkedSession(
+            cwd, env, sandbox=sandbox, template=lambda: slot.get(self.wait), runtime_dir=slot.runtime_dir
+        )
+
+    # -- templates ----------------------------------------------------------------------------
+    def prewarm(self, vault_root: Path, note_options: Mapping[str, Any]) -> None:
+        """Start the template a note of these options will need (e.g. the vault's defaults),
+        on a thread, so it is ready by the time the first note has been read."""
+        env = kernel_env(vault_root, None, note_options)
+        try:
+            sandbox = Sandbox(policy_from_options(vault_root, env, note_options))
+        except (SandboxError, ValueError):
+            return  # the note will say so when it starts
+        try:
+            key, _ = self.key_for(sandbox, env)
+            if key is not None:
+                self._slot(key, sandbox, env)
+        finally:
+            sandbox.close()
+
+    def key_for(self, sandbox: Sandbox, env: Mapping[str, str]) -> tuple[TemplateKey | None, str | None]:
+        """The template a kernel in `sandbox` can be forked from, or None and why not."""
+        disabled = fork_disabled_reason()
+        if disabled is not None:
+            return None, disabled
+        policy = sandbox.policy
+        vault = policy.vault
+        if vault is None or not policy.cwd.is_relative_to(vault):
+            return None, "the note's folder is not inside its vault"
+        gpu_nodes = policy.device != "cpu" and bool(nvidia_device_nodes())
+        if sandbox.tier == "landlock" and gpu_nodes:
+            return None, "CUDA kernels are started, not forked, in the landlock tier"
+        layout: dict[str, Any] = {"gpu_nodes": gpu_nodes}
+        if sandbox.tier in {"landlock", "bubblewrap"}:
+            # What the template's sandbox was made from: its protected entries (both tiers),
+            # and under Landlock the vault's top-level folders, each granted by name.
+            layout["protected"] = [n for n in PROTECTED_IN_VAULT if _exists(vault / n)]
+        if sandbox.tier == "landlock":
+            layout["folders"] = sorted(
+                e.name
+                for e in vault.iterdir()
+                if e.is_dir() and not e.is_symlink() and e.name not in PROTECTED_IN_VAULT
+            )
+        key = TemplateKey.for_launch(
+            vault, sandbox.tier, env, network=policy.network, device="cpu" if not gpu_nodes else "auto", extra=layout
+        )
+        return key, None
+
+    def _slot(self, key: TemplateKey, like: Sandbox, env: Mapping[str, str]) -> _Slot:
+        stale: list[_Slot] = []
+        with self._lock:
+            if self._closed:
+                raise KernelDied("vault-runner is shutting down; no kernel was started")
+            slot = self._slots.get(key)
+            if slot is not None and slot.ready.is_set() and slot.get(0)[0] is None and slot.template is not None:
+                stale.append(self._slots.pop(key))  # it died: a new one
+                slot = None
+            if slot is None:
+                slot = _Slot(key, _template_sandbox(like, key), _template_env(env, key), self.spares)
+                self._slots[key] = slot
+                while len(self._slots) > MAX_TEMPLATES:
+                    oldest = min(self._slots, key=lambda k: self._slots[k].used)
+                    stale.append(self._slots.pop(oldest))
+            slot.used = time.monotonic()
+        for old in stale:
+            threading.Thread(target=old.close, name="vault-runner-template-close", daemon=True).start()
+        return slot
+
+    def describe(self) -> dict[str, Any]:
+        """For `doctor`: whether kernels are forked, and the templates running now."""
+        disabled = fork_disabled_reason()
+        with self._lock:
+            slots = list(self._slots.values())
+        return {
+            "kernels": "started" if disabled else "forked from a warm template",
+            "why": disabled,
+            "spares": self.spares,
+            "templates": [
+                {
+                    "tier": s.sandbox.tier,
+                    "network": s.sandbox.policy.network,
+                    "running": s.template is not None and s.template.is_alive(),
+                    "started_in_s": None if s.started_in is None else round(s.started_in, 2),
+                    "error": s.error,
+                }
+                for s in slots
+            ],
+        }
+
+    def close(self) -> None:
+        """End every template and the kernels forked from it. Idempotent."""
+        with self._lock:
+            self._closed = True
+            slots, self._slots = list(self._slots.values()), {}
+        for slot in slots:
+            slot.close()
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() and not path.is_symlink()
+
+
+def _template_sandbox(like: Sandbox, key: TemplateKey) -> Sandbox:
+    """The template's own sandbox: the note's tier and launch-time policy, no per-note limits
+    (each forked kernel gets its own), the device nodes when its notes may use a GPU."""
+    policy = like.policy
+    vault = policy.vault or policy.cwd
+    device = "cpu" if key.device_class == "cpu" else "template"  # binds the nodes, claims no GPU
+    template_policy = Policy(vault=vault, cwd=vault, network=policy.network, memory=None, max_tasks=None, device=device)
+    return Sandbox(template_policy, tier=like.tier, watch_vault=False)  # its kernels' own sandboxes watch
+
+
+def _template_env(env: Mapping[str, str], key: TemplateKey) -> dict[str, str]:
+    """The environment a kernel of this key is launched with, less what is per note."""
+    out = {k: v for k, v in os.environ.items() if k != "JPY_PARENT_PID"}
+    out.update({k: v for k, v in env.items() if k not in {"VAULT_RUNNER_NOTE"}})
+    if key.hash_seed == "random":
+        out.pop("PYTHONHASHSEED", None)
+    else:
+        out["PYTHONHASHSEED"] = key.hash_seed
+    return out
+
+
+def _spares() -> int:
+    try:
+        return max(0, min(MAX_SPARES, int(os.environ.get(SPARES_ENV, "1"))))
+    except ValueError:
+        return 1
+
+
+_shared: ForkFactory | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_fork_factory() -> ForkFactory:
+    """The process's fork factory (its templates are closed at exit)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = ForkFactory()
+            atexit.register(_shared.close)
+        return _shared

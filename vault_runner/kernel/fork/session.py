@@ -1,0 +1,125 @@
+"""A KernelSession whose kernel is forked from a template, or started where it cannot be.
+
+`ForkedSession` is what the fork factory (kernel/fork/factory.py) gives for a note. Its
+`start` takes the template the note's launch options call for (waiting for it if it is
+still starting) and forks a kernel from it; the note's own sandbox object keeps the
+per-note part of the sandbox: the cgroup or the memory watchdog, the process cap, the
+private temp folder (Landlock), the GPU it was given, the death reasons. Where the
+template cannot serve (it failed to start, it died, the fork or the cgroup move failed),
+the kernel is started the normal way, in the same sandbox object, and `fallback` says why.
+`origin` is "forked" or "started": what the note's report says.
+
+Everything after the start is KernelSession's: execute, timeout and interrupt, restart
+(a restart forks again), death reporting, shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from vault_runner.errors import ForkError, ForkUnavailable, KernelDied
+from vault_runner.kernel.fork.forked import ForkedKernelManager, wait_for_ready
+from vault_runner.kernel.limits import STARTUP_TIMEOUT
+from vault_runner.kernel.session import KernelSession
+
+if TYPE_CHECKING:
+    from vault_runner.kernel.fork.template import KernelTemplate
+    from vault_runner.kernel.sandbox import Sandbox
+
+__all__ = ("ForkedSession", "Origin")
+
+Origin = Literal["forked", "started"]
+
+# Waits for the template the note needs, bounded: (template, None) or (None, why not).
+TemplateSource = Callable[[], "tuple[KernelTemplate | None, str | None]"]
+
+
+class ForkedSession(KernelSession):
+    """One note's kernel: forked from `template()` when it can be, else started."""
+
+    def __init__(
+        self,
+        cwd: Path,
+        env: dict[str, str] | None,
+        *,
+        sandbox: Sandbox | None,
+        template: TemplateSource | None,
+        runtime_dir: Path | None = None,
+        refusal: str | None = None,
+    ) -> None:
+        # The runtime folder lies inside the template's, which its sandbox lets kernels write.
+        super().__init__(cwd, env, runtime_dir=runtime_dir, sandbox=sandbox)
+        self.template_source = template
+        self.origin: Origin | None = None
+        self.fallback: str | None = refusal  # why the kernel was started, not forked
+
+    def start(self) -> None:
+        template, why = (None, self.fallback) if self.template_source is None else self.template_source()
+        if template is None:
+            self.fallback = why or self.fallback
+            self.origin = "started"
+            super().start()
+            return
+        launched = self.manager
+        forked = ForkedKernelManager(
+            template,
+            transport="ipc",
+            ip=str(self.runtime_dir / "k"),
+            connection_file=str(self.runtime_dir / "kernel.json"),
+            replace_env=True,
+        )
+        self.manager = forked
+        try:
+            if self.sandbox is not None:
+                self.sandbox.setup(self.runtime_dir, self.kernel_pid)
+                forked.cgroup = self.sandbox.cgroup.path if self.sandbox.cgroup is not None else None
+                forked.rlimits = {"nproc": self.sandbox.nproc} if self.sandbox.nproc else {}
+            forked.start_kernel(cwd=str(self.cwd), env=self._env())
+            self._connect()
+        except (ForkUnavailable, ForkError, KernelDied) as exc:
+            self.fallback = str(exc)
+            with contextlib.suppress(Exception):
+                forked.shutdown_kernel(now=True)
+            self.manager = launched
+            _undo_setup(self.sandbox)
+            self.origin = "started"
+            super().start()
+            return
+        except BaseException:
+            self._cleanup_failed_start()
+            raise
+        self.origin = "forked"
+        self.started = True
+
+    def _connect(self) -> None:
+        if not isinstance(self.manager, ForkedKernelManager):
+            super()._connect()
+            return
+        # jupyter_client's wait_for_ready ends with 0.2 s of listening on iopub: longer
+        # than a forked kernel takes to start. This one returns once both channels work.
+        client = self.manager.client()
+        client.start_channels()
+        try:
+            wait_for_ready(client, STARTUP_TIMEOUT, self.manager.is_alive)
+        except ForkError as exc:
+            client.stop_channels()
+            raise KernelDied(f"the kernel did not start: {exc}") from None
+        self.client = client
+        self._run_prelude()
+        self.notices_due = bool(self.notices)
+
+
+def _undo_setup(sandbox: Sandbox | None) -> None:
+    """What `Sandbox.setup` made for the forked try, so the normal start sets it up anew."""
+    if sandbox is None:
+        return
+    if sandbox.watchdog is not None:
+        sandbox.watchdog.stop()
+        sandbox.watchdog = None
+    if sandbox.cgroup is not None:
+        sandbox.cgroup.remove()
+        sandbox.cgroup = None
+    sandbox.nproc = None
