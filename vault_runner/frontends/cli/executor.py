@@ -8,11 +8,15 @@ engine/ray_executor.py; Ray itself is imported only when `--executor ray` is ask
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 __all__ = ("MAX_IN_FLIGHT", "Executor", "add_executor_options", "executor")
 
@@ -82,5 +86,36 @@ def executor(args: argparse.Namespace) -> Iterator[Executor]:
         raise VaultError(Path.cwd(), "--ray-path-map is for a shared filesystem; it cannot go with --ray-vault ship")
     files = args.ray_vault or ("shared" if path_map else "ship")
     settings = RaySettings(address=args.ray_address, vault_files=files, path_map=path_map)
-    with RayCluster(settings) as cluster:
+    # Redirected until Ray has shut down: its messages may come late.
+    with contextlib.redirect_stdout(_MainThreadOnly(sys.stdout, sys.stderr)), RayCluster(settings) as cluster:
         yield Executor(cluster.engine, lambda notes, jobs: max(1, min(notes, MAX_IN_FLIGHT)), cluster.cancel)
+
+
+class _MainThreadOnly(io.TextIOBase):
+    """stdout for the main thread; what other threads print goes to stderr.
+
+    Ray's driver prints the cluster's messages (a worker that died...) on stdout from a
+    thread of its own, which would break `--json` and the `test` findings; the note's
+    report already says what happened, and the message still shows, on stderr.
+    """
+
+    def __init__(self, out: TextIO, err: TextIO) -> None:
+        self.out, self.err = out, err
+
+    def write(self, text: str) -> int:
+        target = self.out if threading.current_thread() is threading.main_thread() else self.err
+        return target.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+        self.err.flush()
+
+    def isatty(self) -> bool:
+        return self.out.isatty()
+
+    def fileno(self) -> int:
+        return self.out.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self.out.encoding
