@@ -17,9 +17,11 @@ import pytest
 
 from tests.conftest import make_note_vault, using_config_dir
 from tests.frontends.api.test_server import WAIT, EventReader, client_for, serving
+from vault_runner.core import note as notes
 from vault_runner.disk import trust
 from vault_runner.frontends.api.app import ApiApp, ApiServer
 from vault_runner.frontends.api.editors import EditorRegistry
+from vault_runner.frontends.watcher import VaultWatcher
 from vault_runner.live.runner import Runner
 
 pytestmark = pytest.mark.kernel
@@ -43,6 +45,34 @@ NOTES = {
         ```python
         #| eval: false
         import os
+        ```
+        """,
+    "Folder/saved.md": """
+        ---
+        vault-runner: true
+        ---
+        ```python
+        print("first")
+        ```
+
+        Prose.
+        """,
+    "Folder/figure.md": """
+        ---
+        vault-runner: true
+        ---
+        ```python
+        import struct, zlib
+        from IPython.display import Image, display
+
+        def png(red):
+            def chunk(kind, data):
+                return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+            pixel = zlib.compress(bytes([0, red, 0, 0]))
+            header = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
+            return bytes([137, 80, 78, 71, 13, 10, 26, 10]) + chunk(b"IHDR", header) + chunk(b"IDAT", pixel) + chunk(b"IEND", b"")
+
+        display(Image(data=png(RED), format="png"))
         ```
         """,
     "Folder/slow.md": """
@@ -95,6 +125,24 @@ def editors(server: ApiServer, notes: list[str], client: str = CLIENT) -> dict:
 
 def digest(path: Path) -> tuple[str, int]:
     return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
+
+
+def apply_like_the_plugin(text: str, updates: list[dict]) -> str:
+    """What the plugin does with a `regions` event (src/regions.ts, checked against the Python
+    splice on shared vectors): under each block whose code is still the code that ran."""
+    note = notes.parse_note(text)
+    queues: dict[str, list[dict]] = {}
+    for update in updates:
+        queues.setdefault(update["code"], []).append(update)
+    regions: dict[int, list[str] | None] = {}
+    for block in note.blocks:
+        if queues.get(block.code):
+            update = queues[block.code].pop(0)
+            if update["code_hash"] is None:
+                regions[block.index] = None
+            elif update["region"] is not None:
+                regions[block.index] = notes.region_lines(block, update["code_hash"], update["region"])
+    return notes.splice(note, regions, notes.removable_orphans(note))
 
 
 def test_a_note_open_in_an_editor_gets_its_regions_on_the_stream_and_its_file_is_not_written(api) -> None:
@@ -211,3 +259,83 @@ def test_the_registry_forgets_a_client_after_the_grace_period() -> None:
     assert registry.holders("a.md", connected_only=True) == {"c1"}
     registry.set_open("c1", [])
     assert not registry.is_held("a.md")
+
+
+def test_a_save_of_a_held_note_runs_it_and_its_regions_go_to_the_editor_not_the_file(api) -> None:
+    """The watcher still runs a held note when it is saved; the write-back goes to the plugin, and
+    an editor's save without the outputs is not "repaired" behind its back (PROTOCOL.md §5)."""
+    server, runner, _app, root = api
+    note = root / "Folder" / "saved.md"
+    watcher = VaultWatcher(runner, debounce=0.1)
+    watcher.start()
+    try:
+        with stream(server) as plugin:
+            editors(server, ["Folder/saved.md"])
+            saved = note.read_text(encoding="utf-8").replace('print("first")', 'print("second")')
+            note.write_text(saved, encoding="utf-8")  # Obsidian's autosave of the code just typed
+            assert plugin.wait(lambda: bool(plugin.of("regions")))
+            [(_, regions)] = plugin.of("regions")
+            assert "second" in regions["data"]["updates"][0]["region"]
+            assert plugin.wait(lambda: bool(plugin.of("note-finished")))
+            assert note.read_text(encoding="utf-8") == saved, "the server wrote a note an editor holds"
+
+            # The editor applies the regions and saves: the watcher runs nothing, writes nothing.
+            applied = apply_like_the_plugin(saved, regions["data"]["updates"])
+            note.write_text(applied, encoding="utf-8")
+            assert watcher.wait_quiet(WAIT) and runner.wait_idle(WAIT)
+            # The editor saves a copy without the outputs (an undo): left as the editor has it.
+            note.write_text(saved, encoding="utf-8")
+            time.sleep(0.5)
+            assert watcher.wait_quiet(WAIT) and runner.wait_idle(WAIT)
+            assert note.read_text(encoding="utf-8") == saved
+            assert len(plugin.of("regions")) == 1 and not plugin.of("note-written")
+    finally:
+        editors(server, [])
+        watcher.stop()
+
+
+def test_the_old_figure_goes_once_the_editor_saved_the_new_one_and_acknowledged(api) -> None:
+    server, _runner, app, root = api
+    note = root / "Folder" / "figure.md"
+    original = note.read_text(encoding="utf-8")
+    app.fastapi.state.runner.delegation.disk_wait = 10.0
+
+    def run_held() -> dict:
+        with stream(server) as plugin:
+            editors(server, ["Folder/figure.md"])
+            with client_for(server, **ORIGIN) as http:
+                answer = http.post("/api/v1/run", json={"note": "Folder/figure.md"})
+            assert answer.status_code == 200 and answer.json()["error"] is None, answer.text
+            assert plugin.wait(lambda: bool(plugin.of("regions"))), (answer.json(), [k for _, k, _ in plugin.events])
+            return plugin.of("regions")[0][1]["data"]
+
+    def figures() -> set[str]:
+        return {p.name for p in root.rglob("figure-*-vr-*.png")}
+
+    try:
+        note.write_text(original.replace("RED", "10"), encoding="utf-8")
+        first = run_held()
+        [one] = figures()  # the attachment is written by the server, beside the note
+        note.write_text(apply_like_the_plugin(note.read_text(encoding="utf-8"), first["updates"]), encoding="utf-8")
+        with client_for(server, **ORIGIN) as http:
+            ack = {"client": CLIENT, "note": "Folder/figure.md", "run": first["run"], "via": "editor"}
+            assert http.post("/api/v1/regions-applied", json=ack).json()["accepted"] is True
+
+        # The figure changes: the old file stays while the note on disk still links it...
+        text = note.read_text(encoding="utf-8")
+        note.write_text(text.replace("png(10)", "png(200)"), encoding="utf-8")
+        second = run_held()
+        assert len(figures()) == 2 and one in figures()
+        # ...and goes once the editor saved the new region and acknowledged it.
+        note.write_text(apply_like_the_plugin(note.read_text(encoding="utf-8"), second["updates"]), encoding="utf-8")
+        with client_for(server, **ORIGIN) as http:
+            ack = {"client": CLIENT, "note": "Folder/figure.md", "run": second["run"], "via": "editor"}
+            assert http.post("/api/v1/regions-applied", json=ack).json()["accepted"] is True
+        deadline = time.monotonic() + WAIT
+        while one in figures() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [two] = figures()
+        assert two != one and two in note.read_text(encoding="utf-8")
+    finally:
+        editors(server, [])
+        note.write_text(original, encoding="utf-8")
