@@ -339,3 +339,29 @@ def test_the_old_figure_goes_once_the_editor_saved_the_new_one_and_acknowledged(
     finally:
         editors(server, [])
         note.write_text(original, encoding="utf-8")
+
+
+def test_the_editor_endpoints_pass_the_same_checks_as_every_request(api) -> None:
+    server, _runner, _app, _root = api
+    preflight = {**ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    with client_for(server, token=None) as anonymous:
+        for path in ("/api/v1/editors", "/api/v1/regions-applied", "/api/v1/events"):
+            answer = anonymous.options(path, headers=preflight)
+            assert answer.status_code == 204, path
+            allowed = answer.headers["access-control-allow-headers"]
+            assert {"Authorization", "Content-Type", "Last-Event-ID"} <= set(allowed.replace(" ", "").split(","))
+        refused = anonymous.post("/api/v1/editors", json={"client": CLIENT, "open": []}, headers=ORIGIN)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+    with client_for(server) as http:
+        foreign = http.post("/api/v1/editors", json={"client": CLIENT, "open": []}, headers={"Origin": "https://a.b"})
+        assert foreign.json()["error"]["code"] == "forbidden_origin"
+        too_many = http.post("/api/v1/editors", json={"client": CLIENT, "open": [f"n{i}.md" for i in range(1001)]})
+        assert too_many.status_code == 422 and too_many.json()["error"]["code"] == "invalid_request"
+        bad_client = http.post("/api/v1/editors", json={"client": "x", "open": []})
+        assert bad_client.json()["error"]["code"] == "invalid_request"
+        assert http.get("/api/v1/events", params={"client": "no spaces!"}).status_code == 422
+        ack = {"client": CLIENT, "note": "../x.md", "run": "r-1", "via": "none"}
+        outside = http.post("/api/v1/regions-applied", json=ack)
+        assert outside.status_code == 400 and outside.json()["error"]["code"] == "invalid_path"
+        unknown = http.post("/api/v1/regions-applied", json={**ack, "note": "held.md", "run": "r-999999"})
+        assert unknown.json() == {"note": "held.md", "run": "r-999999", "accepted": False}
