@@ -93,6 +93,7 @@ class KernelSession:
         # Lines the user must see (e.g. "no sandbox"), put before the first block's outputs.
         self.notices: list[str] = list(sandbox.warnings) if sandbox is not None else []
         self.notices_due = False
+        self._interrupt_target: tuple[Any, int, int] | None = None  # (manager, pid, start)
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -133,6 +134,7 @@ class KernelSession:
             client.stop_channels()
             raise KernelDied(f"the kernel did not start: {exc}") from None
         self.client = client
+        self._note_interrupt_target()
         self._run_prelude()
         self.notices_due = bool(self.notices)
 
@@ -198,7 +200,19 @@ class KernelSession:
         self.shutdown()
 
     def interrupt(self) -> None:
+        # SIGINT in every tier: where jupyter_client cannot signal the kernel (bubblewrap),
+        # the process found at start; its message interrupt only where none was found.
+        target = self._interrupt_target
+        if target is not None and target[0] is self.manager and self.sandbox is not None:
+            if self.sandbox.interrupt(target[1], target[2]):
+                return
         self.manager.interrupt_kernel()
+
+    def _note_interrupt_target(self) -> None:
+        """Find the kernel process now, before any of the note's code runs (a note could fork
+        look-alikes later), for this manager's kernel only."""
+        found = self.sandbox.interrupt_target() if self.sandbox is not None else None
+        self._interrupt_target = (self.manager, *found) if found is not None else None
 
     # -- execution -------------------------------------------------------------------
     def execute(

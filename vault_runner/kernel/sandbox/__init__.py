@@ -14,8 +14,12 @@ Tiers, chosen once per process by actually trying them (``VAULT_RUNNER_SANDBOX``
   launcher before ipykernel starts: read everything but the home folders and the shared
   temp folders; write the vault's sub-folders (again not ``.obsidian``/``.git``; new files
   directly in the vault root are refused), a private temp folder and the ipc folder. With
-  ``network: false`` TCP connect/bind are refused (Landlock ABI 4+); UDP is not covered.
+  ``network: false`` TCP connect/bind are refused (Landlock ABI 4+).
 - ``plain``: an ordinary process, with a visible warning in the note and in ``doctor``.
+
+With ``network: false`` every tier also gets the seccomp filter of seccomp.py (no
+``connect`` at all, no datagram sockets), which closes unix sockets and UDP; network.py
+says what that leaves open here (``doctor``, and a warning in the note when it is not all).
 
 Limits, in every tier: a per-block timeout (kernel/session.py), no core dumps, a memory cap
 (cgroup v2 ``memory.max`` when this process may create cgroups, else a watchdog thread
@@ -27,19 +31,22 @@ bubblewrap's user namespace).
 The package, one concern a module: probe.py (which tier works), policy.py (what a kernel
 may do), filesystem.py (what it sees), gpu.py (device nodes, GPU placement), cgroup.py,
 processes.py (process tree, memory, watchdog), launch.py (the launcher script, run by
-path), doctor.py (what `doctor` prints). `Sandbox` here puts them together for one kernel.
+path), seccomp.py and network.py (`network: false`), doctor.py (what `doctor` prints).
+`Sandbox` here puts them together for one kernel.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from vault_runner.errors import SandboxError
+from vault_runner.kernel.sandbox import network
 from vault_runner.kernel.sandbox.cgroup import Cgroup
 from vault_runner.kernel.sandbox.doctor import Report, doctor_report
 from vault_runner.kernel.sandbox.filesystem import (
@@ -50,10 +57,19 @@ from vault_runner.kernel.sandbox.filesystem import (
     readable_outside,
 )
 from vault_runner.kernel.sandbox.gpu import claim_gpu, nvidia_device_nodes, release_gpu
-from vault_runner.kernel.sandbox.policy import Policy, format_size, policy_from_options
+from vault_runner.kernel.sandbox.policy import MEMORY_ENV, Policy, format_size, policy_from_options
 from vault_runner.kernel.sandbox.probe import PLAIN_WARNING, SANDBOX_ENV, Probe
 from vault_runner.kernel.sandbox.probe import probe as probe_tier  # `probe` names the module
-from vault_runner.kernel.sandbox.processes import MemoryWatchdog, kill_pid, launcher_command, process_tree, user_tasks
+from vault_runner.kernel.sandbox.processes import (
+    MemoryWatchdog,
+    kill_pid,
+    launcher_command,
+    memory_budget,
+    process_tree,
+    signal_process,
+    user_tasks,
+    wrapped_process,
+)
 
 __all__ = ("Policy", "Probe", "Report", "Sandbox", "doctor_report", "policy_from_options")
 
@@ -91,10 +107,9 @@ class Sandbox:
             )
         elif self.tier == "plain":
             out.append(PLAIN_WARNING)
-        if not self.policy.network and (
-            self.tier == "plain" or (self.tier == "landlock" and self.probe.landlock_abi < 4)
-        ):
-            out.append(f"[vault-runner: warning: network: false is not enforced in the {self.tier} sandbox tier]")
+        gap = None if self.policy.network else network.not_covered(self.tier, self.probe)
+        if gap is not None:
+            out.append(f"[vault-runner: warning: network: false is not fully enforced here: {gap}]")
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -103,6 +118,8 @@ class Sandbox:
         if self.policy.memory:
             how = "cgroup memory.max" if self.cgroup and self.cgroup.memory else "resident-memory watchdog"
             memory = f"{format_size(self.policy.memory)} ({how})"
+        if self.policy.budget:
+            memory += f"; {format_size(self.policy.budget)} for all running kernels together"
         if self.cgroup is not None and self.policy.max_tasks:
             tasks = f"{self.policy.max_tasks} (cgroup v{self.cgroup.version} pids.max)"
         elif self.nproc:
@@ -132,9 +149,12 @@ class Sandbox:
         if self.tier == "landlock":
             self.private_tmp = Path(tempfile.mkdtemp(prefix="vr-tmp-", dir=runtime_dir))
         mpl_cache_dir().mkdir(parents=True, exist_ok=True)
-        if self.policy.memory and not (self.cgroup and self.cgroup.memory):
-            self.watchdog = MemoryWatchdog(self.policy.memory, self.pids, self.kill_all, self._tmpfs_used)
+        own = self.policy.memory if not (self.cgroup and self.cgroup.memory) else None  # else memory.max
+        if own or self.policy.budget:
+            budget = memory_budget(self.policy.budget)
+            self.watchdog = MemoryWatchdog(own, self.pids, self.kill_all, self._tmpfs_used, budget)
             self.watchdog.start()
+
 
     def env(self) -> dict[str, str]:
         """Environment additions for the kernel (per tier: where temp and cache files go)."""
@@ -151,8 +171,23 @@ class Sandbox:
     @property
     def interrupt_mode(self) -> str:
         # Under bubblewrap the kernel sits in its own session inside a pid namespace: a SIGINT
-        # to the bwrap process group does not reach it, a message on the control channel does.
+        # to the bwrap process group does not reach it (and would end bwrap), so jupyter_client
+        # is told to send a message; the session signals the kernel itself (interrupt_target).
         return "message" if self.tier == "bubblewrap" else "signal"
+
+    def interrupt_target(self) -> tuple[int, int] | None:
+        """(pid, start) of the kernel process inside bubblewrap, as the host sees it, for the
+        session's SIGINT: a message is only read when the kernel lets go of the GIL, which a
+        catastrophic regex never does. None in the other tiers: jupyter_client's SIGINT to the
+        kernel's process group reaches it."""
+        root = self._root_pid()
+        if self.tier != "bubblewrap" or self.probe.bwrap is None or root is None:
+            return None
+        return wrapped_process(root, self.probe.bwrap)
+
+    def interrupt(self, pid: int, start: int) -> bool:
+        """SIGINT to the process `interrupt_target` found, if it is still that process."""
+        return signal_process(pid, start, signal.SIGINT)
 
     def wrap(self, argv: list[str]) -> list[str]:
         """The full launch command for a kernel command line."""
@@ -166,11 +201,17 @@ class Sandbox:
                 outer["nproc"] = self.nproc
         elif self.tier == "plain" and self.nproc:
             outer["nproc"] = self.nproc
+        # The seccomp filter goes on last, right before the kernel: inside bubblewrap, so
+        # bwrap itself runs unfiltered (it sets up the network namespace over netlink).
+        no_network = not self.policy.network and network.seccomp_works()
+        if no_network and self.tier != "bubblewrap":
+            outer["no_network"] = True
         launcher = launcher_command()
         command = list(argv)
         if self.tier == "bubblewrap":
-            if self.nproc:
-                command = [*launcher, json.dumps({"nproc": self.nproc}), "--", *command]
+            inner = {**({"nproc": self.nproc} if self.nproc else {}), **({"no_network": True} if no_network else {})}
+            if inner:
+                command = [*launcher, json.dumps(inner), "--", *command]
             command = [*self.bwrap_args(), "--", *command]
         return [*launcher, json.dumps(outer), "--", *command]
 
@@ -289,6 +330,14 @@ class Sandbox:
 
     def death_reason(self) -> str | None:
         """Why the kernel died, when a limit killed it; cleared once read."""
+        if self.watchdog is not None and self.watchdog.tripped is not None and self.watchdog.shared:
+            used, self.watchdog.tripped = self.watchdog.tripped, None
+            return (
+                f"[vault-runner: the kernel was stopped at {format_size(used)} of memory: with the other "
+                f"running kernels it went over the memory budget of {format_size(self.policy.budget or 0)} that "
+                f"all kernels share ({MEMORY_ENV}, default 80% of RAM); use less memory, run fewer notes at "
+                "a time (-j), or raise the budget]"
+            )
         if self.watchdog is not None and self.watchdog.tripped is not None:
             used, self.watchdog.tripped = self.watchdog.tripped, None
             return (

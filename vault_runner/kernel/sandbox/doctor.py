@@ -9,6 +9,7 @@ from vault_runner.errors import SandboxError
 from vault_runner.kernel.limits import INTERRUPT_GRACE, MAX_IMAGE_BYTES, MAX_IMAGES, MAX_OUTPUT_BYTES
 from vault_runner.kernel.sandbox.cgroup import cgroup_support
 from vault_runner.kernel.sandbox.gpu import nvidia_device_nodes
+from vault_runner.kernel.sandbox.network import coverage
 from vault_runner.kernel.sandbox.policy import (
     MAX_TASKS_ENV,
     NO_NETWORK_ENV,
@@ -53,7 +54,7 @@ def doctor_report() -> Report:
         report.add(
             "warning",
             "bubblewrap is not in use: the Landlock tier has no private /tmp or pid namespace, "
-            "and `network: false` only refuses TCP; install bubblewrap for the full sandbox",
+            "and a note's network is cut by filters, not a network namespace; install bubblewrap for the full sandbox",
         )
     version = found.bwrap_version or "not installed"
     if found.bwrap:
@@ -61,12 +62,12 @@ def doctor_report() -> Report:
         version += f"; network namespaces: {'yes' if found.bwrap_netns else 'no'}"
     report.add("bubblewrap", version)
     report.add("filesystem", _FILESYSTEM[found.tier])
-    report.add("interrupts", "message on the control channel" if found.tier == "bubblewrap" else "SIGINT")
+    report.add("interrupts", "SIGINT (into the pid namespace)" if found.tier == "bubblewrap" else "SIGINT")
     report.add("landlock", f"ABI {found.landlock_abi}" if found.landlock_abi else "not available")
     report.add("cgroups", cgroup_support())
     memory, origin = default_memory()
-    report.add("memory cap", f"{format_size(memory)} per kernel ({origin}; a note's `memory:` option overrides it)"
-               if memory else "none")  # fmt: skip
+    report.add("memory cap", f"{format_size(memory)} for all running kernels together, and per kernel ({origin}; "
+               "a note's `memory:` option sets its own kernel's)" if memory else "none")  # fmt: skip
     how_memory = (
         "cgroup v2 memory.max" if cgroup_support().startswith("cgroup v2 (memory") else "watchdog on resident memory"
     )
@@ -86,6 +87,7 @@ def doctor_report() -> Report:
         else "on (a note's `network: false` turns it off)"
     )
     report.add("network", network)
+    report.add("network: false", coverage(found.tier, found))
     report.add("output cap", f"{format_size(MAX_OUTPUT_BYTES)} per block; {MAX_IMAGES} images of at most "
                f"{format_size(MAX_IMAGE_BYTES)} each")  # fmt: skip
     report.add("timeout", f"per block (option `timeout`); interrupt, then restart after {INTERRUPT_GRACE:g} s")

@@ -12,6 +12,7 @@ SPEC is a JSON object:
   landlock   {"read": [...], "write": [...], "files": [...], "network": bool}
   drop_caps  drop every capability (root in the Landlock tier)
   no_new_privs  set PR_SET_NO_NEW_PRIVS (always with landlock)
+  no_network    the seccomp filter of `network: false` (seccomp.py, loaded by path), last
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import resource
 import stat
 import sys
+from types import ModuleType
 
 __all__ = ("apply", "apply_landlock", "drop_capabilities", "landlock_abi", "main")
 
@@ -200,6 +202,21 @@ def apply(spec: dict) -> None:
         apply_landlock(spec["landlock"])
     elif spec.get("no_new_privs"):
         _libc().prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    if spec.get("no_network"):
+        _sibling("seccomp").apply_no_network()
+
+
+def _sibling(name: str) -> ModuleType:
+    """A module next to this file, loaded by path: run as a script (-I -S), this launcher
+    cannot import the package, and it must not import anything from the note's folder."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_vault_runner_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main(argv: list[str]) -> int:

@@ -28,7 +28,7 @@ __all__ = (
 )
 
 MAX_TASKS_ENV = "VAULT_RUNNER_MAX_TASKS"  # processes + threads per kernel
-MEMORY_ENV = "VAULT_RUNNER_MEMORY"  # default memory cap when a note sets none, e.g. 8G
+MEMORY_ENV = "VAULT_RUNNER_MEMORY"  # memory of all kernels together (and each's cap by default), e.g. 8G
 NO_NETWORK_ENV = "VAULT_RUNNER_NO_NETWORK"  # 1: network off for every kernel (--no-network)
 DEFAULT_MAX_TASKS = 4096  # threads count too: torch starts one per core, DataLoader workers more
 DEFAULT_MEMORY_SHARE = 0.8  # of physical memory, when neither the note nor the env sets a cap
@@ -64,7 +64,8 @@ def physical_memory() -> int | None:
 
 
 def default_memory() -> tuple[int | None, str]:
-    """The cap when a note sets none, and where it comes from."""
+    """The memory budget of all kernels together, also each kernel's cap when its note sets
+    none, and where it comes from."""
     override = os.environ.get(MEMORY_ENV)
     if override:
         return parse_size(override), MEMORY_ENV
@@ -91,13 +92,17 @@ class Policy:
     memory: int | None = None  # bytes of resident memory for all the kernel's processes
     max_tasks: int | None = DEFAULT_MAX_TASKS  # processes + threads
     device: str = "auto"
+    # Bytes for all the kernels of this process together that have the same budget
+    # (default_memory: VAULT_RUNNER_MEMORY or 80% of RAM); None: this kernel's own cap only.
+    budget: int | None = None
 
 
 def policy_from_options(cwd: Path, env: Mapping[str, str], note_options: Mapping[str, Any]) -> Policy:
     """The policy for a note's kernel, from its options (core/options.py) and the environment."""
     vault = env.get("VAULT_RUNNER_VAULT")
     memory_option = note_options.get("memory")
-    memory = parse_size(memory_option) if memory_option else default_memory()[0]
+    budget = default_memory()[0]
+    memory = parse_size(memory_option) if memory_option else budget
     network = bool(note_options.get("network", True)) and os.environ.get(NO_NETWORK_ENV, "") not in {"1", "true"}
     return Policy(
         vault=Path(vault).resolve() if vault else None,
@@ -106,4 +111,5 @@ def policy_from_options(cwd: Path, env: Mapping[str, str], note_options: Mapping
         memory=memory,
         max_tasks=default_max_tasks(),
         device=str(note_options.get("device", "auto")),
+        budget=budget,
     )

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,12 +20,17 @@ from vault_runner.kernel.sandbox import launch
 
 __all__ = (
     "WATCH_INTERVAL",
+    "MemoryBudget",
     "MemoryWatchdog",
     "kill_pid",
     "launcher_command",
     "launcher_runs",
+    "memory_budget",
     "process_memory",
+    "process_start",
     "process_tree",
+    "signal_process",
+    "wrapped_process",
     "resident_memory",
     "resident_size",
     "run_quiet",
@@ -95,6 +101,42 @@ def process_tree(root: int) -> list[int]:
     return found
 
 
+def process_start(pid: int) -> int | None:
+    """When the process started (clock ticks since boot): with the pid, who it is, since a
+    pid is reused once its process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def wrapped_process(root: int, wrapper: str) -> tuple[int, int] | None:
+    """(pid, start) of the first process under `root` that is not the `wrapper` program
+    (bubblewrap and its pid-namespace init): the command it wraps, as pids are on the host."""
+    wrapper = os.path.realpath(wrapper)
+    for pid in process_tree(root):
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            continue
+        start = process_start(pid)
+        if os.path.realpath(exe) != wrapper and start is not None:
+            return pid, start
+    return None
+
+
+def signal_process(pid: int, start: int, signum: int) -> bool:
+    """Send `signum` to the process `pid` if it is still the one that started at `start`."""
+    if process_start(pid) != start:
+        return False
+    try:
+        os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -134,44 +176,117 @@ def resident_memory(pids: Iterable[int]) -> int:
     return sum(process_memory(pid) for pid in pids)
 
 
-class MemoryWatchdog(threading.Thread):
-    """Kills a kernel whose processes together hold more resident memory than the cap."""
+class MemoryWatchdog:
+    """One kernel's place in a `MemoryBudget`: kills the kernel when its processes hold more
+    than `limit` (None: its cgroup enforces that), or when it is the kernel that took all the
+    kernels of the budget past their total. `start` joins the budget (a budget of its own by
+    default), `stop` leaves it."""
 
     def __init__(
         self,
-        limit: int,
+        limit: int | None,
         pids: Callable[[], list[int]],
         kill: Callable[[], None],
         extra: Callable[[list[int]], int] = lambda pids: 0,
+        budget: MemoryBudget | None = None,
     ) -> None:
-        super().__init__(name="vault-runner-memory-watchdog", daemon=True)
         self.limit = limit
         self.pids = pids
         self.kill = kill
         self.extra = extra  # memory held outside the processes (the sandbox's tmpfs files)
+        self.budget = budget if budget is not None else MemoryBudget(None)
         self.peak = 0
-        self.tripped: int | None = None  # the resident size that tripped it, until taken
-        self._stop_event = threading.Event()
+        self.last = 0  # what it held at the budget's previous look
+        self.tripped: int | None = None  # the memory that tripped it, until taken
+        self.shared = False  # whether the budget's total tripped it, not its own limit
 
-    def run(self) -> None:
-        while not self._stop_event.wait(WATCH_INTERVAL):
-            pids = self.pids()
-            if not pids:
-                continue
-            # Resident size from statm is cheap; the proportional count (smaps_rollup) walks
-            # page tables under the kernel's mm lock and slows it down (import torch took
-            # 0.2 s longer polled every 0.1 s), so it is only taken near the limit.
-            extra = self.extra(pids)
-            used = resident_size(pids) + extra
-            if used > self.limit:
-                used = resident_memory(pids) + extra
-            self.peak = max(self.peak, used)
-            if used > self.limit:
-                self.tripped = used
-                self.kill()
+    def start(self) -> None:
+        self.budget.join(self)
 
     def stop(self) -> None:
-        self._stop_event.set()
+        self.budget.leave(self)
+
+    def trip(self, used: int, shared: bool) -> None:
+        self.tripped, self.shared = used, shared
+        self.kill()
+
+
+class MemoryBudget:
+    """The memory of several kernels: each within its own limit, all together within `total`
+    (None: no shared limit), so that `render -j 2` with two hungry notes cannot take the
+    machine down. One thread looks at every member each WATCH_INTERVAL, while there are
+    members. Past the total, the kernel stopped is the one that grew most since the previous
+    look (the one asking for more); what the others already hold, they keep."""
+
+    def __init__(self, total: int | None) -> None:
+        self.total = total
+        self.peak = 0  # the most all members held together at one look
+        self._members: list[MemoryWatchdog] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def join(self, member: MemoryWatchdog) -> None:
+        with self._lock:
+            member.last = 0
+            self._members.append(member)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="vault-runner-memory", daemon=True)
+                self._thread.start()
+
+    def leave(self, member: MemoryWatchdog) -> None:
+        with self._lock:
+            if member in self._members:
+                self._members.remove(member)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(WATCH_INTERVAL)
+            with self._lock:
+                members = list(self._members)
+                if not members:
+                    self._thread = None
+                    return
+            self.look(members)
+
+    def look(self, members: list[MemoryWatchdog]) -> None:
+        """One look at every member: stop the ones over their limit, then the total."""
+        seen = [(member, member.pids()) for member in members]
+        seen = [(member, pids) for member, pids in seen if pids]  # none: between two kernels
+        # Resident size from statm is cheap; the proportional count (smaps_rollup) walks
+        # page tables under the kernel's mm lock and slows it down (import torch took
+        # 0.2 s longer polled every 0.1 s), so it is only taken near a limit.
+        extra = [member.extra(pids) for member, pids in seen]
+        cheap = [resident_size(pids) + more for (_, pids), more in zip(seen, extra, strict=True)]
+        near_total = self.total is not None and sum(cheap) > self.total
+        within: list[tuple[MemoryWatchdog, int]] = []
+        for (member, pids), more, held in zip(seen, extra, cheap, strict=True):
+            if near_total or (member.limit is not None and held > member.limit):
+                held = resident_memory(pids) + more
+            member.peak = max(member.peak, held)
+            if member.limit is not None and held > member.limit:
+                member.trip(held, shared=False)
+            else:
+                within.append((member, held))
+        total = sum(held for _, held in within)
+        self.peak = max(self.peak, total)
+        if self.total is not None and total > self.total and within:
+            member, held = max(within, key=lambda pair: (pair[1] - pair[0].last, pair[1]))
+            member.trip(held, shared=True)
+        for member, held in within:
+            member.last = held
+
+
+_budgets: dict[int, MemoryBudget] = {}
+_budgets_lock = threading.Lock()
+
+
+def memory_budget(total: int | None) -> MemoryBudget:
+    """The budget shared by every kernel of this process with this total (None: a new one
+    without a total)."""
+    if total is None:
+        return MemoryBudget(None)
+    with _budgets_lock:
+        return _budgets.setdefault(total, MemoryBudget(total))
 
 
 def user_tasks() -> int:

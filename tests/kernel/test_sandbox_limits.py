@@ -1,0 +1,348 @@
+"""The sandbox's limits hold the same in every isolating tier this machine has (issue 9.7,
+9.8, 9.12): `network: false` cuts unix sockets and UDP too, not only TCP; the memory of all
+running kernels together stays within one budget; a block that never lets go of the GIL is
+interrupted, not restarted.
+
+Each test runs real kernels in bubblewrap and in Landlock (those that work here).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import copy_sample_vault
+from vault_runner import engine as engine_mod
+from vault_runner.core import note as notes
+from vault_runner.disk.vault import load_vault
+from vault_runner.kernel.sandbox import Policy, Sandbox, network
+from vault_runner.kernel.sandbox.policy import MEMORY_ENV
+from vault_runner.kernel.sandbox.probe import SANDBOX_ENV, probe
+from vault_runner.kernel.sandbox.processes import process_memory
+from vault_runner.kernel.session import KernelSession
+
+pytestmark = pytest.mark.kernel
+
+PROBE = probe()
+TIERS = [t for t, works in (("bubblewrap", PROBE.bwrap is not None), ("landlock", PROBE.landlock_abi > 0)) if works]
+if not TIERS:
+    pytest.skip("neither bubblewrap nor Landlock works here", allow_module_level=True)
+FOLDER = "Notas"
+
+
+def note_text(*blocks: str, timeout: float = 10, network_on: bool = False) -> str:
+    fences = "\n\nEntre bloques.\n\n".join(f"```python\n{textwrap.dedent(b).strip()}\n```" for b in blocks)
+    return (
+        f"---\nvault-runner: true\nexecute:\n  timeout: {timeout}\n  network: {str(network_on).lower()}\n---\n"
+        f"# Nota\n\n{fences}\n\nFin.\n"
+    )
+
+
+@pytest.fixture(scope="module", params=TIERS)
+def tier(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def vault_root(tier: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = copy_sample_vault(tmp_path_factory.mktemp(f"limits-{tier}") / "vault")
+    (root / FOLDER).mkdir()
+    return root
+
+
+def start_kernel(vault_root: Path, tier: str, network_on: bool) -> KernelSession:
+    policy = Policy(vault=vault_root.resolve(), cwd=(vault_root / FOLDER).resolve(), network=network_on, device="cpu")
+    kernel = KernelSession(policy.cwd, {"VAULT_RUNNER_VAULT": str(policy.vault)}, sandbox=Sandbox(policy, tier=tier))
+    kernel.start()
+    return kernel
+
+
+@pytest.fixture(scope="module")
+def offline(vault_root: Path, tier: str) -> Iterator[KernelSession]:
+    kernel = start_kernel(vault_root, tier, network_on=False)
+    try:
+        yield kernel
+    finally:
+        kernel.shutdown()
+
+
+@pytest.fixture(scope="module")
+def online(vault_root: Path, tier: str) -> Iterator[KernelSession]:
+    kernel = start_kernel(vault_root, tier, network_on=True)
+    try:
+        yield kernel
+    finally:
+        kernel.shutdown()
+
+
+def run_block(kernel: KernelSession, code: str, timeout: float = 30) -> tuple[str, str]:
+    """(status, everything the block printed or raised)."""
+    done = kernel.execute(textwrap.dedent(code), timeout)
+    text = "".join(o.get("text", "") for o in done.outputs if o.get("output_type") == "stream")
+    text += "".join(f"{o.get('ename')}: {o.get('evalue')}" for o in done.outputs if o.get("output_type") == "error")
+    return done.status, text
+
+
+@pytest.fixture
+def unix_server(vault_root: Path) -> Iterator[socket.socket]:
+    """A host service listening on a unix socket in the vault, which every kernel sees."""
+    path = vault_root / FOLDER / f"servicio-{secrets.token_hex(3)}.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(5)
+    server.setblocking(False)
+    try:
+        yield server
+    finally:
+        server.close()
+        path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def abstract_server() -> Iterator[socket.socket]:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(f"\0vault-runner-test-{secrets.token_hex(4)}")
+    server.listen(5)
+    server.setblocking(False)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def udp_listener() -> Iterator[socket.socket]:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.settimeout(1.0)
+    try:
+        yield listener
+    finally:
+        listener.close()
+
+
+def connected(server: socket.socket) -> bool:
+    try:
+        server.accept()[0].close()
+        return True
+    except BlockingIOError:
+        return False
+
+
+def arrived(listener: socket.socket) -> bytes | None:
+    try:
+        return listener.recv(100)
+    except TimeoutError:
+        return None
+
+
+def test_offline_note_cannot_reach_a_host_unix_socket(offline: KernelSession, unix_server: socket.socket) -> None:
+    status, text = run_block(
+        offline, f"import socket\nsocket.socket(socket.AF_UNIX).connect({unix_server.getsockname()!r})"
+    )
+    assert not connected(unix_server)
+    assert status == "error" and "PermissionError" in text, text
+
+
+def test_offline_note_cannot_reach_an_abstract_unix_socket(
+    offline: KernelSession, abstract_server: socket.socket
+) -> None:
+    status, text = run_block(
+        offline, f"import socket\nsocket.socket(socket.AF_UNIX).connect({abstract_server.getsockname()!r})"
+    )
+    assert not connected(abstract_server)
+    assert status == "error" and ("PermissionError" in text or "ConnectionRefusedError" in text), text
+
+
+def test_offline_note_cannot_send_udp_to_the_host(offline: KernelSession, udp_listener: socket.socket) -> None:
+    port = udp_listener.getsockname()[1]
+    status, text = run_block(
+        offline,
+        f"import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'fuga', ('127.0.0.1', {port}))",
+    )
+    assert arrived(udp_listener) is None
+    assert status == "error" and "PermissionError" in text, text
+
+
+def test_offline_note_cannot_send_to_a_unix_datagram_socket(offline: KernelSession, vault_root: Path) -> None:
+    # journald and syslog (/dev/log) listen on unix datagram sockets: no connect() needed.
+    path = vault_root / FOLDER / f"log-{secrets.token_hex(3)}.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.settimeout(1.0)
+    try:
+        status, text = run_block(
+            offline, f"import socket\nsocket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'fuga', {str(path)!r})"
+        )
+        assert arrived(listener) is None
+    finally:
+        listener.close()
+        path.unlink(missing_ok=True)
+    assert status == "error" and "PermissionError" in text, text
+
+
+def test_offline_note_keeps_pipes_socketpairs_and_worker_processes(offline: KernelSession) -> None:
+    code = """
+    import multiprocessing, os, socket
+    a, b = socket.socketpair()
+    a.sendall(b"par")
+    r, w = os.pipe()
+    os.write(w, b"tubo")
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        squares = pool.map(abs, [-1, -2, -3])
+    print(b.recv(3).decode(), os.read(r, 4).decode(), squares)
+    """
+    status, text = run_block(offline, code)
+    assert status == "ok", text
+    assert "par tubo [1, 2, 3]" in text
+
+
+def test_online_note_still_reaches_host_services(
+    online: KernelSession, unix_server: socket.socket, udp_listener: socket.socket
+) -> None:
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(5)
+    tcp.setblocking(False)
+    try:
+        code = f"""
+        import socket
+        socket.socket(socket.AF_UNIX).connect({unix_server.getsockname()!r})
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'hola', ('127.0.0.1', {udp_listener.getsockname()[1]}))
+        socket.create_connection(('127.0.0.1', {tcp.getsockname()[1]}), timeout=5).close()
+        print("conectado")
+        """
+        status, text = run_block(online, code)
+        assert status == "ok", text
+        assert connected(unix_server)
+        assert arrived(udp_listener) == b"hola"
+        assert connected(tcp)
+    finally:
+        tcp.close()
+
+
+def test_what_network_false_leaves_open_is_said_in_the_note(
+    vault_root: Path, tier: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where the seccomp filter cannot be applied, the note says what is still reachable.
+    policy = Policy(vault=vault_root, cwd=vault_root / FOLDER, network=False, device="cpu")
+    assert not Sandbox(policy, tier=tier).warnings  # here, nothing is left open
+    monkeypatch.setattr(network, "seccomp_works", lambda: False)
+    (warning,) = Sandbox(policy, tier=tier).warnings
+    assert "network: false is not fully enforced here" in warning
+    assert "unix sockets" in warning
+
+
+# -- interrupts --------------------------------------------------------------------------------
+def run_note(vault_root: Path, kernel: KernelSession, name: str, text: str) -> tuple[engine_mod.NoteReport, str]:
+    path = vault_root / FOLDER / f"{name}.md"
+    path.write_text(text, encoding="utf-8")
+    vault = load_vault(vault_root)
+    engine = engine_mod.Engine(vault)
+    loaded = engine_mod.load(vault, path)
+    run = engine.execute(loaded, kernel, device=engine.prepare(kernel, loaded))
+    engine.write_back(run)
+    written = path.read_text(encoding="utf-8")
+    assert notes.strip_regions(notes.parse_note(written)) == text
+    return run.report, "\n".join(b.region.body for b in notes.parse_note(written).blocks if b.region is not None)
+
+
+def test_a_block_that_holds_the_gil_is_interrupted_and_the_kernel_lives_on(
+    vault_root: Path, offline: KernelSession
+) -> None:
+    # The regex engine never releases the GIL, so a message on the control channel is never
+    # read; a SIGINT is (sre checks for signals as it backtracks).
+    code = "import re\nre.match(r'(a+)+$', 'a' * 40 + 'b')"
+    report, regions = run_note(vault_root, offline, "Regex", note_text(code, "print('sigue vivo')", timeout=2))
+    assert [b.status for b in report.blocks] == ["timeout", "ok"], regions
+    assert "> [!failure] TimeoutError: the block ran longer than its timeout of 2 s" in regions
+    assert "It ignored the interrupt" not in regions
+    assert "sigue vivo" in regions
+
+
+# -- one memory budget for all kernels ----------------------------------------------------------
+BUDGET = 640 * 2**20
+HOLDER = """
+import os, time
+hoard = [bytearray(16 * 2**20) for _ in range(24)]  # 384 MiB: 60% of the budget
+open("a-tiene", "w").close()
+deadline = time.monotonic() + 120
+while not os.path.exists("b-acabo") and time.monotonic() < deadline:
+    time.sleep(0.05)
+print("A guarda", 16 * len(hoard), "MiB")
+"""
+GROWER = """
+import os, time
+deadline = time.monotonic() + 120
+while not os.path.exists("a-tiene") and time.monotonic() < deadline:
+    time.sleep(0.05)
+hoard = []
+for _ in range(24):  # 384 MiB more, slowly: the other kernel already holds 60%
+    hoard.append(bytearray(16 * 2**20))
+    time.sleep(0.08)
+print("B consiguio", 16 * len(hoard), "MiB")
+"""
+
+
+def kernels_memory(folder: Path) -> int:
+    """Memory held by every process working in `folder` (the two kernels and their children)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/cwd") == str(folder):
+                    total += process_memory(int(entry))
+            except OSError:
+                continue
+    return total
+
+
+def test_two_hungry_notes_at_once_stay_within_one_budget(
+    vault_root: Path, tier: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = (vault_root / f"Memoria {tier}").resolve()
+    folder.mkdir()
+    (folder / "A.md").write_text(note_text(HOLDER, timeout=150, network_on=True), encoding="utf-8")
+    (folder / "B.md").write_text(note_text(GROWER, timeout=150, network_on=True), encoding="utf-8")
+    monkeypatch.setenv(MEMORY_ENV, str(BUDGET))
+    monkeypatch.setenv(SANDBOX_ENV, tier)
+    engine = engine_mod.Engine(load_vault(vault_root))
+    reports: dict[str, engine_mod.NoteReport] = {}
+    peak, stop = [0], threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.02):
+            peak[0] = max(peak[0], kernels_memory(folder))
+
+    def run(name: str) -> None:
+        reports[name] = engine.run_note(folder / f"{name}.md")
+        if name == "B":
+            (folder / "b-acabo").touch()
+
+    sampler = threading.Thread(target=watch)
+    runners = [threading.Thread(target=run, args=(name,)) for name in ("A", "B")]  # render -j 2
+    sampler.start()
+    for runner in runners:
+        runner.start()
+    for runner in runners:
+        runner.join(timeout=300)
+    stop.set()
+    sampler.join()
+    (folder / "b-acabo").touch()
+    a, b = reports["A"], reports["B"]
+    assert [x.status for x in a.blocks] == ["ok"], a
+    assert [x.status for x in b.blocks] == ["dead"], b
+    grower = (folder / "B.md").read_text(encoding="utf-8")
+    assert "went over the memory budget of 640.0 MiB that all kernels share" in grower
+    assert "B consiguio 384 MiB" not in grower
+    assert "A guarda 384 MiB" in (folder / "A.md").read_text(encoding="utf-8")
+    # Stopped within about one look of the watcher (0.1 s; B asks for 200 MiB/s), with room for
+    # a loaded machine; without the budget the two would hold some 870 MiB.
+    assert peak[0] <= BUDGET + 128 * 2**20, f"the kernels held {peak[0] / 2**20:.0f} MiB together"

@@ -1,0 +1,190 @@
+"""The seccomp filter behind `network: false`: no connection out of the sandbox, by any socket.
+
+Standard library only: the launcher (launch.py, run by path with ``-I -S``) loads this file
+and applies the filter just before it execs the kernel, so nothing of the note's runs
+unfiltered, and everything the kernel forks or execs inherits it (a seccomp filter cannot
+be removed). A hand-built classic BPF program (about 40 instructions) rather than
+libseccomp: the launcher must work on machines without that library, and one program is
+easier to check than two.
+
+A filter sees a syscall's registers, never the memory they point to, so it cannot tell
+where a ``connect`` goes. It therefore refuses, with EACCES:
+
+- ``connect``, for every socket: a kernel without network has nothing to connect to,
+  and a unix socket path or an abstract name reaches host services that neither a network
+  namespace (filesystem sockets) nor Landlock (any unix socket, before ABI 6) stops. The
+  kernel's own sockets are bound (ipc) or come from ``socketpair``, which stay allowed;
+- sockets that send without connecting: UDP and every other datagram or raw socket, unix
+  datagram sockets (``/dev/log``, journald), and every family but unix, IPv4/IPv6 TCP and
+  netlink route (glibc's interface queries); ``socketpair`` is not filtered;
+- TCP Fast Open (``sendto``/``sendmsg`` with MSG_FASTOPEN), which connects without
+  ``connect``;
+- io_uring, whose socket and connect operations are not syscalls and pass any filter;
+- syscalls of another ABI than the launcher's (x32, or 32-bit ``int 0x80`` on x86-64).
+
+What it costs a note with `network: false`: Python code that hands data between processes
+over a *connected* unix socket (multiprocessing managers and the forkserver, DataLoader
+workers that pass tensors as file descriptors) gets PermissionError; pipes, queues,
+``socketpair`` and shared memory work. Binding and listening stay allowed (the kernel's
+ipc sockets); under Landlock a listening TCP socket on a random port is still possible.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import platform
+import struct
+
+__all__ = ("ARCHES", "apply_no_network", "no_network_program", "supported")
+
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+_RET_ALLOW = 0x7FFF0000
+_RET_ERRNO = 0x00050000
+_DENY = _RET_ERRNO | errno.EACCES
+
+# Classic BPF opcodes (linux/filter.h).
+_LD_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS
+_AND = 0x54  # BPF_ALU | BPF_AND | BPF_K
+_JEQ = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
+_JGE = 0x35  # BPF_JMP | BPF_JGE | BPF_K
+_JSET = 0x45  # BPF_JMP | BPF_JSET | BPF_K
+_RET = 0x06  # BPF_RET | BPF_K
+
+# struct seccomp_data: int nr; u32 arch; u64 instruction_pointer; u64 args[6]. The low
+# half of an argument (little-endian: the first four bytes) is all an int argument has.
+_NR, _ARCH = 0, 4
+
+
+def _arg(index: int) -> int:
+    return 16 + 8 * index
+
+
+AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 1, 2, 10, 16
+SOCK_STREAM, SOCK_SEQPACKET, SOCK_TYPE_MASK = 1, 5, 0xF
+IPPROTO_TCP, NETLINK_ROUTE = 6, 0
+MSG_FASTOPEN = 0x20000000
+_X32_SYSCALL_BIT = 0x40000000
+
+# Per machine: (AUDIT_ARCH_*, syscall numbers). io_uring's are the same everywhere.
+ARCHES: dict[str, tuple[int, dict[str, int]]] = {
+    "x86_64": (
+        0xC000003E,
+        {"socket": 41, "connect": 42, "sendto": 44, "sendmsg": 46, "sendmmsg": 307},
+    ),
+    "aarch64": (
+        0xC00000B7,
+        {"socket": 198, "connect": 203, "sendto": 206, "sendmsg": 211, "sendmmsg": 269},
+    ),
+}
+_IO_URING = (425, 426, 427)  # io_uring_setup, io_uring_enter, io_uring_register
+
+
+def _machine() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def supported() -> bool:
+    """Whether this machine's ABI has a filter here (x86-64 and arm64 Linux)."""
+    return _machine() in ARCHES
+
+
+class _Program:
+    """A tiny assembler: instructions with jumps to labels, resolved to relative offsets."""
+
+    def __init__(self) -> None:
+        self.code: list[tuple[int, str | int, str | int, int]] = []
+        self.labels: dict[str, int] = {}
+
+    def label(self, name: str) -> None:
+        self.labels[name] = len(self.code)
+
+    def op(self, code: int, k: int, jt: str | int = 0, jf: str | int = 0) -> None:
+        self.code.append((code, jt, jf, k))
+
+    def assemble(self) -> bytes:
+        out = b""
+        for index, (code, jt, jf, k) in enumerate(self.code):
+            offsets = [self.labels[j] - index - 1 if isinstance(j, str) else j for j in (jt, jf)]
+            if any(not 0 <= offset < 256 for offset in offsets):
+                raise ValueError("a seccomp jump out of range")
+            out += struct.pack("HBBI", code, offsets[0], offsets[1], k)
+        return out
+
+
+def no_network_program(machine: str | None = None) -> bytes:
+    """The filter for `machine` (this one by default) as packed `struct sock_filter`s."""
+    arch, nr = ARCHES[machine or _machine()]
+    p = _Program()
+    p.op(_LD_ABS, _ARCH)
+    p.op(_JEQ, arch, 0, "deny")  # another ABI: nothing of it is allowed
+    p.op(_LD_ABS, _NR)
+    if arch == ARCHES["x86_64"][0]:
+        p.op(_JGE, _X32_SYSCALL_BIT, "deny", 0)
+    p.op(_JEQ, nr["socket"], "socket", 0)
+    p.op(_JEQ, nr["connect"], "deny", 0)
+    p.op(_JEQ, nr["sendto"], "flags3", 0)
+    p.op(_JEQ, nr["sendmmsg"], "flags3", 0)
+    p.op(_JEQ, nr["sendmsg"], "flags2", 0)
+    for number in _IO_URING:
+        p.op(_JEQ, number, "deny", 0)
+    p.op(_RET, _RET_ALLOW)
+
+    p.label("socket")
+    p.op(_LD_ABS, _arg(0))  # family
+    p.op(_JEQ, AF_UNIX, "unix", 0)
+    p.op(_JEQ, AF_INET, "inet", 0)
+    p.op(_JEQ, AF_INET6, "inet", 0)
+    p.op(_JEQ, AF_NETLINK, "netlink", "deny")
+    p.label("unix")  # stream and seqpacket need connect(); datagrams do not
+    p.op(_LD_ABS, _arg(1))
+    p.op(_AND, SOCK_TYPE_MASK)  # without SOCK_CLOEXEC / SOCK_NONBLOCK
+    p.op(_JEQ, SOCK_STREAM, "allow", 0)
+    p.op(_JEQ, SOCK_SEQPACKET, "allow", "deny")
+    p.label("inet")  # TCP only: SCTP and MPTCP are streams too, with their own ways out
+    p.op(_LD_ABS, _arg(1))
+    p.op(_AND, SOCK_TYPE_MASK)
+    p.op(_JEQ, SOCK_STREAM, 0, "deny")
+    p.op(_LD_ABS, _arg(2))
+    p.op(_JEQ, 0, "allow", 0)
+    p.op(_JEQ, IPPROTO_TCP, "allow", "deny")
+    p.label("netlink")
+    p.op(_LD_ABS, _arg(2))
+    p.op(_JEQ, NETLINK_ROUTE, "allow", "deny")
+
+    p.label("flags2")
+    p.op(_LD_ABS, _arg(2))
+    p.op(_JSET, MSG_FASTOPEN, "deny", "allow")
+    p.label("flags3")
+    p.op(_LD_ABS, _arg(3))
+    p.op(_JSET, MSG_FASTOPEN, "deny", "allow")
+
+    p.label("allow")
+    p.op(_RET, _RET_ALLOW)
+    p.label("deny")
+    p.op(_RET, _DENY)
+    return p.assemble()
+
+
+class _Fprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def apply_no_network() -> None:
+    """Filter this process (and all it later forks or execs); raises OSError if it cannot."""
+    if not supported():
+        raise OSError(errno.ENOSYS, f"no seccomp filter for this machine ({platform.machine()})")
+    program = no_network_program()
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = _Fprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+    # Without no_new_privs a filter needs CAP_SYS_ADMIN; with it, exec cannot gain privileges
+    # (a setuid binary would otherwise run unfiltered).
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP) failed")
