@@ -25,7 +25,8 @@ from vault_runner.disk.vault import load_vault
 from vault_runner.engine import Engine
 from vault_runner.engine.targets import notes_under
 from vault_runner.kernel.factory import default_kernel_factory, started_kernel_factory
-from vault_runner.kernel.fork.factory import FORK_ENV, ForkFactory, fork_disabled_reason
+from vault_runner.kernel.fork.common import FORK_ENV, fork_disabled_reason
+from vault_runner.kernel.fork.factory import ForkFactory
 from vault_runner.kernel.fork.session import ForkedSession
 from vault_runner.kernel.session import KernelSession
 from vault_runner.model import NoteReport

@@ -234,6 +234,36 @@ def test_a_kernel_that_exits_reports_its_status(fork: Callable[..., Driven]) -> 
     assert kernel.kernel.wait(10) == 3
 
 
+def test_a_spare_is_initialised_ahead_and_then_placed_for_its_note(
+    template: KernelTemplate, fork: Callable[..., Driven], tmp_path: Path
+) -> None:
+    """A spare kernel binds its sockets before any note is known; the note that takes it
+    gets its own folder, environment, sys.path and random numbers, as a fork on demand does."""
+    template.keep_spares(2)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while template.spares_ready() < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert template.spares_ready() == 2
+        ready = {k.pid for k in template.kernels()}
+        folder = tmp_path / "nota"
+        folder.mkdir()
+        first = fork(cwd=folder, env={"VAULT_RUNNER_NOTE": str(folder / "a.md"), "SOLO_ESTA": "1"})
+        second = fork()
+        assert {first.kernel.pid, second.kernel.pid} <= ready  # both were spares
+        assert first.value("__import__('os').getcwd()") == str(folder)
+        assert first.value("__import__('sys').path[0]") == str(folder)
+        assert first.value("str(get_ipython().history_manager.dir_hist[0])") == str(folder)
+        assert first.value("__import__('os').environ.get('SOLO_ESTA')") == "1"
+        assert second.value("__import__('os').environ.get('SOLO_ESTA')") is None
+        assert first.value("__import__('os').environ.get('PAGER')") == "cat"  # the shell's own, kept
+        assert first.value(RANDOMS) != second.value(RANDOMS)
+        first.run("dejado = 1")
+        assert second.value("'dejado' in globals()") is False
+    finally:
+        template.keep_spares(0)
+
+
 def test_hash_seed_must_match_the_template(template: KernelTemplate, tmp_path: Path) -> None:
     with pytest.raises(ForkUnavailable, match="PYTHONHASHSEED"):
         template.fork(tmp_path, {"PYTHONHASHSEED": "0"})

@@ -79,6 +79,28 @@ def test_a_spare_is_warm_and_moves_into_the_notes_folder(vault: Path) -> None:
         assert pool.stats()["kernels"] == 2
 
 
+def test_spares_are_forked_from_a_template_not_started(vault: Path) -> None:
+    from vault_runner.kernel.fork.common import fork_disabled_reason
+
+    if fork_disabled_reason() is not None:
+        pytest.skip(f"kernels are not forked here: {fork_disabled_reason()}")
+    with pool_of(vault, max_kernels=2, spares=2) as (pool, _):
+        assert pool.wait_for_spares(WAIT)
+        first = pool.acquire(vault / "uno" / "a.md", DEFAULTS)
+        second = pool.acquire(vault / "dos" / "b.md", DEFAULTS)
+        try:
+            assert getattr(first.kernel, "origin", None) == "forked"
+            assert getattr(second.kernel, "origin", None) == "forked"
+            template = first.kernel.manager.template  # type: ignore[attr-defined]
+            assert first.pid not in {None, template.pid, second.pid}
+            # Two notes, two processes: a name one defines is not in the other.
+            run(first, "dejado = 1")
+            assert run(second, "print('dejado' in globals())").strip() == "False"
+        finally:
+            pool.release(first)
+            pool.release(second)
+
+
 def test_the_cap_holds_and_the_least_recently_used_kernel_makes_room(vault: Path) -> None:
     a, b, c = (vault / "uno" / f"{n}.md" for n in "abc")
     counts: list[int] = []

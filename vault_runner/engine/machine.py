@@ -1,4 +1,5 @@
-"""What this machine offers kernels (sandbox tier, GPUs, limits), for `doctor` and the API status.
+"""What this machine offers kernels (sandbox tier, GPUs, limits, how kernels are made), for
+`doctor` and the API status.
 
 Front ends ask here rather than probing the sandbox themselves: the kernel layer stays below
 the engine, and this is the engine's view of it.
@@ -8,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from vault_runner.kernel.fork.common import FORK_ENV, fork_disabled_reason
 from vault_runner.kernel.sandbox.doctor import doctor_report
 from vault_runner.kernel.sandbox.gpu import nvidia_device_nodes, visible_gpus
 from vault_runner.kernel.sandbox.probe import probe
 
-__all__ = ("doctor_report", "gpus", "nvidia_device_nodes", "sandbox_tier")
+__all__ = ("doctor_report", "gpus", "kernel_start", "nvidia_device_nodes", "sandbox_tier")
 
 
 def sandbox_tier() -> dict[str, Any]:
@@ -24,3 +26,11 @@ def sandbox_tier() -> dict[str, Any]:
 def gpus() -> list[str]:
     """The GPUs kernels may be placed on."""
     return visible_gpus()
+
+
+def kernel_start() -> str:
+    """How a note's kernel is made here: forked from a warm template, or started, and why."""
+    why = fork_disabled_reason()
+    if why is None:
+        return f"forked from a warm template per vault and sandbox policy ({FORK_ENV}=0: start each)"
+    return f"started for each note ({why})"

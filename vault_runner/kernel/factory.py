@@ -36,9 +36,11 @@ KernelFactory = Callable[[Path, dict[str, str], Mapping[str, Any]], Kernel]
 def default_kernel_factory(cwd: Path, env: dict[str, str], note_options: Mapping[str, Any]) -> Kernel:
     """A kernel in the sandbox (kernel/sandbox/) that the note's options ask for: network,
     memory, device (GPU placement and device nodes); forked from a template where it can be."""
-    from vault_runner.kernel.fork.factory import fork_disabled_reason, shared_fork_factory
+    from vault_runner.kernel.fork.common import fork_disabled_reason
 
     if fork_disabled_reason() is None:
+        from vault_runner.kernel.fork.factory import shared_fork_factory
+
         return shared_fork_factory()(cwd, env, note_options)
     return started_kernel_factory(cwd, env, note_options)
 
@@ -58,10 +60,12 @@ def prewarm(factory: KernelFactory, vault_root: Path, note_options: Mapping[str,
     """Let `factory` get ready for a note of these options (the fork factory starts its
     template on a thread); nothing for a factory that has nothing to prepare."""
     if factory is default_kernel_factory:
-        from vault_runner.kernel.fork.factory import fork_disabled_reason, shared_fork_factory
+        from vault_runner.kernel.fork.common import fork_disabled_reason
 
         if fork_disabled_reason() is not None:
             return
+        from vault_runner.kernel.fork.factory import shared_fork_factory
+
         factory = shared_fork_factory()
     ready = getattr(factory, "prewarm", None)
     if ready is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from vault_runner import __version__
 from vault_runner.disk import trust
 from vault_runner.disk.vault import find_root
-from vault_runner.engine.machine import doctor_report, nvidia_device_nodes
+from vault_runner.engine.machine import doctor_report, kernel_start, nvidia_device_nodes
 from vault_runner.errors import VaultError
 
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -65,6 +65,7 @@ def doctor_lines() -> list[tuple[str, str]]:
     ]
     lines += _torch_lines()
     lines += doctor_report().lines
+    lines.append(("kernels", kernel_start()))
     lines.append(("trust store", str(trust.config_dir() / "trusted-vaults.json")))
     trusted = trust.trusted_vaults()
     lines.append(("trusted vaults", ", ".join(str(v) for v in trusted) if trusted else "none"))

@@ -21,33 +21,59 @@ namespace (the child reports it with SCM_CREDENTIALS, which the kernel translate
 `ForkedKernelManager` is a jupyter_client KernelManager whose start forks from a
 template, so `kernel.KernelSession` can drive a forked kernel unchanged.
 
-Where fork cannot serve (not Linux, no pidfd, a note whose launch options differ from
-the template's, a different PYTHONHASHSEED) the caller starts a kernel the normal way:
-`fork_unavailable_reason()` and `KernelTemplate.refusal()` say why, in one line for
-`--json` and `doctor`.
+`ForkFactory` (factory.py) is the KernelFactory that uses all this: a template per launch
+key, spare kernels forked ahead of demand, and a `ForkedSession` (session.py) per note,
+which falls back to a normal start where fork cannot serve (not Linux, no pidfd,
+`VAULT_RUNNER_FORK=0`, a template that failed, a fork that failed): `fork_disabled_reason()`,
+`KernelTemplate.refusal()` and `ForkedSession.fallback` say why, in one line; the note's
+report says `kernel: forked` or `started`, and `doctor` says which this machine does.
 """
 
-from vault_runner.errors import ForkError, ForkUnavailable
-from vault_runner.kernel.fork.common import (
-    DEFAULT_KERNEL_ARGS,
-    DEFAULT_PRELOAD,
-    TemplateKey,
-    device_class,
-    fork_unavailable_reason,
-)
-from vault_runner.kernel.fork.forked import ForkedKernel, ForkedKernelManager, wait_for_ready
-from vault_runner.kernel.fork.template import KernelTemplate
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = (
     "DEFAULT_KERNEL_ARGS",
     "DEFAULT_PRELOAD",
+    "FORK_ENV",
     "ForkError",
+    "ForkFactory",
     "ForkUnavailable",
     "ForkedKernel",
     "ForkedKernelManager",
+    "ForkedSession",
     "KernelTemplate",
     "TemplateKey",
     "device_class",
+    "fork_disabled_reason",
     "fork_unavailable_reason",
     "wait_for_ready",
 )
+
+# Imported on first use: `doctor` asks whether kernels are forked without importing
+# jupyter_client.
+_WHERE = {
+    "DEFAULT_KERNEL_ARGS": "vault_runner.kernel.fork.common",
+    "DEFAULT_PRELOAD": "vault_runner.kernel.fork.common",
+    "FORK_ENV": "vault_runner.kernel.fork.common",
+    "ForkError": "vault_runner.errors",
+    "ForkFactory": "vault_runner.kernel.fork.factory",
+    "ForkUnavailable": "vault_runner.errors",
+    "ForkedKernel": "vault_runner.kernel.fork.forked",
+    "ForkedKernelManager": "vault_runner.kernel.fork.forked",
+    "ForkedSession": "vault_runner.kernel.fork.session",
+    "KernelTemplate": "vault_runner.kernel.fork.template",
+    "TemplateKey": "vault_runner.kernel.fork.common",
+    "device_class": "vault_runner.kernel.fork.common",
+    "fork_disabled_reason": "vault_runner.kernel.fork.common",
+    "fork_unavailable_reason": "vault_runner.kernel.fork.common",
+    "wait_for_ready": "vault_runner.kernel.fork.forked",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -223,9 +223,6 @@ def _exit_child(code: int) -> int:
     # What a fresh interpreter does at exit: atexit handlers (the kernel's own, the note's),
     # then flushed streams. Never the template's Python-level teardown (os._exit).
     _trace("exiting")
-    if _TRACE:
-        import faulthandler
-        faulthandler.dump_traceback_later(1.5, exit=False)
     try:
         import atexit
 

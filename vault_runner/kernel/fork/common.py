@@ -53,6 +53,16 @@ FORK_TIMEOUT = 30.0
 MAX_MESSAGE = 1 << 20
 
 
+FORK_ENV = "VAULT_RUNNER_FORK"  # 0: start every kernel the normal way
+
+
+def fork_disabled_reason() -> str | None:
+    """None when kernels are forked, else one line saying why they are started."""
+    if os.environ.get(FORK_ENV, "").strip().lower() in {"0", "false", "no", "off"}:
+        return f"{FORK_ENV}=0"
+    return fork_unavailable_reason()
+
+
 def fork_unavailable_reason() -> str | None:
     """None when this platform can fork kernels from a template, else one line saying why not."""
     if not sys.platform.startswith("linux"):

@@ -28,7 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from vault_runner.errors import ForkError, ForkUnavailable, KernelDied, SandboxError
-from vault_runner.kernel.fork.common import DEFAULT_MPLBACKEND, STARTUP_TIMEOUT, TemplateKey, fork_unavailable_reason
+from vault_runner.kernel.fork.common import (
+    DEFAULT_MPLBACKEND,
+    STARTUP_TIMEOUT,
+    TemplateKey,
+    fork_disabled_reason,
+)
 from vault_runner.kernel.fork.session import ForkedSession
 from vault_runner.kernel.fork.template import KernelTemplate
 from vault_runner.kernel.sandbox import Policy, Sandbox, policy_from_options
@@ -36,19 +41,11 @@ from vault_runner.kernel.sandbox.filesystem import PROTECTED_IN_VAULT
 from vault_runner.kernel.sandbox.gpu import nvidia_device_nodes
 from vault_runner.kernel.setup import kernel_env
 
-__all__ = ("FORK_ENV", "SPARES_ENV", "ForkFactory", "fork_disabled_reason", "shared_fork_factory")
+__all__ = ("SPARES_ENV", "ForkFactory", "shared_fork_factory")
 
-FORK_ENV = "VAULT_RUNNER_FORK"  # 0: start every kernel the normal way
 SPARES_ENV = "VAULT_RUNNER_FORK_SPARES"  # pre-initialised kernels per template (default 1)
 MAX_TEMPLATES = 4  # templates are ~0.5 GB each with torch: the least recently used goes
 MAX_SPARES = 4
-
-
-def fork_disabled_reason() -> str | None:
-    """None when kernels are forked, else one line saying why they are started."""
-    if os.environ.get(FORK_ENV, "").strip().lower() in {"0", "false", "no", "off"}:
-        return f"{FORK_ENV}=0"
-    return fork_unavailable_reason()
 
 
 class _Slot:

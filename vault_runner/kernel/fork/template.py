@@ -348,6 +348,11 @@ class KernelTemplate:
                 self._filler = threading.Thread(target=self._fill, name="vault-runner-template-spares", daemon=True)
                 self._filler.start()
 
+    def spares_ready(self) -> int:
+        """How many spare kernels wait for a note now."""
+        with self._cond:
+            return len(self._spares)
+
     def _fill(self) -> None:
         failures = 0
         while True:
