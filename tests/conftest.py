@@ -108,3 +108,24 @@ def using_config_dir(path: Path) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VAULT_RUNNER_CONFIG_DIR", str(path))
         yield path
+
+
+def available_tiers() -> list[str]:
+    """The sandbox tiers this machine has, strongest first (plain, uncontained, always)."""
+    from vault_runner.kernel.sandbox.probe import probe
+
+    found = probe()
+    return [*(["bubblewrap"] if found.bwrap else []), *(["landlock"] if found.landlock_abi else []), "plain"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Probed only where a test asks for `sandbox_tier`: the probe starts processes.
+    if "sandbox_tier" in metafunc.fixturenames:
+        metafunc.parametrize("sandbox_tier", available_tiers(), indirect=True)
+
+
+@pytest.fixture
+def sandbox_tier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each sandbox tier the machine has in turn, forced with VAULT_RUNNER_SANDBOX."""
+    monkeypatch.setenv("VAULT_RUNNER_SANDBOX", request.param)
+    return request.param

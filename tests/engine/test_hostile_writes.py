@@ -12,28 +12,15 @@ import pytest
 from tests.conftest import make_note_vault
 from vault_runner.disk.vault import load_vault
 from vault_runner.engine import Engine
-from vault_runner.engine.machine import sandbox_tier
+from vault_runner.engine.machine import sandbox_tier as sandbox_tier_of_engine
 
 pytestmark = pytest.mark.kernel
 
 
-def available_tiers() -> list[str]:
-    from vault_runner.kernel.sandbox.probe import probe
-
-    found = probe()
-    tiers = ["plain"]
-    if found.landlock_abi:
-        tiers.insert(0, "landlock")
-    if found.bwrap:
-        tiers.insert(0, "bubblewrap")
-    return tiers
-
-
-@pytest.fixture(params=available_tiers())
-def tier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("VAULT_RUNNER_SANDBOX", request.param)
-    assert sandbox_tier()["tier"] == request.param
-    return request.param
+@pytest.fixture
+def tier(sandbox_tier: str) -> str:
+    assert sandbox_tier_of_engine()["tier"] == sandbox_tier
+    return sandbox_tier
 
 
 def hostile(code: str) -> str:

@@ -6,16 +6,25 @@ Tiers, chosen once per process by actually trying them (``VAULT_RUNNER_SANDBOX``
   private ``/tmp``, ``/run`` and ``/var/tmp``, the home folders hidden behind an empty
   read-only tmpfs, its own pid (and, as a normal user, user) namespace, and ``--unshare-net``
   when the note says ``network: false``. Writable: the whole vault (the kernel's cwd is the
-  note's folder, and notes read and write data files anywhere in their vault), except
-  ``.obsidian``, ``.git`` and ``vault-runner.toml``, which stay read-only so a note cannot
-  plant an Obsidian plugin or a git hook that would run outside the sandbox. A symlink in the
-  vault that points outside it leads nowhere: the outside path does not exist in there.
+  note's folder, and notes read and write data files anywhere in their vault), except the
+  protected entries (protected.py: ``.obsidian`` and ``.git`` at any depth,
+  ``vault-runner.toml``), read-only so a note cannot plant an Obsidian plugin or a git hook
+  that would run outside the sandbox. A symlink in the vault that points outside it leads
+  nowhere: the outside path does not exist in there.
 - ``landlock``: the same policy enforced by the kernel's Landlock LSM, applied by the
   launcher before ipykernel starts: read everything but the home folders and the shared
-  temp folders; write the vault's sub-folders (again not ``.obsidian``/``.git``; new files
-  directly in the vault root are refused), a private temp folder and the ipc folder. With
-  ``network: false`` TCP connect/bind are refused (Landlock ABI 4+).
-- ``plain``: an ordinary process, with a visible warning in the note and in ``doctor``.
+  temp folders; write the vault, a private temp folder and the ipc folder. Where the
+  launcher can make a mount namespace (mounts.py: as root, or with user namespaces) the
+  kernel has its own /dev/shm and /dev/pts and the protected entries are read-only mounts,
+  as under bubblewrap; elsewhere Landlock grants write only around the protected entries
+  (so nothing new directly in the vault root: the note is told why), and /dev/shm and
+  /dev/pts are refused. With ``network: false`` TCP connect/bind are refused (ABI 4+).
+- ``plain``: an ordinary process, with a visible warning in the note and in ``doctor``; it
+  gets only its own temp, cache and matplotlib folders.
+
+In every tier the `ProtectedGuard` (protected.py) stops a kernel that makes a protected
+name no mount or rule could refuse, and moves what it made out of the vault. What a kernel
+writes to its caches (MPLCONFIGDIR, XDG_CACHE_HOME, IPYTHONDIR, TMPDIR) is its own.
 
 With ``network: false`` every tier also gets the seccomp filter of seccomp.py (no
 ``connect`` at all, no datagram sockets), which closes unix sockets and UDP; network.py
@@ -49,13 +58,7 @@ from vault_runner.errors import SandboxError
 from vault_runner.kernel.sandbox import network
 from vault_runner.kernel.sandbox.cgroup import Cgroup
 from vault_runner.kernel.sandbox.doctor import Report, doctor_report
-from vault_runner.kernel.sandbox.filesystem import (
-    PROTECTED_IN_VAULT,
-    hidden_roots,
-    mpl_cache_dir,
-    python_paths,
-    readable_outside,
-)
+from vault_runner.kernel.sandbox.filesystem import hidden_roots, kernel_mpl_dir, python_paths, readable_outside
 from vault_runner.kernel.sandbox.gpu import claim_gpu, nvidia_device_nodes, release_gpu
 from vault_runner.kernel.sandbox.policy import MEMORY_ENV, Policy, format_size, policy_from_options
 from vault_runner.kernel.sandbox.probe import PLAIN_WARNING, SANDBOX_ENV, Probe
@@ -70,6 +73,13 @@ from vault_runner.kernel.sandbox.processes import (
     user_tasks,
     wrapped_process,
 )
+from vault_runner.kernel.sandbox.protected import (
+    ProtectedGuard,
+    existing_protected,
+    quarantine_dir,
+    write_grants,
+    write_root_hint,
+)
 
 __all__ = ("Policy", "Probe", "Report", "Sandbox", "doctor_report", "policy_from_options")
 
@@ -77,8 +87,12 @@ __all__ = ("Policy", "Probe", "Report", "Sandbox", "doctor_report", "policy_from
 class Sandbox:
     """The isolation and limits of one KernelSession; see the module docstring."""
 
-    def __init__(self, policy: Policy, tier: str | None = None) -> None:
+    def __init__(self, policy: Policy, tier: str | None = None, *, watch_vault: bool = True) -> None:
         self.policy = policy
+        # Watch the vault for protected names its kernel makes (protected.py); off for a fork
+        # template's sandbox, which runs no note's code (each forked kernel's own watches).
+        self.watch_vault = watch_vault
+        self.protected: list[Path] = []  # the vault's protected entries at launch
         self.probe = probe_tier()
         self.tier = tier or self.probe.tier
         if self.tier == "bubblewrap" and self.probe.bwrap is None:
@@ -92,6 +106,8 @@ class Sandbox:
         self.watchdog: MemoryWatchdog | None = None
         self.private_tmp: Path | None = None
         self.runtime_dir: Path | None = None
+        self.mpl_dir: Path | None = None
+        self.guard: ProtectedGuard | None = None
         self.gpu = claim_gpu(policy.device)
         self._root_pid: Callable[[], int | None] = lambda: None
         self.nproc: int | None = None
@@ -146,22 +162,35 @@ class Sandbox:
                 self.nproc = self.policy.max_tasks  # counted per user namespace (Linux 5.14+)
             else:
                 self.nproc = user_tasks() + self.policy.max_tasks
-        if self.tier == "landlock":
+        if self.tier != "bubblewrap":  # bubblewrap's /tmp is private already
             self.private_tmp = Path(tempfile.mkdtemp(prefix="vr-tmp-", dir=runtime_dir))
-        mpl_cache_dir().mkdir(parents=True, exist_ok=True)
+        if self.tier == "landlock" and self.private_tmp is not None:
+            if not self.probe.landlock_mounts and self.policy.vault is not None:
+                write_root_hint(self.private_tmp / ".ipython", self.policy.vault)
+        self.mpl_dir = kernel_mpl_dir(runtime_dir)
+        if self.guard is not None:
+            self.guard.stop()
+            self.guard = None
+        if self.policy.vault is not None and self.watch_vault:
+            self.guard = ProtectedGuard(self.policy.vault, self.kill_all, quarantine_dir())
+            self.guard.start()
+            self.protected = sorted(self.guard.allowed)
+        elif self.policy.vault is not None:
+            self.protected = existing_protected(self.policy.vault)
         own = self.policy.memory if not (self.cgroup and self.cgroup.memory) else None  # else memory.max
         if own or self.policy.budget:
             budget = memory_budget(self.policy.budget)
             self.watchdog = MemoryWatchdog(own, self.pids, self.kill_all, self._tmpfs_used, budget)
             self.watchdog.start()
 
-
     def env(self) -> dict[str, str]:
         """Environment additions for the kernel (per tier: where temp and cache files go)."""
-        env = {"MPLCONFIGDIR": str(mpl_cache_dir()), "JUPYTER_RUNTIME_DIR": str(self.runtime_dir or "")}
+        env = {"JUPYTER_RUNTIME_DIR": str(self.runtime_dir or "")}
+        if self.mpl_dir is not None:
+            env["MPLCONFIGDIR"] = str(self.mpl_dir)  # the kernel's own: nothing in it reaches another
         if self.tier == "bubblewrap":
             env.update(TMPDIR="/tmp", IPYTHONDIR="/tmp/.ipython", XDG_CACHE_HOME="/tmp/.cache")
-        elif self.tier == "landlock" and self.private_tmp is not None:
+        elif self.private_tmp is not None:  # the kernel's own, also in the plain tier
             tmp = str(self.private_tmp)
             env.update(TMPDIR=tmp, IPYTHONDIR=f"{tmp}/.ipython", XDG_CACHE_HOME=f"{tmp}/.cache")
         if self.gpu is not None:
@@ -197,6 +226,9 @@ class Sandbox:
         if self.tier == "landlock":
             outer["landlock"] = self.landlock_spec()
             outer["drop_caps"] = os.geteuid() == 0
+            if self.probe.landlock_mounts:
+                readonly = [str(p) for p in self.protected]
+                outer["namespace"] = {"shm_size": self.policy.memory, "readonly": readonly}
             if self.nproc:
                 outer["nproc"] = self.nproc
         elif self.tier == "plain" and self.nproc:
@@ -242,15 +274,14 @@ class Sandbox:
         for path in python_paths():
             if any(h == path or h in path.parents for h in hidden):
                 args += ["--ro-bind", str(path), str(path)]
-        args += ["--bind", str(mpl_cache_dir()), str(mpl_cache_dir())]
         args += ["--bind", str(self.runtime_dir), str(self.runtime_dir)]
         writable = self.policy.vault or self.policy.cwd
         args += ["--bind", str(writable), str(writable)]
-        if self.policy.vault is not None:
-            for name in PROTECTED_IN_VAULT:
-                protected = self.policy.vault / name
-                if protected.exists() and not protected.is_symlink():
-                    args += ["--ro-bind", str(protected), str(protected)]
+        # Protected entries (protected.py) that exist, at any depth: read-only. Those made
+        # later are the guard's: no mount can refuse a name in a writable folder.
+        for protected in self.protected:
+            if protected.exists() and not protected.is_symlink():
+                args += ["--ro-bind", str(protected), str(protected)]
         if (
             self.policy.vault is not None
             and self.policy.cwd != self.policy.vault
@@ -270,21 +301,27 @@ class Sandbox:
         read += [str(p) for p in python_paths()]
         if self.policy.network and Path("/run/systemd/resolve").is_dir():
             read.append("/run/systemd/resolve")  # /etc/resolv.conf often points in there
-        write = [str(self.runtime_dir), str(mpl_cache_dir()), "/dev/shm"]
+        # /dev/shm and /dev/pts only when they are the kernel's own (mounts.py): the host's
+        # hold other programs' shared memory and the user's terminals.
+        mounts = self.probe.landlock_mounts
+        write = [str(self.runtime_dir), *(["/dev/shm"] if mounts else [])]
         if self.private_tmp is not None:
             write.append(str(self.private_tmp))
         vault = self.policy.vault
         if vault is not None:
             read.append(str(vault))
-            for entry in sorted(vault.iterdir()):
-                # A symlink would grant its target (outside the vault, maybe): never follow one.
-                if entry.name not in PROTECTED_IN_VAULT and not entry.is_symlink():
-                    write.append(str(entry))  # files and folders; new files in the root are refused
+            if mounts:
+                write.append(str(vault))  # its protected entries are read-only mounts
+            else:
+                # Around the protected entries: a folder holding one (the root) is not granted.
+                write += [str(p) for p in write_grants(vault, self.protected)]
             if vault != self.policy.cwd and not self.policy.cwd.is_relative_to(vault):
                 write.append(str(self.policy.cwd))
         else:
             write.append(str(self.policy.cwd))
         files = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty", "/dev/ptmx"]
+        if mounts:
+            files.append("/dev/pts")  # its own instance: `!cmd` needs a pty
         if self.policy.device != "cpu":
             files += [n for n in nvidia_device_nodes() if not os.path.isdir(n)]
             # cuInit writes into the process's own /proc entry (error 304 without it, seen on an
@@ -330,6 +367,9 @@ class Sandbox:
 
     def death_reason(self) -> str | None:
         """Why the kernel died, when a limit killed it; cleared once read."""
+        if self.guard is not None and self.guard.tripped is not None:
+            reason, self.guard.tripped = self.guard.tripped, None
+            return reason
         if self.watchdog is not None and self.watchdog.tripped is not None and self.watchdog.shared:
             used, self.watchdog.tripped = self.watchdog.tripped, None
             return (
@@ -353,6 +393,9 @@ class Sandbox:
         return None
 
     def close(self) -> None:
+        if self.guard is not None:
+            self.guard.stop()  # a last look, once nothing of the kernel is left
+            self.guard = None
         if self.watchdog is not None:
             self.watchdog.stop()
             self.watchdog = None

@@ -1,15 +1,26 @@
 """What of the filesystem a sandboxed kernel sees: hidden folders, Python's own paths,
-the protected entries of a vault, Landlock's read grants, the shared matplotlib cache."""
+the protected entries of a vault (protected.py says how they are kept), Landlock's read
+grants, each kernel's own matplotlib folder."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import site
+import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ("PROTECTED_IN_VAULT", "hidden_roots", "mpl_cache_dir", "python_paths", "readable_outside")
+__all__ = (
+    "PROTECTED_IN_VAULT",
+    "hidden_roots",
+    "kernel_mpl_dir",
+    "mpl_cache_dir",
+    "python_paths",
+    "readable_outside",
+)
 
 PROTECTED_IN_VAULT = (".obsidian", ".git", "vault-runner.toml")
 
@@ -50,10 +61,39 @@ def hidden_roots() -> list[Path]:
 
 
 def mpl_cache_dir() -> Path:
-    """A matplotlib config/cache folder shared by sandboxed kernels (its font list is slow to build)."""
+    """Matplotlib's font list, built once by vault-runner itself (it is slow to build) and
+    never handed to a kernel: each kernel gets a copy in its own folder (`kernel_mpl_dir`)."""
     import platformdirs
 
-    return Path(platformdirs.user_cache_dir("vault-runner")) / "matplotlib"
+    return Path(platformdirs.user_cache_dir("vault-runner")) / "matplotlib-fonts"
+
+
+def kernel_mpl_dir(runtime_dir: Path) -> Path:
+    """A kernel's own MPLCONFIGDIR, in its runtime folder: what a note writes there (a
+    matplotlibrc, a font cache) dies with the kernel and never reaches another note."""
+    folder = runtime_dir / "matplotlib"
+    folder.mkdir(exist_ok=True)
+    shared = mpl_cache_dir()
+    if not any(shared.glob("fontlist-*.json")):
+        _build_font_list(shared)
+    for font_list in shared.glob("fontlist-*.json"):
+        shutil.copyfile(font_list, folder / font_list.name)
+    return folder
+
+
+def _build_font_list(shared: Path) -> None:
+    # Outside any sandbox but running only matplotlib's own code, in a fresh folder that no
+    # kernel can write (the homes are hidden from kernels): nothing a note planted is read.
+    shared.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=shared) as scratch:
+        env = {**os.environ, "MPLCONFIGDIR": scratch}
+        command = [sys.executable, "-I", "-c", "import matplotlib.font_manager"]
+        try:
+            subprocess.run(command, env=env, capture_output=True, timeout=120, check=True, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.SubprocessError):
+            return  # no matplotlib here: a kernel builds its own list if it imports it
+        for font_list in Path(scratch).glob("fontlist-*.json"):
+            os.replace(font_list, shared / font_list.name)
 
 
 def readable_outside(hidden: list[Path]) -> list[Path]:
@@ -93,7 +133,10 @@ def _readable_devices() -> list[Path]:
             continue
         if stat.S_ISBLK(mode):
             continue  # raw disks would bypass every file permission for root
-        if stat.S_ISDIR(mode) and entry.name not in {"pts", "shm", "nvidia-caps", "dri", "hugepages", "mqueue"}:
+        # Not /dev/shm nor /dev/pts: the host's hold other programs' shared memory and the
+        # user's terminals (whose keystrokes a reader would take). The Landlock tier grants
+        # them only when they are the kernel's own (mounts.py).
+        if stat.S_ISDIR(mode) and entry.name not in {"nvidia-caps", "dri", "hugepages", "mqueue"}:
             continue
         out.append(entry)
     return out

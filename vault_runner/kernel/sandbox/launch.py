@@ -12,6 +12,7 @@ SPEC is a JSON object:
   landlock   {"read": [...], "write": [...], "files": [...], "network": bool}
   drop_caps  drop every capability (root in the Landlock tier)
   no_new_privs  set PR_SET_NO_NEW_PRIVS (always with landlock)
+  namespace  {"shm_size": ..., "readonly": [...]}: a mount namespace first (mounts.py)
   no_network    the seccomp filter of `network: false` (seccomp.py, loaded by path), last
 """
 
@@ -196,8 +197,11 @@ def apply(spec: dict) -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (int(spec["core"]), int(spec["core"])))
     if spec.get("nproc"):
         resource.setrlimit(resource.RLIMIT_NPROC, (int(spec["nproc"]), int(spec["nproc"])))
-    if spec.get("drop_caps"):
-        drop_capabilities()
+    if spec.get("namespace") is not None:
+        # Private /dev/shm and /dev/pts, protected vault entries read-only (mounts.py).
+        _sibling("mounts").enter(spec["namespace"])
+    if spec.get("drop_caps") or spec.get("namespace") is not None:
+        drop_capabilities()  # also the new namespace's: no mount can be undone
     if spec.get("landlock") is not None:
         apply_landlock(spec["landlock"])
     elif spec.get("no_new_privs"):

@@ -45,6 +45,9 @@ class Probe:
     bwrap_userns: bool = False
     bwrap_netns: bool = False
     landlock_abi: int = 0
+    # The Landlock launcher can make a mount namespace (root, or user namespaces allowed):
+    # private /dev/shm and /dev/pts, and the vault root writable (kernel/sandbox/mounts.py).
+    landlock_mounts: bool = False
 
 
 def _probe_bwrap() -> tuple[str | None, str | None, bool, bool, str]:
@@ -63,25 +66,30 @@ def _probe_bwrap() -> tuple[str | None, str | None, bool, bool, str]:
     return path, version, userns, netns, ""
 
 
-def _probe_landlock() -> int:
-    """Landlock's ABI, checked by restricting a child process for real."""
+def _probe_landlock() -> tuple[int, bool]:
+    """Landlock's ABI, checked by restricting a child process for real; and whether the
+    launcher can give it its own mounts (mounts.py), tried for real too."""
     abi = launch.landlock_abi()
     if abi < 1:
-        return 0
-    return abi if launcher_runs({"landlock": {"read": ["/"], "write": [], "network": True}}) else 0
+        return 0, False
+    rules = {"read": ["/"], "write": [], "network": True}
+    if not launcher_runs({"landlock": rules}):
+        return 0, False
+    return abi, launcher_runs({"namespace": {"shm_size": 2**20, "readonly": []}, "landlock": rules})
 
 
 @functools.cache
 def _probe(forced: str) -> Probe:
     bwrap, version, userns, netns, why_not = _probe_bwrap() if sys.platform.startswith("linux") else (
         None, None, False, False, "bubblewrap needs Linux")  # fmt: skip
-    abi = _probe_landlock() if sys.platform.startswith("linux") else 0
+    abi, mounts = _probe_landlock() if sys.platform.startswith("linux") else (0, False)
     info: dict[str, Any] = {
         "bwrap": bwrap,
         "bwrap_version": version,
         "bwrap_userns": userns,
         "bwrap_netns": netns,
         "landlock_abi": abi,
+        "landlock_mounts": mounts,
     }
     if forced:
         if forced not in TIERS:

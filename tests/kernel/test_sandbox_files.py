@@ -1,0 +1,315 @@
+"""What a kernel can do to files, in every sandbox tier the machine has (issue 9.3, 9.5, 9.6,
+10.13, 10.14): protected vault entries, /dev/shm, per-kernel caches, `!cmd`, writing next to
+a root-level note. Real kernels in real bubblewrap and Landlock; plain is uncontained, so the
+tests that are about containment skip it, saying so.
+
+The Landlock tier without its own mounts (what a user without root or user namespaces gets)
+is tried too, on a Sandbox whose probe says mounts do not work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_note_vault
+from vault_runner.disk.vault import load_vault
+from vault_runner.engine import Engine
+from vault_runner.kernel.sandbox import Policy, Sandbox
+from vault_runner.kernel.sandbox.probe import probe
+from vault_runner.kernel.sandbox.protected import ROOT_REFUSED, ProtectedGuard, existing_protected, write_grants
+from vault_runner.kernel.session import KernelSession
+
+pytestmark = pytest.mark.kernel
+
+PROTECTED_ATTEMPTS = (
+    "vault-runner.toml",
+    ".obsidian/plugins/x/main.js",
+    ".git/config",
+    "sub/.git/config",
+    "sub/deeper/.git/hooks/pre-commit",
+)
+
+
+@pytest.fixture(autouse=True)
+def _private_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The quarantine lives in the user's state folder: a test's own."""
+    state = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    return state
+
+
+def note(*blocks: str) -> str:
+    body = "".join(f"```python\n{code}\n```\n\n" for code in blocks)
+    return f"---\nvault-runner: true\n---\n# Nota\n\n{body}"
+
+
+def stdout_of(report, index: int = 0) -> str:  # type: ignore[no-untyped-def]
+    return "".join(o.get("text", "") for o in report.blocks[index].outputs if o.get("name") == "stdout")
+
+
+def all_text(report) -> str:  # type: ignore[no-untyped-def]
+    parts = []
+    for block in report.blocks:
+        for output in block.outputs:
+            parts += [str(output.get("text", "")), str(output.get("evalue", "")), *output.get("traceback", [])]
+    return "\n".join(parts)
+
+
+def contained(tier: str) -> None:
+    if tier == "plain":
+        pytest.skip("the plain tier is uncontained by design (doctor and README say so)")
+
+
+# -- protected entries (9.3) -------------------------------------------------------------------
+PLANT = (
+    "import os, time\n"
+    "root = os.environ['VAULT_RUNNER_VAULT']\n"
+    f"for rel in {PROTECTED_ATTEMPTS!r}:\n"
+    "    path = os.path.join(root, rel)\n"
+    "    try:\n"
+    "        os.makedirs(os.path.dirname(path), exist_ok=True)\n"
+    "        with open(path, 'w') as handle:\n"
+    "            handle.write('[core]\\n\\tfsmonitor = touch /tmp/pwned\\n')\n"
+    "        print('made', rel)\n"
+    "    except OSError as exc:\n"
+    "        print('refused', rel, type(exc).__name__)\n"
+    "time.sleep(3)  # the guard stops the kernel meanwhile, where the tier let a name be made\n"
+    "print('still running')"
+)
+
+
+@pytest.mark.parametrize("where", ["Raíz.md", "Notas/n.md"])
+def test_no_note_creates_a_protected_entry_in_any_tier(sandbox_tier: str, where: str, tmp_path: Path) -> None:
+    contained(sandbox_tier)
+    root = make_note_vault(tmp_path / "vault", {where: note(PLANT)})
+    (root / "sub").mkdir()
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    report = Engine(load_vault(root)).run_note(root / where)
+    for relative in PROTECTED_ATTEMPTS:
+        assert not (root / relative).exists(), (relative, all_text(report))
+    assert not list(root.rglob(".git")) and not (root / "vault-runner.toml").exists(), all_text(report)
+    assert (root / ".obsidian" / "app.json").read_bytes() == before[root / ".obsidian" / "app.json"]
+    assert not (root / ".obsidian" / "plugins").exists()
+    text = all_text(report)
+    if "made" in stdout_of(report):
+        # The tier let it make a name (no mount can refuse one in a writable folder): the
+        # guard stopped the kernel, moved what it made out, and the note says so.
+        assert "still running" not in text
+        assert "which no note may create or change" in text
+        assert report.blocks[0].failed
+
+
+def test_existing_protected_entries_are_read_only_at_any_depth(sandbox_tier: str, tmp_path: Path) -> None:
+    contained(sandbox_tier)
+    code = (
+        "import os\n"
+        "root = os.environ['VAULT_RUNNER_VAULT']\n"
+        "for rel in ('.git/config', '.obsidian/app.json', 'vault-runner.toml', 'sub/repo/.git/config'):\n"
+        "    try:\n"
+        "        open(os.path.join(root, rel), 'a').write('evil')\n"
+        "        print('wrote', rel)\n"
+        "    except OSError as exc:\n"
+        "        print('refused', rel)\n"
+        "open(os.path.join(root, 'sub', 'repo', 'data.txt'), 'w').write('ok')"
+    )
+    root = make_note_vault(tmp_path / "vault", {"Notas/n.md": note(code)}, config="[run]\n")
+    for folder in (root / ".git", root / "sub" / "repo" / ".git"):
+        folder.mkdir(parents=True)
+        (folder / "config").write_text("[core]\n", encoding="utf-8")
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and ".git" in p.parts or p.name == "app.json"}
+    report = Engine(load_vault(root)).run_note(root / "Notas" / "n.md")
+    assert "wrote" not in stdout_of(report), stdout_of(report)
+    assert stdout_of(report).count("refused") == 4
+    assert {p: p.read_bytes() for p in before} == before
+    if sandbox_tier == "bubblewrap" or probe().landlock_mounts:
+        assert (root / "sub" / "repo" / "data.txt").read_text() == "ok"  # the rest of the folder is the note's
+
+
+def test_the_guard_moves_a_made_entry_out_and_stops_the_kernel(tmp_path: Path) -> None:
+    vault = tmp_path / "vault"
+    (vault / "sub" / "repo" / ".git").mkdir(parents=True)
+    stopped: list[bool] = []
+    guard = ProtectedGuard(vault, lambda: stopped.append(True), tmp_path / "quarantine")
+    assert guard.allowed == {vault / "sub" / "repo" / ".git"}  # the user's own: left alone
+    assert guard.check() == [] and not stopped
+    (vault / "new" / "deep").mkdir(parents=True)
+    (vault / "new" / "deep" / ".obsidian").mkdir()
+    (vault / "vault-runner.toml").write_text("x")
+    (vault / "sub" / "vault-runner.toml").write_text("only the root's counts")
+    made = guard.check()
+    assert sorted(made) == [vault / "new" / "deep" / ".obsidian", vault / "vault-runner.toml"]
+    assert stopped and not (vault / "vault-runner.toml").exists() and not (vault / "new" / "deep" / ".obsidian").exists()
+    assert (vault / "sub" / "vault-runner.toml").exists()
+    assert {p.name for p in (tmp_path / "quarantine").rglob("*")} >= {"vault-runner.toml", ".obsidian"}
+    assert guard.tripped is not None and "`vault-runner.toml`" in guard.tripped
+
+
+def test_landlock_grants_go_around_protected_entries(tmp_path: Path) -> None:
+    vault = tmp_path / "vault"
+    for folder in ("a/b/.git", "a/c", "d", ".obsidian"):
+        (vault / folder).mkdir(parents=True)
+    (vault / "n.md").write_text("x")
+    (vault / "link").symlink_to(tmp_path)
+    grants = write_grants(vault, existing_protected(vault))
+    assert sorted(p.relative_to(vault).as_posix() for p in grants) == ["a/c", "d", "n.md"]
+    assert write_grants(tmp_path / "empty", []) == [tmp_path / "empty"]  # nothing to go around
+
+
+# -- /dev/shm (9.5) ----------------------------------------------------------------------------
+@pytest.fixture
+def host_shm_file() -> Iterator[Path]:
+    path = Path("/dev/shm") / f"vault-runner-test-{uuid.uuid4().hex}"
+    path.write_text("host secret", encoding="utf-8")
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_a_note_cannot_reach_the_hosts_dev_shm(sandbox_tier: str, host_shm_file: Path, tmp_path: Path) -> None:
+    contained(sandbox_tier)
+    code = (
+        "import os\n"
+        f"path = {str(host_shm_file)!r}\n"
+        "for mode in ('r', 'r+'):  # r+: write the host's file, not make one of its own\n"
+        "    try:\n"
+        "        with open(path, mode) as handle:\n"
+        "            handle.read() if mode == 'r' else handle.write('pwned')\n"
+        "        print('reached', mode)\n"
+        "    except OSError as exc:\n"
+        "        print('refused', mode, type(exc).__name__)\n"
+        "import multiprocessing as mp\n"
+        "queue = mp.Queue()\n"
+        "worker = mp.Process(target=queue.put, args=(42,))\n"
+        "worker.start(); print('from a worker', queue.get(timeout=60)); worker.join()"
+    )
+    root = make_note_vault(tmp_path / "vault", {"Notas/n.md": note(code)})
+    report = Engine(load_vault(root)).run_note(root / "Notas" / "n.md")
+    out = stdout_of(report)
+    assert "reached" not in out, out
+    assert host_shm_file.read_text(encoding="utf-8") == "host secret"
+    # Shared memory still works where the kernel has its own /dev/shm (bubblewrap, Landlock
+    # with mounts); without mounts Landlock refuses /dev/shm and doctor says so.
+    if sandbox_tier == "bubblewrap" or probe().landlock_mounts:
+        assert "from a worker 42" in out, all_text(report)
+
+
+# -- caches (9.6) ------------------------------------------------------------------------------
+PLANT_CACHES = (
+    "import os, pathlib, sys\n"
+    "rc = pathlib.Path(os.environ['MPLCONFIGDIR']) / 'matplotlibrc'\n"
+    "rc.write_text('lines.linewidth: 17\\n')\n"
+    "for font_list in [*rc.parent.glob('fontlist-*.json'), rc.parent / 'fontlist-v390.json']:\n"
+    "    font_list.write_text('{junk')\n"
+    "for name in sys.argv[-1].split(','):\n"
+    "    folder = pathlib.Path(os.environ[name])\n"
+    "    try:\n"
+    "        folder.mkdir(parents=True, exist_ok=True)\n"
+    "        (folder / 'planted-by-a').write_text('junk')\n"
+    "        print('planted', name)\n"
+    "    except OSError:\n"
+    "        print('refused', name)"
+)
+CHECK_CACHES = (
+    "import os, pathlib, matplotlib, matplotlib.pyplot as plt\n"
+    "print('B sees', matplotlib.rcParams['lines.linewidth'])\n"
+    "plt.plot([1, 2]); plt.close()\n"
+    "for name in ('MPLCONFIGDIR', 'XDG_CACHE_HOME', 'IPYTHONDIR', 'TMPDIR', 'HOME'):\n"
+    "    if (pathlib.Path(os.environ[name]) / 'planted-by-a').exists():\n"
+    "        print('found', name)"
+)
+
+
+def test_what_a_note_writes_to_its_caches_never_reaches_another_vault(sandbox_tier: str, tmp_path: Path) -> None:
+    # The plain tier is uncontained: a note there could write your home, so this one does not.
+    names = "MPLCONFIGDIR,XDG_CACHE_HOME,IPYTHONDIR,TMPDIR" + (",HOME" if sandbox_tier != "plain" else "")
+    first = make_note_vault(tmp_path / "a", {"Notas/a.md": note(f"import sys\nsys.argv.append({names!r})", PLANT_CACHES)})
+    second = make_note_vault(tmp_path / "b", {"Notas/b.md": note(CHECK_CACHES)})
+    report_a = Engine(load_vault(first)).run_note(first / "Notas" / "a.md")
+    assert "planted MPLCONFIGDIR" in stdout_of(report_a, 1), all_text(report_a)
+    report_b = Engine(load_vault(second)).run_note(second / "Notas" / "b.md")
+    out = stdout_of(report_b)
+    assert "B sees 1.5" in out, all_text(report_b)
+    found = {line.split()[1] for line in out.splitlines() if line.startswith("found")}
+    assert found == set(), out
+    assert not (Path.home() / "planted-by-a").exists()
+
+
+# -- `!cmd` and writing next to a root-level note (10.13, 10.14) ---------------------------------
+def test_shell_commands_and_files_beside_a_root_level_note_work(sandbox_tier: str, tmp_path: Path) -> None:
+    code = (
+        "from pathlib import Path\n"
+        "MODEL_PATH = Path('models')\n"
+        "MODEL_PATH.mkdir(parents=True, exist_ok=True)\n"
+        "(MODEL_PATH / 'm.pt').write_bytes(b'weights')\n"
+        "Path('resultados.csv').write_text('a,b\\n')"
+    )
+    root = make_note_vault(tmp_path / "vault", {"Raíz.md": note("!echo hi", code, "!ls models")})
+    report = Engine(load_vault(root)).run_note(root / "Raíz.md")
+    assert [b.status for b in report.blocks] == ["ok", "ok", "ok"], all_text(report)
+    assert stdout_of(report, 0).strip() == "hi"
+    assert stdout_of(report, 2).strip() == "m.pt"
+    assert (root / "models" / "m.pt").read_bytes() == b"weights"
+    assert (root / "resultados.csv").read_text() == "a,b\n"
+
+
+# -- the Landlock tier without its own mounts ---------------------------------------------------
+@pytest.fixture
+def landlock_without_mounts(tmp_path: Path) -> Iterator[KernelSession]:
+    if not probe().landlock_abi:
+        pytest.skip("this Linux kernel has no Landlock")
+    vault = make_note_vault(tmp_path / "vault", {"Raíz.md": note("1")})
+    (vault / "Notas").mkdir()
+    box = Sandbox(Policy(vault=vault.resolve(), cwd=vault.resolve(), memory=None, max_tasks=None), tier="landlock")
+    box.probe = dataclasses.replace(box.probe, landlock_mounts=False)
+    env = {"VAULT_RUNNER_VAULT": str(vault.resolve())}
+    session = KernelSession(vault.resolve(), env, sandbox=box)
+    session.start()
+    try:
+        yield session
+    finally:
+        session.shutdown()
+
+
+def test_without_mounts_landlock_says_why_a_root_level_note_cannot_create_beside_itself(
+    landlock_without_mounts: KernelSession,
+) -> None:
+    session = landlock_without_mounts
+    done = session.execute("from pathlib import Path\nPath('models').mkdir()", timeout=60)
+    assert done.status == "error"
+    text = "".join(o.get("text", "") for o in done.outputs)
+    assert ROOT_REFUSED in text
+    assert any(o.get("ename") == "PermissionError" for o in done.outputs)
+    # Inside a folder it may, and nothing of the host's /dev/shm or terminals is reachable.
+    done = session.execute("Path('Notas/m.pt').write_bytes(b'x')", timeout=60)
+    assert done.status == "ok", done.outputs
+    for path in ("/dev/shm", "/dev/pts"):
+        listed = session.execute(f"import os\nos.listdir({path!r})", timeout=60)
+        assert listed.status == "error", (path, listed.outputs)
+
+
+def test_the_launcher_without_mounts_refuses_the_hosts_dev_shm(host_shm_file: Path, tmp_path: Path) -> None:
+    if not probe().landlock_abi:
+        pytest.skip("this Linux kernel has no Landlock")
+    vault = tmp_path / "vault"
+    (vault / "Notas").mkdir(parents=True)
+    box = Sandbox(Policy(vault=vault, cwd=vault / "Notas", memory=None, max_tasks=None), tier="landlock")
+    box.probe = dataclasses.replace(box.probe, landlock_mounts=False)
+    runtime = tmp_path / "rt"
+    runtime.mkdir()
+    box.setup(runtime, lambda: None)
+    try:
+        script = f"open({str(host_shm_file)!r}).read()"
+        done = subprocess.run(box.wrap([sys.executable, "-c", script]), capture_output=True, text=True, timeout=120)
+    finally:
+        box.close()
+    assert done.returncode != 0 and "PermissionError" in done.stderr
+    assert os.path.exists(host_shm_file)

@@ -1,0 +1,95 @@
+"""Private device folders for the Landlock tier, where this process may make a mount namespace.
+
+Landlock grants by path and cannot hide what is already in a folder, so without a mount
+namespace a Landlock kernel would share the host's ``/dev/shm`` (read and write other
+programs' shared memory) and could only reach ``/dev/pts`` by opening every terminal of the
+user. When this process can make a mount namespace (as root, or where unprivileged user
+namespaces are allowed), `enter` gives the kernel, before Landlock is applied:
+
+- a private, empty ``/dev/shm`` (tmpfs, capped by the kernel's memory cap): multiprocessing
+  locks, DataLoader workers and torch shared memory work, and nothing of the host's is there;
+- a private ``/dev/pts`` instance (and ``/dev/ptmx`` into it): ``!cmd`` gets its pty, and no
+  terminal of the user is reachable;
+- read-only bind mounts over the vault's protected entries (``.obsidian``, ``.git``,
+  ``vault-runner.toml``), so the vault root itself can be granted: a root-level note writes
+  next to itself as under bubblewrap.
+
+Standard library only: loaded by path by launch.py, before the kernel starts. Landlock then
+forbids any further mount, and the capabilities of the new namespace are dropped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+__all__ = ("enter",)
+
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWUSER = 0x10000000
+_MS_RDONLY = 1
+_MS_NOSUID = 2
+_MS_NODEV = 4
+_MS_NOEXEC = 8
+_MS_REMOUNT = 32
+_MS_BIND = 4096
+_MS_REC = 16384
+_MS_PRIVATE = 1 << 18
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+    return libc
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def _mount(libc: ctypes.CDLL, source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    source_b = source.encode() if source is not None else None
+    fstype_b = fstype.encode() if fstype is not None else None
+    _check(libc.mount(source_b, target.encode(), fstype_b, flags, data.encode() or None), f"mount {target}")
+
+
+def _unshare(libc: ctypes.CDLL) -> None:
+    if os.geteuid() == 0 and libc.unshare(_CLONE_NEWNS) == 0:
+        return
+    uid, gid = os.getuid(), os.getgid()
+    _check(libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS), "unshare")
+    # The same ids inside: files the kernel makes keep the user's owner.
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as handle:
+            handle.write(text)
+
+
+def enter(spec: dict) -> None:
+    """Make this process's mounts private and mount what the module docstring says.
+
+    spec: {"shm_size": bytes or null, "readonly": [paths that exist, never symlinks]}
+    """
+    libc = _libc()
+    _unshare(libc)
+    _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing propagates back to the host
+    size = f",size={int(spec['shm_size'])}" if spec.get("shm_size") else ""
+    if os.path.isdir("/dev/shm"):
+        _mount(libc, "tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777{size}")
+    _mount(libc, "devpts", "/dev/pts", "devpts", _MS_NOSUID | _MS_NOEXEC, "newinstance,ptmxmode=0666,mode=600")
+    _mount(libc, "/dev/pts/ptmx", "/dev/ptmx", None, _MS_BIND)
+    for path in spec.get("readonly", []):
+        if os.path.islink(path) or not os.path.exists(path):
+            continue  # made after the launch was planned: nothing to cover (the guard watches)
+        _mount(libc, path, path, None, _MS_BIND | _MS_REC)
+        _mount(libc, None, path, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _kept_flags(path))
+
+
+def _kept_flags(path: str) -> int:
+    """The flags of the mount a path is on: in a user namespace a read-only remount must
+    keep them (nosuid, nodev ... are locked), or it is refused."""
+    have = os.statvfs(path).f_flag
+    pairs = ((os.ST_NOSUID, _MS_NOSUID), (os.ST_NODEV, _MS_NODEV), (os.ST_NOEXEC, _MS_NOEXEC))
+    pairs += ((os.ST_NOATIME, 1024), (os.ST_NODIRATIME, 2048), (os.ST_RELATIME, 1 << 21))
+    return sum(ms for st, ms in pairs if have & st)
