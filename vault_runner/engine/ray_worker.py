@@ -22,6 +22,7 @@ from vault_runner.disk.vault import Vault
 from vault_runner.engine.loading import Loaded
 from vault_runner.engine.run import BlockResult, Engine
 from vault_runner.engine.shipping import materialize
+from vault_runner.errors import VaultRunnerError
 from vault_runner.model import NoteReport
 
 __all__ = ("WorkerResult", "run_on_worker")
@@ -54,6 +55,12 @@ def run_on_worker(vault: Vault, loaded: Loaded, files: bytes | str, limit: int, 
         with _gpus_reserved(gpus):
             run = Engine(here).execute(replace(loaded, path=note))
         return WorkerResult(run.report, run.results, run.kernel_restarted, run.sources, node)
+    except VaultRunnerError as exc:  # reported as the note's failure: our errors do not pickle
+        message = f"{loaded.relative}: could not run on its Ray worker: {exc.one_line()}"
+        report = NoteReport(note=loaded.relative, status="failed", message=message, reason="worker_failed")
+        return WorkerResult(report, {}, node=node)
+    except Exception as exc:  # a bug: its text reaches the driver, whatever the exception holds
+        raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
