@@ -123,7 +123,8 @@ def test_endless_python_loop_is_interrupted(vault_root: Path, session: KernelSes
 
 
 def test_loop_that_ignores_sigint_is_killed_and_the_kernel_restarted(vault_root: Path, session: KernelSession) -> None:
-    # The regex engine backtracks for ages in C and never looks at signals; SIGINT is ignored too.
+    # The regex engine backtracks for ages in C holding the GIL, and SIGINT is ignored: no
+    # interrupt lands (a SIGINT alone would: test_sandbox_limits.py), so the kernel is restarted.
     code = """
     import re, signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)

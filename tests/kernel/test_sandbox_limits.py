@@ -346,3 +346,20 @@ def test_two_hungry_notes_at_once_stay_within_one_budget(
     # Stopped within about one look of the watcher (0.1 s; B asks for 200 MiB/s), with room for
     # a loaded machine; without the budget the two would hold some 870 MiB.
     assert peak[0] <= BUDGET + 128 * 2**20, f"the kernels held {peak[0] / 2**20:.0f} MiB together"
+
+
+def test_a_note_run_by_the_engine_gets_the_same_interrupt_and_network_rules(
+    vault_root: Path, tier: str, unix_server: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As `render` runs it: the engine's own kernel (forked from a template where it can be).
+    monkeypatch.setenv(SANDBOX_ENV, tier)
+    regex = "import re\nre.match(r'(a+)+$', 'a' * 40 + 'b')"
+    connect = f"import socket\nsocket.socket(socket.AF_UNIX).connect({unix_server.getsockname()!r})"
+    path = vault_root / FOLDER / "Motor.md"
+    path.write_text(note_text(regex, connect, timeout=2), encoding="utf-8")
+    report = engine_mod.Engine(load_vault(vault_root)).run_note(path)
+    assert [b.status for b in report.blocks] == ["timeout", "error"], report  # interrupted, not restarted
+    assert not connected(unix_server)
+    written = path.read_text(encoding="utf-8")
+    assert "TimeoutError: the block ran longer than its timeout of 2 s" in written
+    assert "PermissionError" in written
