@@ -19,6 +19,7 @@ from typing import Any
 from vault_runner.kernel.sandbox import launch
 
 __all__ = (
+    "RELEASE_GRACE",
     "WATCH_INTERVAL",
     "MemoryBudget",
     "MemoryWatchdog",
@@ -39,6 +40,7 @@ __all__ = (
 )
 
 WATCH_INTERVAL = 0.1  # seconds between two looks at the kernel's memory
+RELEASE_GRACE = 1.0  # seconds a killed kernel is given to free its memory before another is stopped
 
 
 def run_quiet(argv: list[str], timeout: float = 10.0) -> subprocess.CompletedProcess[str] | None:
@@ -199,6 +201,7 @@ class MemoryWatchdog:
         self.last = 0  # what it held at the budget's previous look
         self.tripped: int | None = None  # the memory that tripped it, until taken
         self.shared = False  # whether the budget's total tripped it, not its own limit
+        self.killed_at: float | None = None  # monotonic time of the last kill
 
     def start(self) -> None:
         self.budget.join(self)
@@ -207,7 +210,7 @@ class MemoryWatchdog:
         self.budget.leave(self)
 
     def trip(self, used: int, shared: bool) -> None:
-        self.tripped, self.shared = used, shared
+        self.tripped, self.shared, self.killed_at = used, shared, time.monotonic()
         self.kill()
 
 
@@ -269,7 +272,11 @@ class MemoryBudget:
                 within.append((member, held))
         total = sum(held for _, held in within)
         self.peak = max(self.peak, total)
-        if self.total is not None and total > self.total and within:
+        # A kernel just killed may still be giving its memory back (a big exit takes a while):
+        # wait for it rather than stop another one for memory that is about to be free.
+        now = time.monotonic()
+        releasing = any(m.killed_at is not None and now - m.killed_at < RELEASE_GRACE for m, _ in seen)
+        if self.total is not None and total > self.total and within and not releasing:
             member, held = max(within, key=lambda pair: (pair[1] - pair[0].last, pair[1]))
             member.trip(held, shared=True)
         for member, held in within:
