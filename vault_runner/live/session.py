@@ -237,8 +237,10 @@ class NoteSession:
             )
             return self._finish_early(NoteReport(note=relative, status="refused", message=message))
         start, stop, restores = plan.start, plan.stop, list(plan.restores)
-        if restores and runner.delegation.is_held(relative):
-            restores = []  # an editor holds the note: its text is the truth, nothing is put back
+        if restores and mode == "changed" and runner.delegation.is_held(relative):
+            # An editor holds the note and saved it so: its text is the truth, nothing is put back
+            # on a save (an explicit run still puts missing outputs back, through the editor).
+            restores = []
         if start is None:
             self.seen = digests
             if not restores:
@@ -260,10 +262,12 @@ class NoteSession:
         run = Run(loaded, report, {})
         self._add_restores(run, runnable, restores)
         engine = Engine(self.runner.vault, on_event=self.runner.emit, force=self.runner.force)
-        engine.write_back(run)
+        delegated = self.runner.delegation.write_back(engine, run)  # to the editor holding the note, or the file
         report.duration = time.monotonic() - started
         self._after_write(loaded, report)
-        self.runner.emit(Event("note-finished", loaded.relative, data=finished_data(report, restored=len(restores))))
+        data = finished_data(report, restored=len(restores))
+        data["delegated"] = delegated
+        self.runner.emit(Event("note-finished", loaded.relative, data=data))
         self.last_report = report
         return report
 
