@@ -30,12 +30,19 @@ class Report:
         self.lines.append((key, value))
 
 
+_PROTECTED = ".obsidian/ and .git/ at any depth and vault-runner.toml read-only, and never made (a kernel that makes one is stopped)"
 _FILESYSTEM = {
-    "bubblewrap": "root read-only; vault writable (not .obsidian, .git, vault-runner.toml); homes hidden "
-    "(read-only, empty); private /tmp, /run, /var/tmp",
-    "landlock": "read all but homes and /tmp; write the vault's sub-folders (not .obsidian, .git), "
-    "a private temp folder",
-    "plain": "no isolation: kernels can read and write everything you can",
+    "bubblewrap": f"root read-only; vault writable but {_PROTECTED}; homes hidden (read-only, empty); "
+    "private /tmp, /run, /var/tmp, /dev/shm, /dev/pts; caches per kernel",
+    "landlock": f"read all but homes and /tmp; write the vault but {_PROTECTED}; a private temp folder; "
+    "caches per kernel; private /dev/shm and /dev/pts (own mount namespace)",
+    "landlock-no-mounts": f"read all but homes and /tmp; write the vault but {_PROTECTED}, and nothing new "
+    "directly in the vault root or in a folder holding .git/.obsidian (Landlock grants whole folders; "
+    "a note is told why); a private temp folder; caches per kernel; /dev/shm and /dev/pts refused: "
+    "no `!cmd`, no multiprocessing locks or DataLoader workers (no mount namespace here: run as a user "
+    "allowed user namespaces, or install bubblewrap)",
+    "plain": "no isolation: kernels can read and write everything you can (only their temp and cache folders "
+    "are their own)",
 }
 
 
@@ -61,9 +68,11 @@ def doctor_report() -> Report:
         version += f" at {found.bwrap}; user namespaces: {'yes' if found.bwrap_userns else 'no'}"
         version += f"; network namespaces: {'yes' if found.bwrap_netns else 'no'}"
     report.add("bubblewrap", version)
-    report.add("filesystem", _FILESYSTEM[found.tier])
+    mounts = found.tier != "landlock" or found.landlock_mounts
+    report.add("filesystem", _FILESYSTEM[found.tier if mounts else "landlock-no-mounts"])
     report.add("interrupts", "SIGINT (into the pid namespace)" if found.tier == "bubblewrap" else "SIGINT")
-    report.add("landlock", f"ABI {found.landlock_abi}" if found.landlock_abi else "not available")
+    mount_ns = "; own mount namespace: " + ("yes" if found.landlock_mounts else "no") if found.landlock_abi else ""
+    report.add("landlock", (f"ABI {found.landlock_abi}" if found.landlock_abi else "not available") + mount_ns)
     report.add("cgroups", cgroup_support())
     memory, origin = default_memory()
     report.add("memory cap", f"{format_size(memory)} for all running kernels together, and per kernel ({origin}; "
