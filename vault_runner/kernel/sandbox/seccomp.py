@@ -24,7 +24,8 @@ where a ``connect`` goes. It therefore refuses, with EACCES:
 
 What it costs a note with `network: false`: Python code that hands data between processes
 over a *connected* unix socket (multiprocessing managers and the forkserver, DataLoader
-workers that pass tensors as file descriptors) gets PermissionError; pipes, queues,
+workers that pass tensors as file descriptors) gets PermissionError, and ipykernel cannot
+forward what a forked child prints (it connects to the kernel over TCP); pipes, queues,
 ``socketpair`` and shared memory work. Binding and listening stay allowed (the kernel's
 ipc sockets); under Landlock a listening TCP socket on a random port is still possible.
 """
