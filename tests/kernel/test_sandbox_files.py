@@ -294,6 +294,12 @@ def test_without_mounts_landlock_says_why_a_root_level_note_cannot_create_beside
     for path in ("/dev/shm", "/dev/pts"):
         listed = session.execute(f"import os\nos.listdir({path!r})", timeout=60)
         assert listed.status == "error", (path, listed.outputs)
+    # `!cmd` still gets a pty, from the helper of ptys.py, never through /dev/pts.
+    done = session.execute("!echo hi\n!ls Notas", timeout=60)
+    assert done.status == "ok", done.outputs
+    assert "".join(o.get("text", "") for o in done.outputs).split() == ["hi", "m.pt"]
+    done = session.execute("import sys\nprint(sys.stdout.isatty())\n!test -t 1 && echo tty", timeout=60)
+    assert "tty" in "".join(o.get("text", "") for o in done.outputs), done.outputs
 
 
 def test_the_launcher_without_mounts_refuses_the_hosts_dev_shm(host_shm_file: Path, tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from vault_runner.errors import SandboxError
-from vault_runner.kernel.sandbox import network
+from vault_runner.kernel.sandbox import network, ptys
 from vault_runner.kernel.sandbox.cgroup import Cgroup
 from vault_runner.kernel.sandbox.doctor import Report, doctor_report
 from vault_runner.kernel.sandbox.filesystem import hidden_roots, kernel_mpl_dir, python_paths, readable_outside
@@ -167,6 +167,10 @@ class Sandbox:
         if self.tier == "landlock" and self.private_tmp is not None:
             if not self.probe.landlock_mounts and self.policy.vault is not None:
                 write_root_hint(self.private_tmp / ".ipython", self.policy.vault)
+            if not self.probe.landlock_mounts:
+                startup = self.private_tmp / ".ipython" / "profile_default" / "startup"
+                startup.mkdir(parents=True, exist_ok=True)
+                (startup / "00-vault-runner-ptys.py").write_text(ptys.STARTUP, encoding="utf-8")
         self.mpl_dir = kernel_mpl_dir(runtime_dir)
         if self.guard is not None:
             self.guard.stop()
@@ -229,6 +233,8 @@ class Sandbox:
             if self.probe.landlock_mounts:
                 readonly = [str(p) for p in self.protected]
                 outer["namespace"] = {"shm_size": self.policy.memory, "readonly": readonly}
+            else:
+                outer["pty_broker"] = True  # `!cmd` without /dev/pts (ptys.py)
             if self.nproc:
                 outer["nproc"] = self.nproc
         elif self.tier == "plain" and self.nproc:

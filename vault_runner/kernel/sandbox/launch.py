@@ -13,6 +13,7 @@ SPEC is a JSON object:
   drop_caps  drop every capability (root in the Landlock tier)
   no_new_privs  set PR_SET_NO_NEW_PRIVS (always with landlock)
   namespace  {"shm_size": ..., "readonly": [...]}: a mount namespace first (mounts.py)
+  pty_broker  fork the pty helper of ptys.py before Landlock (Landlock without mounts)
   no_network    the seccomp filter of `network: false` (seccomp.py, loaded by path), last
 """
 
@@ -202,6 +203,8 @@ def apply(spec: dict) -> None:
         _sibling("mounts").enter(spec["namespace"])
     if spec.get("drop_caps") or spec.get("namespace") is not None:
         drop_capabilities()  # also the new namespace's: no mount can be undone
+    if spec.get("pty_broker"):
+        _sibling("ptys").start_broker()  # no /dev/pts of its own: ptys come from a helper (ptys.py)
     if spec.get("landlock") is not None:
         apply_landlock(spec["landlock"])
     elif spec.get("no_new_privs"):
