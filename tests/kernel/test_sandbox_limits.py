@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
+import subprocess
+import sys
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -25,7 +28,7 @@ from vault_runner.disk.vault import load_vault
 from vault_runner.kernel.sandbox import Policy, Sandbox, network
 from vault_runner.kernel.sandbox.policy import MEMORY_ENV
 from vault_runner.kernel.sandbox.probe import SANDBOX_ENV, probe
-from vault_runner.kernel.sandbox.processes import process_memory
+from vault_runner.kernel.sandbox.processes import MemoryBudget, MemoryWatchdog, kill_pid, process_memory
 from vault_runner.kernel.session import KernelSession
 
 pytestmark = pytest.mark.kernel
@@ -289,6 +292,40 @@ for _ in range(24):  # 384 MiB more, slowly: the other kernel already holds 60%
     time.sleep(0.08)
 print("B consiguio", 16 * len(hoard), "MiB")
 """
+
+
+def test_the_budget_stops_the_process_that_asks_for_more() -> None:
+    # Two plain processes under one budget: the one holding memory keeps it, the growing one is
+    # stopped (bounded: without the budget it stops at 480 MiB and exits 0).
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; x = bytearray(200 * 2**20); print('ok', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    grower = None
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"ok\n"
+        grow = "import time\nh = []\nfor _ in range(30):\n    h.append(bytearray(16 * 2**20)); time.sleep(0.05)"
+        grower = subprocess.Popen([sys.executable, "-c", grow])
+        budget = MemoryBudget(process_memory(holder.pid) + 160 * 2**20)
+        members = [
+            MemoryWatchdog(
+                None, lambda p=p: [p.pid] if p.poll() is None else [], lambda p=p: kill_pid(p.pid), budget=budget
+            )
+            for p in (holder, grower)
+        ]
+        for member in members:
+            member.start()
+        assert grower.wait(timeout=60) == -signal.SIGKILL
+        assert holder.poll() is None
+        assert members[1].tripped is not None and members[1].shared and members[0].tripped is None
+        for member in members:
+            member.stop()
+    finally:
+        for process in (holder, grower):
+            if process is not None:
+                process.kill()
+                process.wait()
 
 
 def kernels_memory(folder: Path) -> int:
