@@ -80,7 +80,7 @@ def doctor_report() -> Report:
     how_memory = (
         "cgroup v2 memory.max" if cgroup_support().startswith("cgroup v2 (memory") else "watchdog on resident memory"
     )
-    report.add("memory enforcement", how_memory)
+    report.add("memory enforcement", f"{how_memory} per kernel; all kernels together: a watchdog every 0.1 s")
     tasks = default_max_tasks()
     support = cgroup_support()
     if tasks and "pids" in support:
