@@ -273,6 +273,9 @@ def _child(template: Template, request: dict, report_fd: int, template_pid: int)
     before = dict(os.environ)
     app = _initialize(request, argv)
     _trace("initialized")
+    if template.spec.get("startup_code"):
+        _run_silently(app, template.spec["startup_code"])
+        _trace("startup code")
     # The sockets are bound: a client that connects now needs no reconnect (ZMQ retries
     # every 100 ms). Closed before the kernel runs anything a note sends.
     _send(report, {"bound": True})
@@ -311,6 +314,17 @@ def _initialize(request: dict, argv: list[str]) -> object:
         app = IPKernelApp.instance()  # IPKernelApp.launch_instance, in two steps
         app.initialize(argv)
     return app
+
+
+def _run_silently(app: object, code: str) -> None:
+    """The template's startup code, in this kernel's shell, as a silent execute request
+    would run it (no history, no execution count); a failure is the kernel's to report."""
+    shell = getattr(app, "shell", None)
+    if shell is None:
+        raise RuntimeError("the kernel has no shell to run its startup code in")
+    result = shell.run_cell(code, store_history=False, silent=True)
+    if not result.success:
+        raise RuntimeError(f"the startup code failed: {result.error_in_exec or result.error_before_exec!r}")
 
 
 def _adopt_folder(app: object) -> None:

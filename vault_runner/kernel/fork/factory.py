@@ -34,12 +34,12 @@ from vault_runner.kernel.fork.common import (
     TemplateKey,
     fork_disabled_reason,
 )
-from vault_runner.kernel.fork.session import ForkedSession
+from vault_runner.kernel.fork.session import ForkedSession, finish_shutdowns
 from vault_runner.kernel.fork.template import KernelTemplate
 from vault_runner.kernel.sandbox import Policy, Sandbox, policy_from_options
 from vault_runner.kernel.sandbox.filesystem import PROTECTED_IN_VAULT
 from vault_runner.kernel.sandbox.gpu import nvidia_device_nodes
-from vault_runner.kernel.setup import kernel_env
+from vault_runner.kernel.setup import kernel_env, prelude_code
 
 __all__ = ("SPARES_ENV", "ForkFactory", "shared_fork_factory")
 
@@ -72,7 +72,13 @@ class _Slot:
         started = time.monotonic()
         try:
             policy = self.sandbox.policy
-            template = KernelTemplate(self.key, env={}, cwd=policy.vault or policy.cwd, runtime_dir=self.runtime_dir)
+            template = KernelTemplate(
+                self.key,
+                env={},
+                cwd=policy.vault or policy.cwd,
+                runtime_dir=self.runtime_dir,
+                startup_code=prelude_code(),  # the session's prelude, run before a note is known
+            )
             self.sandbox.setup(self.runtime_dir, lambda: template.pid)
             template.launch_prefix = self.sandbox.wrap([])
             template.env = {**self.env, **self.sandbox.env()}
@@ -224,6 +230,7 @@ class ForkFactory:
         with self._lock:
             self._closed = True
             slots, self._slots = list(self._slots.values()), {}
+        finish_shutdowns()
         for slot in slots:
             slot.close()
 

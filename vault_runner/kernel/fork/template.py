@@ -58,6 +58,7 @@ class KernelTemplate:
         preload: Sequence[str] = DEFAULT_PRELOAD,
         kernel_args: Sequence[str] = DEFAULT_KERNEL_ARGS,
         preinitialize: bool = True,
+        startup_code: str | None = None,
         python: str = sys.executable,
         stdout: Any = None,
         stderr: Any = None,
@@ -76,6 +77,10 @@ class KernelTemplate:
         self.preload = list(preload)
         self.kernel_args = list(kernel_args)
         self.preinitialize = preinitialize
+        # Run silently in every kernel after it is initialised and before it serves (a
+        # spare: before its note is known): e.g. the session's prelude, so that no note
+        # waits for it. Never a note's code.
+        self.startup_code = startup_code
         self.python = python
         self.stdout, self.stderr = stdout, stderr
         self.startup_timeout = startup_timeout
@@ -105,6 +110,7 @@ class KernelTemplate:
             "cwd": str(self.cwd) if self.cwd else None,
             "kernel_args": self.kernel_args,
             "preinitialize": self.preinitialize,
+            "startup_code": self.startup_code,
         }
         argv = [*self.launch_prefix, self.python, str(CHILD_SCRIPT), str(theirs.fileno()), json.dumps(spec)]
         try:
