@@ -58,7 +58,13 @@ from vault_runner.errors import SandboxError
 from vault_runner.kernel.sandbox import network, ptys
 from vault_runner.kernel.sandbox.cgroup import Cgroup
 from vault_runner.kernel.sandbox.doctor import Report, doctor_report
-from vault_runner.kernel.sandbox.filesystem import hidden_roots, kernel_mpl_dir, python_paths, readable_outside
+from vault_runner.kernel.sandbox.filesystem import (
+    empty_home,
+    hidden_roots,
+    kernel_mpl_dir,
+    python_paths,
+    readable_outside,
+)
 from vault_runner.kernel.sandbox.gpu import claim_gpu, nvidia_device_nodes, release_gpu
 from vault_runner.kernel.sandbox.policy import MEMORY_ENV, Policy, format_size, policy_from_options
 from vault_runner.kernel.sandbox.probe import PLAIN_WARNING, SANDBOX_ENV, Probe
@@ -196,6 +202,8 @@ class Sandbox:
             env.update(TMPDIR="/tmp", IPYTHONDIR="/tmp/.ipython", XDG_CACHE_HOME="/tmp/.cache")
         elif self.private_tmp is not None:  # the kernel's own, also in the plain tier
             tmp = str(self.private_tmp)
+            if self.tier == "landlock":
+                env["HOME"] = str(empty_home())  # the real one is unreadable there
             env.update(TMPDIR=tmp, IPYTHONDIR=f"{tmp}/.ipython", XDG_CACHE_HOME=f"{tmp}/.cache")
         if self.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.gpu
@@ -311,6 +319,7 @@ class Sandbox:
         # hold other programs' shared memory and the user's terminals.
         mounts = self.probe.landlock_mounts
         write = [str(self.runtime_dir), *(["/dev/shm"] if mounts else [])]
+        read.append(str(empty_home()))
         if self.private_tmp is not None:
             write.append(str(self.private_tmp))
         vault = self.policy.vault

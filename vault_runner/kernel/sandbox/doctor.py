@@ -39,8 +39,8 @@ _FILESYSTEM = {
     "landlock-no-mounts": f"read all but homes and /tmp; write the vault but {_PROTECTED}, and nothing new "
     "directly in the vault root or in a folder holding .git/.obsidian (Landlock grants whole folders; "
     "a note is told why); a private temp folder; caches per kernel; /dev/shm and /dev/pts refused: "
-    "no `!cmd`, no multiprocessing locks or DataLoader workers (no mount namespace here: run as a user "
-    "allowed user namespaces, or install bubblewrap)",
+    "no multiprocessing locks or DataLoader workers, and `!cmd` gets its ptys from a helper (no mount "
+    "namespace here: run as a user allowed user namespaces, or install bubblewrap)",
     "plain": "no isolation: kernels can read and write everything you can (only their temp and cache folders "
     "are their own)",
 }

@@ -15,6 +15,7 @@ from pathlib import Path
 
 __all__ = (
     "PROTECTED_IN_VAULT",
+    "empty_home",
     "hidden_roots",
     "kernel_mpl_dir",
     "mpl_cache_dir",
@@ -66,6 +67,17 @@ def mpl_cache_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("vault-runner")) / "matplotlib-fonts"
+
+
+def empty_home() -> Path:
+    """The Landlock kernel's HOME: an empty folder it may read but not write, as bubblewrap's
+    hidden home looks. Its real home is unreadable there, and git, pip ... stop on a config
+    file they may not read (EACCES), where a missing one (ENOENT) is fine."""
+    import platformdirs
+
+    folder = Path(platformdirs.user_cache_dir("vault-runner")) / "empty-home"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def kernel_mpl_dir(runtime_dir: Path) -> Path:
