@@ -192,6 +192,15 @@ def test_a_forked_kernel_is_its_own_process(fork: Callable[..., Driven], tmp_pat
     assert first.value("__import__('os').getpgid(0) == __import__('os').getpid()") is True
 
 
+def test_matplotlib_uses_the_kernels_own_config_folder(fork: Callable[..., Driven], tmp_path: Path) -> None:
+    """MPLCONFIGDIR is per kernel (the sandbox gives each its own): not the template's."""
+    own = tmp_path / "mpl"
+    own.mkdir()
+    kernel = fork(env={"MPLCONFIGDIR": str(own)})
+    assert kernel.value("__import__('matplotlib').get_configdir()") == str(own)
+    assert kernel.value("__import__('matplotlib').get_cachedir()") == str(own)
+
+
 def test_plots_and_magics_work_as_in_a_started_kernel(fork: Callable[..., Driven]) -> None:
     kernel = fork()
     result = kernel.run("import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()")

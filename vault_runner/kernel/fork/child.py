@@ -436,6 +436,13 @@ def _place(request: dict, kept: dict | None = None) -> None:
     if matplotlib is not None and os.environ.get("MPLBACKEND"):
         # Read at `import matplotlib`, which the template did; pyplot resolves it lazily.
         matplotlib.rcParams["backend"] = os.environ["MPLBACKEND"]
+    if matplotlib is not None:
+        # matplotlib remembers its config and cache folder from the template's import: this
+        # kernel's MPLCONFIGDIR (its own, per kernel) is read again from now on.
+        for name in ("get_configdir", "get_cachedir"):
+            cached = getattr(matplotlib, name, None)
+            if cached is not None and hasattr(cached, "__wrapped__"):
+                setattr(matplotlib, name, cached.__wrapped__)
     _trace("environment")
     _reseed()
     _trace("reseeded")
