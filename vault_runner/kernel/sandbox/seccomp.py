@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import platform
+import os
 import struct
 
 __all__ = ("ARCHES", "apply_no_network", "no_network_program", "supported")
@@ -84,7 +84,7 @@ _IO_URING = (425, 426, 427)  # io_uring_setup, io_uring_enter, io_uring_register
 
 
 def _machine() -> str:
-    machine = platform.machine().lower()
+    machine = os.uname().machine.lower()  # not `platform`: a slow import for the launcher
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
@@ -177,7 +177,7 @@ class _Fprog(ctypes.Structure):
 def apply_no_network() -> None:
     """Filter this process (and all it later forks or execs); raises OSError if it cannot."""
     if not supported():
-        raise OSError(errno.ENOSYS, f"no seccomp filter for this machine ({platform.machine()})")
+        raise OSError(errno.ENOSYS, f"no seccomp filter for this machine ({os.uname().machine})")
     program = no_network_program()
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = _Fprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
