@@ -16,7 +16,8 @@ where a ``connect`` goes. It therefore refuses, with EACCES:
   kernel's own sockets are bound (ipc) or come from ``socketpair``, which stay allowed;
 - sockets that send without connecting: UDP and every other datagram or raw socket, unix
   datagram sockets (``/dev/log``, journald), and every family but unix, IPv4/IPv6 TCP and
-  netlink route (glibc's interface queries); ``socketpair`` is not filtered;
+  netlink route (glibc's interface queries); ``socketpair`` gets the same check (a datagram
+  pair can ``sendto`` any unix path);
 - TCP Fast Open (``sendto``/``sendmsg`` with MSG_FASTOPEN), which connects without
   ``connect``;
 - io_uring, whose socket and connect operations are not syscalls and pass any filter;
@@ -27,7 +28,7 @@ over a *connected* unix socket (multiprocessing managers and the forkserver, Dat
 workers that pass tensors as file descriptors) gets PermissionError, and ipykernel cannot
 forward what a forked child prints (it connects to the kernel over TCP); pipes, queues,
 ``socketpair`` and shared memory work. Binding and listening stay allowed (the kernel's
-ipc sockets); under Landlock a listening TCP socket on a random port is still possible.
+ipc sockets); ``socketpair`` gives stream and seqpacket pairs only; under Landlock a listening TCP socket on a random port is still possible.
 """
 
 from __future__ import annotations
@@ -73,11 +74,11 @@ _X32_SYSCALL_BIT = 0x40000000
 ARCHES: dict[str, tuple[int, dict[str, int]]] = {
     "x86_64": (
         0xC000003E,
-        {"socket": 41, "connect": 42, "sendto": 44, "sendmsg": 46, "sendmmsg": 307},
+        {"socket": 41, "socketpair": 53, "connect": 42, "sendto": 44, "sendmsg": 46, "sendmmsg": 307},
     ),
     "aarch64": (
         0xC00000B7,
-        {"socket": 198, "connect": 203, "sendto": 206, "sendmsg": 211, "sendmmsg": 269},
+        {"socket": 198, "socketpair": 199, "connect": 203, "sendto": 206, "sendmsg": 211, "sendmmsg": 269},
     ),
 }
 _IO_URING = (425, 426, 427)  # io_uring_setup, io_uring_enter, io_uring_register
@@ -126,6 +127,7 @@ def no_network_program(machine: str | None = None) -> bytes:
     if arch == ARCHES["x86_64"][0]:
         p.op(_JGE, _X32_SYSCALL_BIT, "deny", 0)
     p.op(_JEQ, nr["socket"], "socket", 0)
+    p.op(_JEQ, nr["socketpair"], "socket", 0)  # same arguments (family, type, protocol)
     p.op(_JEQ, nr["connect"], "deny", 0)
     p.op(_JEQ, nr["sendto"], "flags3", 0)
     p.op(_JEQ, nr["sendmmsg"], "flags3", 0)
