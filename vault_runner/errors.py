@@ -6,6 +6,7 @@ message text, which is written for a note-taker and may be reworded.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 __all__ = (
@@ -26,7 +27,20 @@ __all__ = (
     "VaultError",
     "VaultRunnerError",
     "WriteConflict",
+    "shown_path",
 )
+
+
+def shown_path(path: Path | str) -> str:
+    """A path as every message prints it, so the user can paste it into a shell or an editor:
+    relative to the current folder when it lies under it, else absolute (README, "Command line").
+    JSON reports and the API name notes vault-relative instead."""
+    try:
+        absolute = os.path.abspath(path)
+        relative = os.path.relpath(absolute)
+    except (OSError, ValueError):  # the current folder was deleted; another drive (Windows)
+        return str(path)
+    return absolute if relative == ".." or relative.startswith(".." + os.sep) else relative
 
 
 class VaultRunnerError(Exception):
@@ -48,7 +62,8 @@ class VaultRunnerError(Exception):
         """`path:line: message`, the form editors and CI log parsers jump to."""
         if self.path is None:
             return self.message
-        where = f"{self.path}:{self.line}" if self.line else f"{self.path}"
+        shown = shown_path(self.path)
+        where = f"{shown}:{self.line}" if self.line else shown
         return f"{where}: {self.message}"
 
 

@@ -323,7 +323,9 @@ def test_doctor_and_notes_warn_in_the_plain_tier(tmp_path: Path) -> None:
     note.write_text("---\nvault-runner: true\n---\n```python\nprint(1)\n```\n", encoding="utf-8")
     done = cli("run", str(note), env={SANDBOX_ENV: "plain"})
     assert done.returncode == 0, done.stderr
-    assert "[vault-runner: warning: no sandbox" in note.read_text(encoding="utf-8")
+    # Said with the run's report, never written into a block's outputs (issue 10.15).
+    assert "[vault-runner: warning: no sandbox" in done.stderr
+    assert "no sandbox" not in note.read_text(encoding="utf-8")
 
 
 @pytest.mark.kernel

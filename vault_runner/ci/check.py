@@ -9,17 +9,16 @@ marker records a checksum of the region, so a hand edit shows as a checksum mism
 from __future__ import annotations
 
 import difflib
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from vault_runner.core import note as notes
-from vault_runner.core.freshness import freshness, hand_edit_message, needs_output
+from vault_runner.core.freshness import Freshness, advice, freshness, hand_edit_message, needs_output
 from vault_runner.core.plan import PlannedBlock
 from vault_runner.engine.loading import Loaded
+from vault_runner.errors import shown_path  # noqa: F401  (the one path rule; callers import it from here too)
 
 MISSING = "missing"
 STALE = "stale"
@@ -28,7 +27,8 @@ NOT_EVALUATED = "not-evaluated"
 ORPHANED = "orphaned"
 STRAY_MARKER = "stray-marker"
 
-RENDER_HINT = "run `vault-runner render` to update it"
+RENDER_HINT = advice(Freshness(runs=True, has_region=False, stale=False, hand_edited=False))
+_REMOVE_HINT = advice(Freshness(runs=False, has_region=True, stale=False, hand_edited=False))
 DIFF_PLACEHOLDER = "[vault-runner check: this output is made when `vault-runner render` runs the block]"
 
 
@@ -48,15 +48,6 @@ class Finding:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def shown_path(path: Path) -> str:
-    """A note's path for `path:line` messages: relative to the working directory when inside it."""
-    try:
-        shown = os.path.relpath(path)
-    except ValueError:  # another drive (Windows)
-        return str(path)
-    return str(path) if shown.startswith("..") else shown
 
 
 def find(loaded: Loaded, path: str | None = None) -> list[Finding]:
@@ -80,8 +71,7 @@ def find(loaded: Loaded, path: str | None = None) -> list[Finding]:
             if region is not None:
                 add(
                     NOT_EVALUATED,
-                    "this block has `eval: false` but still has an output region; "
-                    "run `vault-runner render` to remove it",
+                    f"this block has `eval: false` but still has an output region; {advice(freshness(planned))}",
                 )
                 first_cause = first_cause or block.fence_line
                 recorded_above.insert(0, region.code_hash)
@@ -91,15 +81,18 @@ def find(loaded: Loaded, path: str | None = None) -> list[Finding]:
             first_cause = first_cause or block.fence_line
         else:
             if region.code_hash != planned.code_hash:
+                # A stale region that was also edited by hand is left by a plain render: the
+                # advice says what really updates it.
+                hint = advice(freshness(planned))
                 if _unchanged_itself(planned, region.code_hash, recorded_above):
                     cause = f"line {first_cause}" if first_cause else "a block above"
                     add(
                         STALE,
                         f"stale output: the code above it changed ({cause}) and this block's "
-                        f"output depends on the blocks before it; {RENDER_HINT}",
+                        f"output depends on the blocks before it; {hint}",
                     )
                 else:
-                    add(STALE, f"stale output: this block's code or options changed since it ran; {RENDER_HINT}")
+                    add(STALE, f"stale output: this block's code or options changed since it ran; {hint}")
                     first_cause = first_cause or block.fence_line
             if region.hand_edited:
                 add(HAND_EDITED, hand_edit_message(block.fence_line), line=region.first_line)
@@ -111,7 +104,7 @@ def find(loaded: Loaded, path: str | None = None) -> list[Finding]:
                 "delete it yourself if you no longer need it"
             )
         else:
-            message = f"an output region follows no python block (its block was deleted or moved); {RENDER_HINT}"
+            message = f"an output region follows no python block (its block was deleted or moved); {_REMOVE_HINT}"
         found.append(Finding(shown, loaded.relative, orphan.first_line, ORPHANED, orphan.first_line, message))
     for index in loaded.note.stray_markers:
         found.append(

@@ -114,6 +114,32 @@ def print_check_summary(
     )
 
 
+# -- run, render, watch: one note's report as text -------------------------------------------
+# Block statuses of a block that executed in this run (the others: kept, skipped, left alone).
+EXECUTED: frozenset[str] = frozenset({"ok", "raised", "error", "timeout", "dead", "unwritten", "mismatch"})
+
+
+def outcome(status: str, block_statuses: Sequence[str]) -> str:
+    """A note's status as text summaries count it: `ran` only when one of its blocks ran (a note
+    whose only news is a region edited by hand ran nothing)."""
+    if status != "ran" or any(s in EXECUTED for s in block_statuses):
+        return status
+    return "hand-edited" if "hand-edited" in block_statuses else "current"
+
+
+def located(text: str, note: str, shown: str) -> str:
+    """A report line that starts `note:` (reports name notes vault-relative) with the note
+    as the user can paste it instead, so no line names its note twice or in two styles."""
+    return shown + text[len(note) :] if text.startswith(note + ":") else text
+
+
+def block_line(note: str, shown: str, line: int, status: str, detail: str) -> str:
+    """`path:line: status: detail`, or the detail alone when it names its own place already."""
+    if detail.startswith(note + ":"):
+        return located(detail, note, shown)
+    return f"{shown}:{line}: {status}: {detail}"
+
+
 # -- test ----------------------------------------------------------------------------------
 def case_name(block: BlockReport) -> str:
     name = f"line {block.line}"

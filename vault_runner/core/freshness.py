@@ -15,6 +15,7 @@ from vault_runner.core.plan import PlannedBlock
 
 __all__ = (
     "Freshness",
+    "advice",
     "freshness",
     "hand_edit_message",
     "holds_failure",
@@ -68,11 +69,26 @@ def needs_output(planned: PlannedBlock) -> bool:
     return state.runs and (not state.has_region or (state.stale and not state.hand_edited))
 
 
-def hand_edit_message(fence_line: int) -> str:
-    """The finding for a region edited by hand, the same wherever it is reported."""
+def advice(state: Freshness) -> str:
+    """What fixes a region that is not current: the one wording of the fix, so that check,
+    render, watch and test never advise different commands for the same region."""
+    if state.hand_edited:
+        return "move your text out of it, or run `vault-runner render --force` to overwrite it"
+    if state.leftover:
+        return "run `vault-runner render` to remove it"
+    return "run `vault-runner render` to update it"
+
+
+_HAND_EDITED = Freshness(runs=True, has_region=True, stale=False, hand_edited=True)
+
+
+def hand_edit_message(fence_line: int, *, cleaning: bool = False) -> str:
+    """The finding for a region edited by hand, the same wherever it is reported (`cleaning`:
+    said by `clean`, whose own --force removes it)."""
+    fix = "move your text out of it, or run `vault-runner clean --force` to remove it" if cleaning else None
     return (
         f"the output region of the block at line {fence_line} was edited by hand, so it is left as it is; "
-        "move your text out of it, or run `vault-runner render --force` to overwrite it"
+        f"{fix or advice(_HAND_EDITED)}"
     )
 
 

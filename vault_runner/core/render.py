@@ -22,6 +22,7 @@ ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)
 FOLD_LINES = 40
 IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "image/svg+xml": "svg"}
 _CELL_HEADER_RE = re.compile(r"^(\s*)Cell In\s*\[(\d+)\], line (\d+)(.*)$")
+_CELL_WARNING_RE = re.compile(r"^(\s*)Cell In\s*\[(\d+)\]:(\d+): ", re.MULTILINE)
 _GUTTER_RE = re.compile(r"^(\s*-*>?\s*)(\d+)(\s.*|)$")
 ATTACHMENT_LINK_RE = re.compile(r"!\[\[([^\]|#]+)[^\]]*\]\]|!\[[^\]]*\]\(<?([^)>]+?)>?\)")
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -47,6 +48,10 @@ class CellSource:
     note_name: str
     first_code_line: int  # 1-based note line of the cell's line 1
     block_index: int | None = None
+
+    def note_line(self, cell_line: int) -> int:
+        """The note line of the cell's 1-based line `cell_line`."""
+        return self.first_code_line + cell_line - 1
 
 
 def strip_ansi(text: str) -> str:
@@ -124,7 +129,7 @@ def map_traceback(lines: list[str], sources: Mapping[int, CellSource]) -> list[s
             if in_cell is None:
                 out.extend(chunk_lines)
                 continue
-            note_line = in_cell.first_code_line + int(header.group(3)) - 1
+            note_line = in_cell.note_line(int(header.group(3)))
             out.append(f'{header.group(1)}File "{in_cell.note_name}", line {note_line}{header.group(4)}')
             offset = in_cell.first_code_line - 1
             for line in chunk_lines[1:]:
@@ -153,6 +158,30 @@ def map_traceback(lines: list[str], sources: Mapping[int, CellSource]) -> list[s
     while out and not out[-1].strip():
         out.pop()
     return out
+
+
+def map_warnings(text: str, sources: Mapping[int, CellSource]) -> str:
+    """Rewrite a warning's `Cell In[N]:L:` (how the kernel's prelude names a cell, kernel/setup.py)
+    to `note.md:LINE:`, the note's line, as tracebacks get theirs."""
+
+    def located(match: re.Match[str]) -> str:
+        cell = sources.get(int(match.group(2)))
+        if cell is None:
+            return match.group(0)
+        return f"{match.group(1)}{cell.note_name}:{cell.note_line(int(match.group(3)))}: "
+
+    return _CELL_WARNING_RE.sub(located, text)
+
+
+def names_note_lines(outputs: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether these outputs show note lines (a traceback, a warning from a cell), so that
+    they are rendered again when the write-back moves the block."""
+    for output in outputs:
+        if output.get("output_type") == "error":
+            return True
+        if output.get("output_type") == "stream" and _CELL_WARNING_RE.search(_join(output.get("text", ""))):
+            return True
+    return False
 
 
 def _error_block(output: Mapping[str, Any], sources: Mapping[int, CellSource], limit: int) -> list[str]:
@@ -190,7 +219,10 @@ def render_outputs(
     for output in _merge_streams(outputs):
         kind = output.get("output_type")
         if kind == "stream":
-            parts.append(_text_block(_join(output.get("text", "")), output_lines))
+            text = _join(output.get("text", ""))
+            if output.get("name") == "stderr":
+                text = map_warnings(text, sources)
+            parts.append(_text_block(text, output_lines))
         elif kind == "error":
             parts.append(_error_block(output, sources, output_lines))
         elif kind in {"execute_result", "display_data"}:

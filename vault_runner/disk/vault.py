@@ -119,6 +119,31 @@ class Vault:
         finally:
             os.close(fd)
 
+    def check_writable(self, path: Path) -> None:
+        """Refuse, before anything runs, a note vault-runner must not or cannot write: one the
+        user made read-only (its write permission is off: the rename would replace it anyway,
+        so it is asked here), one the user may not write, or one in a folder where no file can
+        be created (the compare-and-swap writes a temp file beside the note). Raises VaultError."""
+        real = self.check_inside(path)
+        try:
+            info = os.stat(real)
+        except FileNotFoundError:
+            raise VaultError(path, "no longer exists (deleted or renamed?)") from None
+        if not info.st_mode & stat.S_IWUSR:
+            raise VaultError(
+                path,
+                "is read-only, so vault-runner leaves it as it is; make it writable (chmod u+w) "
+                "if you want vault-runner to write it",
+            )
+        if not os.access(real, os.W_OK):
+            raise VaultError(path, "cannot be written (permission denied); check the file's permissions")
+        if not os.access(real.parent, os.W_OK | os.X_OK):
+            raise VaultError(
+                path,
+                "cannot be written: its folder does not let you create files (permission denied), and "
+                "vault-runner writes a new copy beside the note to replace it safely; fix the folder's permissions",
+            )
+
     # -- attachments -------------------------------------------------------------------
     def attachment_dir(self, note: Path) -> Path:
         folder = self.attachment_folder.strip() or "/"

@@ -16,7 +16,7 @@ from vault_runner.disk.atomic import swap_note
 from vault_runner.disk.attachments import attachment_names, remove_stale_attachments
 from vault_runner.disk.vault import Vault, VaultError
 from vault_runner.engine.writeback import MAX_WRITE_ATTEMPTS
-from vault_runner.errors import WriteConflict
+from vault_runner.errors import WriteConflict, shown_path
 
 __all__ = ("Cleaned", "clean_note")
 
@@ -35,7 +35,7 @@ def clean_note(vault: Vault, path: Path, *, force: bool = False) -> Cleaned:
     Raises VaultError (one line) for a note that cannot be cleaned safely.
     """
     real = vault.check_inside(path)
-    relative = vault.relative(real)
+    shown = shown_path(path)
     for _attempt in range(MAX_WRITE_ATTEMPTS):
         data = vault.read_note(path)
         if b"vault-runner:" not in data:
@@ -54,7 +54,8 @@ def clean_note(vault: Vault, path: Path, *, force: bool = False) -> Cleaned:
             if region is None:
                 continue
             if region.hand_edited and not force:
-                result.kept.append(f"{relative}:{region.first_line}: {hand_edit_message(block.fence_line)}")
+                message = hand_edit_message(block.fence_line, cleaning=True)
+                result.kept.append(f"{shown}:{region.first_line}: {message}")
                 continue
             remove[block.index] = None
             links |= attachment_names(region.body)
@@ -64,17 +65,29 @@ def clean_note(vault: Vault, path: Path, *, force: bool = False) -> Cleaned:
         for orphan in note.orphans:
             if orphan.hand_edited:
                 result.kept.append(
-                    f"{relative}:{orphan.first_line}: an output region that follows no python block was edited "
+                    f"{shown}:{orphan.first_line}: an output region that follows no python block was edited "
                     "by hand, so it is left as it is; delete it yourself if you no longer need it"
                 )
         if not remove and not orphans:
             return result
+        vault.check_writable(path)  # a read-only note stays as the user made it
         new_text = notes.cleaned(note, force=force)
         try:
             swap_note(real, data, new_text.encode("utf-8", "surrogatepass"), root=vault.root)
         except WriteConflict:
             continue
-        remove_stale_attachments(vault.attachment_dir(real), links, new_text, root=vault.root)
+        except PermissionError as exc:  # what check_writable could not foresee (an ACL, a sealed file)
+            raise VaultError(
+                path, f"cannot be written ({exc.strerror}); check its permissions and its folder's"
+            ) from None
+        try:
+            remove_stale_attachments(vault.attachment_dir(real), links, new_text, root=vault.root)
+        except PermissionError as exc:
+            raise VaultError(
+                vault.attachment_dir(real),
+                f"holds attachments of the cleaned note that cannot be removed ({exc.strerror}); "
+                "check the folder's permissions",
+            ) from None
         result.written = True
         return result
     raise VaultError(path, "kept changing while vault-runner tried to clean it; try again")

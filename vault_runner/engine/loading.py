@@ -36,6 +36,10 @@ class Loaded:
     note_options: Resolved
     plan: tuple[PlannedBlock, ...]
     warnings: tuple[str, ...] = ()  # `note:line: warning: ...` for options that are ignored
+    # Its first line opens properties (`---`) that nothing closes: what a note looks like
+    # while an editor is half-way through saving it. The watcher waits for the next save
+    # rather than take such a read for an opt-out.
+    unfinished: bool = False
 
     @property
     def runnable(self) -> tuple[PlannedBlock, ...]:
@@ -98,6 +102,7 @@ def load(vault: Vault, path: Path, data: bytes | None = None) -> Loaded:
         note_options=note_options,
         plan=plan,
         warnings=tuple(option_warnings(relative, note, note_options, plan)),
+        unfinished=_unclosed_frontmatter(note),
     )
 
 
@@ -175,7 +180,22 @@ def _without_blocks(note: notes.Note) -> bool:
 
 def _nothing_to_run(path: Path, relative: str, data: bytes, note: notes.Note | None = None) -> Loaded:
     empty = note or notes.parse_note("")
-    return Loaded(path, relative, data, empty, opted_in=False, note_options=resolve({}, {}), plan=())
+    return Loaded(
+        path,
+        relative,
+        data,
+        empty,
+        opted_in=False,
+        note_options=resolve({}, {}),
+        plan=(),
+        unfinished=_unclosed_frontmatter(empty),
+    )
+
+
+def _unclosed_frontmatter(note: notes.Note) -> bool:
+    """A first `---` line that no later `---` line closes (core/note.py: only `---` closes)."""
+    lines = [line.rstrip("\r\n").rstrip() for line in note.lines]
+    return bool(lines) and lines[0] == "---" and "---" not in lines[1:]
 
 
 def needs_torch(loaded: Loaded) -> bool:

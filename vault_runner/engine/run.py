@@ -18,7 +18,14 @@ from vault_runner.core import note as notes
 from vault_runner.core.freshness import freshness, hand_edit_message, stored_failures
 from vault_runner.core.options import resolve
 from vault_runner.core.plan import PlannedBlock
-from vault_runner.core.render import CellSource, Rendered, output_summary, render_outputs, strip_ansi
+from vault_runner.core.render import (
+    CellSource,
+    Rendered,
+    names_note_lines,
+    output_summary,
+    render_outputs,
+    strip_ansi,
+)
 from vault_runner.core.stopping import stop_message, stops_the_note
 from vault_runner.disk.vault import Vault
 from vault_runner.engine.loading import Loaded, block_report, needs_torch, select
@@ -110,6 +117,11 @@ class Engine(WriteBack):
                     for p in loaded.runnable
                 ],
             )
+        if write:
+            try:
+                self.vault.check_writable(path)  # before a kernel starts: its outputs could not be written
+            except VaultError as exc:
+                return NoteReport(note=loaded.relative, status="refused", message=exc.one_line())
         run = self.execute(loaded)
         report = run.report
         report.duration = time.monotonic() - started
@@ -188,6 +200,9 @@ class Engine(WriteBack):
                 device = self.prepare(kernel, loaded)
             report.device = device
             report.kernel = getattr(kernel, "origin", None) or "started"
+            # Said in the report (and by `doctor`), never in a block's outputs: those stay Jupyter's.
+            take_notices = getattr(kernel, "take_notices", None)
+            report.warnings.extend(take_notices() if take_notices is not None else [])
             for planned in loaded.plan:
                 block = planned.block
                 if planned.code_hash is None:
@@ -328,8 +343,7 @@ class Engine(WriteBack):
         report.attachments = [
             (attachment_dir / a.name).relative_to(self.vault.root).as_posix() for a in rendered.attachments
         ]
-        has_error = any(o.get("output_type") == "error" for o in shown)
-        return BlockResult(planned, rendered, report, rerender if has_error else None)
+        return BlockResult(planned, rendered, report, rerender if names_note_lines(shown) else None)
 
     def _hand_edit_message(self, loaded: Loaded, block: notes.Block) -> str:
         line = block.region.first_line if block.region else block.close_line + 1

@@ -90,10 +90,18 @@ class KernelSession:
         self.manager = manager
         self.client = None
         self.started = False
-        # Lines the user must see (e.g. "no sandbox"), put before the first block's outputs.
+        # Lines the user must see (e.g. "no sandbox"): the first run in this kernel takes them
+        # for its report (take_notices), never into a block's outputs, which stay Jupyter's.
         self.notices: list[str] = list(sandbox.warnings) if sandbox is not None else []
         self.notices_due = False
         self._interrupt_target: tuple[Any, int, int] | None = None  # (manager, pid, start)
+
+    def take_notices(self) -> list[str]:
+        """The notices once per started kernel (a restart makes them due again)."""
+        if not self.notices_due:
+            return []
+        self.notices_due = False
+        return list(self.notices)
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -236,10 +244,6 @@ class KernelSession:
             user_expressions=user_expressions or {},
         )
         collector = OutputCollector(on_output)
-        if not silent and self.notices_due:
-            self.notices_due = False
-            for notice in self.notices:
-                collector.outputs.append({"output_type": "stream", "name": "stderr", "text": notice + "\n"})
         reply: dict[str, Any] | None = None
         status = "ok"
         restarted = False

@@ -55,9 +55,28 @@ def __vault_runner_cap_figures(limit):
             from IPython.display import publish_display_data
             publish_display_data({"%s": {"dropped_images": len(numbers) - limit}})
     get_ipython().events.register("post_execute", close_extra_figures)
+def __vault_runner_cell_warnings():
+    # A warning a block raises names the cell's temporary file (/tmp/ipykernel_7/12345.py:2:).
+    # Name the cell as IPython's tracebacks do (Cell In[3]:2:): core/render.py maps both to
+    # note lines with the same table. The source line is looked up under the real name first.
+    import linecache, warnings
+    shell = get_ipython()
+    original = warnings.formatwarning
+    def formatwarning(message, category, filename, lineno, line=None):
+        try:
+            cell = shell.compile.format_code_name(filename)
+        except Exception:
+            cell = None
+        if cell is not None:
+            if line is None:
+                line = linecache.getline(filename, lineno)
+            filename = " ".join(cell)
+        return original(message, category, filename, lineno, line)
+    warnings.formatwarning = formatwarning
 __vault_runner_cap_streams(%d)
 __vault_runner_cap_figures(%d)
-del __vault_runner_cap_streams, __vault_runner_cap_figures
+__vault_runner_cell_warnings()
+del __vault_runner_cap_streams, __vault_runner_cap_figures, __vault_runner_cell_warnings
 """
 
 

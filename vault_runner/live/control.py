@@ -101,6 +101,11 @@ class ControlledKernel:
     def start(self) -> None:  # the session owns the kernel; the engine never starts it
         pass
 
+    def take_notices(self) -> list[str]:
+        """The kernel's notices (e.g. "no sandbox") for the report of its first run."""
+        take = getattr(self.kernel, "take_notices", None)
+        return list(take()) if take is not None else []
+
     def shutdown(self) -> None:
         pass
 

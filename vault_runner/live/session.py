@@ -133,6 +133,8 @@ class NoteSession:
             fresh = load(self.runner.vault, self.path)
         except Exception:
             return False  # unreadable or half-written: the queued run will say why
+        if fresh.unfinished:
+            return False  # saved half-way (properties not closed): the next event decides
         position = first_difference([str(p.code_hash) for p in fresh.runnable], [d for _, d in hashes])
         if position is None or position >= end:
             return False  # every block of this run is still current
@@ -141,7 +143,9 @@ class NoteSession:
             if control.cancel_from is not None and control.cancel_from <= index:
                 return False  # already cut there by an earlier save
         interrupted = control.stop_from(index, "superseded", self.runner.supersede == "interrupt")
-        self.runner.emit(Event("superseded", self.relative(), index, data={"interrupted": interrupted}))
+        # The line in the note as saved now, which is the one the user sees.
+        line = next((b.fence_line for b in fresh.note.blocks if b.index == index), None)
+        self.runner.emit(Event("superseded", self.relative(), index, line, data={"interrupted": interrupted}))
         return True
 
     def stop(self, why: str, interrupt: bool, include_running: bool = True, delay: float = INTERRUPT_AFTER) -> bool:
@@ -209,6 +213,10 @@ class NoteSession:
             self.slot = None
             self._forget_kernel()
         if mode == "changed" and runner.require_opt_in and not loaded.opted_in:
+            if loaded.unfinished and self.slot is not None:
+                # Read half-way through a save (its properties not closed yet): not an opt-out.
+                # The warm kernel stays; the save's next event runs the note.
+                return NoteReport(note=relative, status="not-opted-in", reason="unfinished")
             if self.slot is not None:
                 self.drop("the note is no longer opted in")
                 runner.emit(Event("note-dropped", relative, data={"reason": "not opted in"}))
@@ -465,7 +473,7 @@ class NoteSession:
 
 
 def finished_data(report: NoteReport, restored: int = 0) -> dict[str, Any]:
-    ran = [b for b in report.blocks if b.status not in {"current", "not-run", "skipped"}]
+    ran = [b for b in report.blocks if b.status not in {"current", "not-run", "skipped", "hand-edited"}]
     return {
         "status": report.status,
         "failed": report.failed,

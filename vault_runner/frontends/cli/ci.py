@@ -141,7 +141,10 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 def _add_report_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "paths", nargs="*", metavar="PATH", help="vault folders or notes (default: ./sample_vault when present)"
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="vaults, folders of a vault or notes (default: the vault the current folder is in, else ./sample_vault)",
     )
     parser.add_argument(
         "--format",

@@ -20,11 +20,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColu
 from rich.progress import Progress as RichProgress
 
 from vault_runner import __version__
-from vault_runner.ci.reports import block_message
+from vault_runner.ci.reports import EXECUTED, block_line, block_message, located, outcome
 from vault_runner.disk.vault import CONFIG_NAME, Vault
 from vault_runner.engine.clean import clean_note
 from vault_runner.engine.targets import notes_under
-from vault_runner.errors import VaultError
+from vault_runner.errors import VaultError, shown_path
 from vault_runner.frontends.cli.executor import add_executor_options, executor
 from vault_runner.model import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Event, NoteReport
 
@@ -102,37 +102,42 @@ ICONS = {  # a block status as one glyph, for text output
 }
 
 
-def print_note(console: Console, report: NoteReport) -> None:
+def print_note(console: Console, report: NoteReport, shown: str | None = None) -> None:
+    """One note's report as text; `shown`: the note as the user can paste it (errors.shown_path)."""
+    shown = shown or report.note
     if report.status == "refused":
         console.print(f"[red]error[/] {escape(report.message or '')}")
         return
     if report.status in {"not-opted-in", "no-blocks", "current"}:
         for warning in report.warnings:
-            console.print(f"[yellow]{escape(warning)}[/]")
+            console.print(f"[yellow]{escape(located(warning, report.note, shown))}[/]")
         return
     written = "written" if report.written else "unchanged"
-    ran = [b for b in report.blocks if b.status not in {"not-run", "skipped"}]
-    seconds = sum(b.duration for b in report.blocks)
-    total = f", {report.duration:.1f} s with the kernel" if report.duration else ""
-    console.print(
-        f"[bold]{escape(report.note)}[/] · {len(ran)} block(s) in {seconds:.2f} s{total} · {report.device or '?'} · {written}"
-    )
+    ran = [b for b in report.blocks if b.status in EXECUTED]
+    if not ran:  # only hand edits to report: nothing ran, so no time and no device
+        console.print(f"[bold]{escape(shown)}[/] · nothing run · {written}")
+    else:
+        seconds = sum(b.duration for b in report.blocks)
+        total = f", {report.duration:.1f} s with the kernel" if report.duration else ""
+        console.print(
+            f"[bold]{escape(shown)}[/] · {len(ran)} block(s) in {seconds:.2f} s{total} · {report.device or '?'} · {written}"
+        )
     for block in report.blocks:
         if block.failed or block.status in {"skipped", "unwritten"}:
-            detail = block_message(block)
-            where = escape(f"{report.note}:{block.line}: {block.status}: {detail}")
-            console.print(f"  {ICONS.get(block.status, '?')} {where}")
+            where = block_line(report.note, shown, block.line, block.status, block_message(block))
+            console.print(f"  {ICONS.get(block.status, '?')} {escape(where)}")
     if report.message:
-        console.print(f"  [red]{escape(report.message)}[/]")
+        console.print(f"  [red]{escape(located(report.message, report.note, shown))}[/]")
     for warning in report.warnings:
-        console.print(f"  [yellow]{escape(warning)}[/]")
+        console.print(f"  [yellow]{escape(located(warning, report.note, shown))}[/]")
 
 
 def summarize(console: Console, reports: Sequence[NoteReport]) -> None:
     notes_by: dict[str, int] = {}
     blocks_by: dict[str, int] = {}
     for report in reports:
-        notes_by[report.status] = notes_by.get(report.status, 0) + 1
+        status = outcome(report.status, [b.status for b in report.blocks])
+        notes_by[status] = notes_by.get(status, 0) + 1
         for block in report.blocks:
             blocks_by[block.status] = blocks_by.get(block.status, 0) + 1
     written = sum(1 for r in reports if r.written)
@@ -163,7 +168,7 @@ def _run_notes(args: argparse.Namespace, require_opt_in: bool, paths: list[Path]
         with lock:
             progress.advance()
             if not args.json:
-                print_note(console, report)
+                print_note(console, report, shown_path(path))
         return report
 
     try:
@@ -217,7 +222,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
             code = max(code, EXIT_FAILED)
         if result.written:
             cleaned += 1
-            console.print(f"cleaned {escape(str(path))}")
+            console.print(f"cleaned {escape(shown_path(path))}")
     console.print(f"{cleaned} note(s) cleaned")
     return code
 
@@ -246,7 +251,12 @@ def add_core_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     run.set_defaults(func=cmd_run, all=True)
 
     render = sub.add_parser("render", help="run every opted-in note of a vault whose outputs are not current")
-    render.add_argument("paths", nargs="*", metavar="VAULT", help="vault folder (or notes); default ./sample_vault")
+    render.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="vaults, folders of a vault or notes (default: the vault the current folder is in, else ./sample_vault)",
+    )
     render.add_argument("--all", action="store_true", help="ignore opt-in: run every note with python blocks")
     render.add_argument("-j", "--jobs", type=int, default=1, metavar="N", help="run N notes at once (default 1)")
     _add_run_options(render)
@@ -254,7 +264,9 @@ def add_core_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     render.set_defaults(func=cmd_render)
 
     clean = sub.add_parser("clean", help="remove output regions and the attachments vault-runner made")
-    clean.add_argument("paths", nargs="*", metavar="PATH")
+    clean.add_argument(
+        "paths", nargs="*", metavar="PATH", help="vaults, folders of a vault or notes (default: as for render)"
+    )
     clean.add_argument("--force", action="store_true", help="also remove output regions edited by hand")
     clean.set_defaults(func=cmd_clean)
 

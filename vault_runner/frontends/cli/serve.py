@@ -29,10 +29,12 @@ from rich.markup import escape
 
 from vault_runner import __version__
 from vault_runner.disk.trust import config_dir
+from vault_runner.errors import shown_path
 from vault_runner.frontends.api.security import OBSIDIAN_ORIGIN, load_or_create_token, normalize_origin
 from vault_runner.frontends.cli.watch import (
     Feedback,
     add_runner_options,
+    close_runner,
     runner_from_args,
     start_runner,
     stop_on_signal,
@@ -113,7 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     other = running_server(vault.root)
     if other is not None:
         console.print(
-            f"[red]error[/] {escape(str(vault.root))}: a server for this vault already runs "
+            f"[red]error[/] {escape(shown_path(vault.root))}: a server for this vault already runs "
             f"(pid {other.get('pid')}, {escape(str(other.get('url')))}); stop it first"
         )
         return EXIT_USAGE
@@ -123,7 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         console.print(f"[red]error[/] {escape(str(exc))}")
         return EXIT_USAGE
     runner = runner_from_args(vault, args)
-    feedback = Feedback(console, as_json=False)
+    feedback = Feedback(console, as_json=False, root=vault.root)
     runner.subscribe(feedback)
     try:
         api = ApiServer(create_app(runner, vault, token, origins, watching=not args.no_watch), port=args.port)
@@ -160,8 +162,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             what = "watching and serving" if watcher is not None else "serving"
             origin_text = ", ".join([OBSIDIAN_ORIGIN, *origins])
             console.print(
-                f"{what} {escape(str(vault.root))} at {api.url} · token in {escape(str(token_file))} · "
-                f"server file {escape(str(announce))} · origins {escape(origin_text)} · "
+                f"{what} {escape(shown_path(vault.root))} at {api.url} · token in {escape(shown_path(token_file))} · "
+                f"server file {escape(shown_path(announce))} · origins {escape(origin_text)} · "
                 f"up to {args.kernels} kernel(s) · Ctrl+C to stop"
             )
             while not stopping.wait(0.5):
@@ -175,7 +177,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # Runs waiting in requests end (cancelled or interrupted) before the server closes.
             api.app.close()
             api.server.should_exit = True
-            runner.close()
+            close_runner(runner)
             api.stop()
             feedback.stop()
             console.print("stopped; every kernel was shut down")

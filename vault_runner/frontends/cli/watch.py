@@ -7,6 +7,8 @@ lines on the terminal or, with `--json`, one JSON object per line on stdout.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import gc
 import json
 import signal
 import sys
@@ -21,10 +23,11 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.markup import escape
 
+from vault_runner.ci.reports import EXECUTED, block_line, located
 from vault_runner.disk.trust import is_trusted, untrusted_message
 from vault_runner.disk.vault import Vault, load_vault
 from vault_runner.engine import Event
-from vault_runner.errors import UntrustedVault, VaultError
+from vault_runner.errors import UntrustedVault, VaultError, shown_path
 from vault_runner.frontends.cli.main import ICONS as _ICONS
 from vault_runner.frontends.watcher import DEBOUNCE, VaultWatcher
 from vault_runner.live.runner import Runner
@@ -37,9 +40,10 @@ _LEVELS = {"error": "red", "warning": "yellow", "info": "cyan"}
 class Feedback:
     """Shows runner events: rich lines and a live status on a terminal, or JSON lines."""
 
-    def __init__(self, console: Console, as_json: bool, out: TextIO | None = None) -> None:
+    def __init__(self, console: Console, as_json: bool, out: TextIO | None = None, root: Path | None = None) -> None:
         self.console = console
         self.as_json = as_json
+        self.root = root  # notes are shown as the user can paste them (errors.shown_path)
         self.out = out or sys.stdout
         self.lock = threading.Lock()
         self.running: dict[str, str] = {}
@@ -71,8 +75,9 @@ class Feedback:
             self.running.pop(event.note, None)
             self._print_finished(event)
         elif kind == "superseded":
+            where = f"the block at line {event.line}" if event.line else "the changed block"
             self.console.print(
-                f"[dim]↻ {escape(event.note)}: saved again while it ran; the run stops at block {event.index}[/]"
+                f"[dim]↻ {escape(self._shown(event.note))}: saved again while it ran; the run stops at {where}[/]"
             )
         elif kind == "log":
             level = str(event.data.get("level", "info"))
@@ -84,39 +89,54 @@ class Feedback:
             self.console.print(f"[dim]{escape(event.note)}: {escape(str(event.data.get('reason')))}[/]")
         self._update_status()
 
+    def _shown(self, note: str) -> str:
+        return shown_path(self.root / note) if self.root is not None and note else note
+
     def _print_finished(self, event: Event) -> None:
         data = event.data
         report = data.get("report") or {}
-        note = escape(event.note)
+        shown = self._shown(event.note)
+        note = escape(shown)
         clock = time.strftime("%H:%M:%S")
         status = data.get("status")
         if status in NOTE_FAILED and not report.get("blocks"):
-            self.console.print(f"[red]✗[/] {clock} {escape(str(report.get('message') or note))}")
+            message = located(str(report.get("message") or shown), event.note, shown)
+            self.console.print(f"[red]✗[/] {clock} {escape(message)}")
             return
         written = "written" if data.get("written") else "unchanged"
-        if data.get("blocks_run", 0) == 0 and data.get("restored"):
+        blocks = report.get("blocks", [])
+        ran = sum(1 for block in blocks if block.get("status") in EXECUTED)
+        if ran == 0 and data.get("restored"):
             self.console.print(f"[cyan]↺[/] {clock} [bold]{note}[/] · {data['restored']} output(s) put back")
             return
-        icon = "[red]✗[/]" if data.get("failed") else "[green]✓[/]"
-        where = f" from line {data['from_line']}" if data.get("from_line") else ""
-        self.console.print(
-            f"{icon} {clock} [bold]{note}[/] · {data.get('blocks_run', 0)} block(s){where} in "
-            f"{data.get('duration', 0.0):.2f} s · {report.get('device') or '?'} · {written}"
-        )
-        for block in report.get("blocks", []):
+        hand_edited = any(block.get("status") == "hand-edited" for block in blocks)
+        if ran == 0 and not hand_edited and not data.get("written") and not report.get("message"):
+            # A run cut before its first block (saved again at once): the next run says what happened.
+            for warning in report.get("warnings", []):
+                self.console.print(f"  [yellow]![/] {escape(located(warning, event.note, shown))}")
+            return
+        if ran == 0:
+            self.console.print(f"{_ICONS['hand-edited']} {clock} [bold]{note}[/] · nothing run · {written}")
+        else:
+            icon = "[red]✗[/]" if data.get("failed") else "[green]✓[/]"
+            where = f" from line {data['from_line']}" if data.get("from_line") else ""
+            self.console.print(
+                f"{icon} {clock} [bold]{note}[/] · {ran} block(s){where} in "
+                f"{data.get('duration', 0.0):.2f} s · {report.get('device') or '?'} · {written}"
+            )
+        for block in blocks:
             block_status = block.get("status")
             if block_status in BLOCK_FAILED | {"unwritten"} or (block_status == "skipped" and data.get("failed")):
                 detail = block.get("message") or ""
                 if block_status == "error" and not detail:
                     errors = [o for o in block.get("outputs", []) if o.get("type") == "error"]
                     detail = f"{errors[0].get('ename')}: {errors[0].get('evalue')}" if errors else "error"
-                self.console.print(
-                    f"  {_ICONS.get(block_status, '?')} {note}:{block.get('line')}: {block_status}: {escape(detail)}"
-                )
+                line = block_line(event.note, shown, int(block.get("line") or 0), str(block_status), detail)
+                self.console.print(f"  {_ICONS.get(block_status, '?')} {escape(line)}")
         for warning in report.get("warnings", []):
-            self.console.print(f"  [yellow]![/] {escape(warning)}")
+            self.console.print(f"  [yellow]![/] {escape(located(warning, event.note, shown))}")
         if report.get("message"):
-            self.console.print(f"  [red]{escape(str(report['message']))}[/]")
+            self.console.print(f"  [red]{escape(located(str(report['message']), event.note, shown))}[/]")
 
     def _update_status(self) -> None:
         if not self.console.is_terminal:
@@ -146,7 +166,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     if vault is None:
         return EXIT_USAGE
     runner = runner_from_args(vault, args)
-    feedback = Feedback(console, args.json)
+    feedback = Feedback(console, args.json, root=vault.root)
     runner.subscribe(feedback)
     watcher = VaultWatcher(runner, debounce=args.debounce)
     with stop_on_signal() as stopping:
@@ -159,17 +179,42 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 vault=str(vault.root),
                 kernels=args.kernels,
                 warm=args.warm,
-                message=f"watching {vault.root} · up to {args.kernels} kernel(s), {args.warm} kept warm · "
+                message=f"watching {shown_path(vault.root)} · up to {args.kernels} kernel(s), {args.warm} kept warm · "
                 "Ctrl+C to stop",
             )
             while not stopping.wait(0.5):
                 pass
         finally:
             watcher.stop()
-            runner.close()
+            close_runner(runner)
             feedback.stop()
             feedback.say("stopped", message="stopped; every kernel was shut down")
     return EXIT_OK
+
+
+def close_runner(runner: Runner) -> None:
+    """Shut the runner down on a thread of its own, which closes its asyncio loop after.
+
+    jupyter_client's blocking calls (an interrupt of the running block, a shutdown) leave an
+    event loop on each calling thread and never close it. A loop sits in a reference cycle,
+    so one left over is freed only by the garbage collector, and if that is at interpreter
+    exit, too late to go quietly ("Exception ignored in BaseEventLoop.__del__"). So: none on
+    the main thread, and the worker threads' leftovers are collected now, while all is well.
+    """
+
+    def close() -> None:
+        runner.close()
+        try:
+            loop = asyncio.get_event_loop_policy().get_event_loop()
+        except RuntimeError:
+            return  # no loop was made on this thread
+        if not loop.is_running():
+            loop.close()
+
+    closer = threading.Thread(target=close, name="vault-runner-close")
+    closer.start()
+    closer.join()
+    gc.collect()
 
 
 @contextmanager
