@@ -37,7 +37,11 @@ def _render(tier: str, root: Path) -> dict[str, object]:
     make_note_vault(root, {name: _note(BLOCKS) for name in NOTES}, app={"attachmentFolderPath": "adjuntos"})
     env = {**os.environ, "VAULT_RUNNER_SANDBOX": tier}
     done = subprocess.run(
-        [sys.executable, "-m", "vault_runner", "render", str(root)], capture_output=True, text=True, env=env, timeout=900
+        [sys.executable, "-m", "vault_runner", "render", str(root)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     regions = {}
     for name in NOTES:

@@ -146,10 +146,24 @@ def test_the_guard_moves_a_made_entry_out_and_stops_the_kernel(tmp_path: Path) -
     (vault / "sub" / "vault-runner.toml").write_text("only the root's counts")
     made = guard.check()
     assert sorted(made) == [vault / "new" / "deep" / ".obsidian", vault / "vault-runner.toml"]
-    assert stopped and not (vault / "vault-runner.toml").exists() and not (vault / "new" / "deep" / ".obsidian").exists()
+    assert (
+        stopped and not (vault / "vault-runner.toml").exists() and not (vault / "new" / "deep" / ".obsidian").exists()
+    )
     assert (vault / "sub" / "vault-runner.toml").exists()
     assert {p.name for p in (tmp_path / "quarantine").rglob("*")} >= {"vault-runner.toml", ".obsidian"}
     assert guard.tripped is not None and "`vault-runner.toml`" in guard.tripped
+
+
+def test_the_guard_never_looks_through_a_symlink(tmp_path: Path) -> None:
+    vault, outside = tmp_path / "vault", tmp_path / "outside"
+    (vault / "datos").mkdir(parents=True)
+    (outside / ".git").mkdir(parents=True)  # someone's repository outside the vault
+    guard = ProtectedGuard(vault, lambda: None, tmp_path / "quarantine")
+    (vault / "datos").rmdir()
+    (vault / "datos").symlink_to(outside)  # a folder swapped for a symlink out of the vault
+    (vault / "enlace").symlink_to(outside)
+    assert guard.check() == []
+    assert (outside / ".git").is_dir()
 
 
 def test_landlock_grants_go_around_protected_entries(tmp_path: Path) -> None:
@@ -231,7 +245,9 @@ CHECK_CACHES = (
 def test_what_a_note_writes_to_its_caches_never_reaches_another_vault(sandbox_tier: str, tmp_path: Path) -> None:
     # The plain tier is uncontained: a note there could write your home, so this one does not.
     names = "MPLCONFIGDIR,XDG_CACHE_HOME,IPYTHONDIR,TMPDIR" + (",HOME" if sandbox_tier != "plain" else "")
-    first = make_note_vault(tmp_path / "a", {"Notas/a.md": note(f"import sys\nsys.argv.append({names!r})", PLANT_CACHES)})
+    first = make_note_vault(
+        tmp_path / "a", {"Notas/a.md": note(f"import sys\nsys.argv.append({names!r})", PLANT_CACHES)}
+    )
     second = make_note_vault(tmp_path / "b", {"Notas/b.md": note(CHECK_CACHES)})
     report_a = Engine(load_vault(first)).run_note(first / "Notas" / "a.md")
     assert "planted MPLCONFIGDIR" in stdout_of(report_a, 1), all_text(report_a)

@@ -41,7 +41,7 @@ __all__ = (
 
 PROTECTED_ANYWHERE = (".git", ".obsidian")
 PROTECTED_AT_ROOT = ("vault-runner.toml",)
-GUARD_INTERVAL = 0.2  # seconds between two looks at the vault's folders
+GUARD_INTERVAL = 0.2  # seconds between two looks at the vault's folders (longer in huge vaults)
 
 
 def is_protected(relative: Path) -> bool:
@@ -118,12 +118,14 @@ class ProtectedGuard:
         self.stop_kernel = stop_kernel
         self.quarantine = quarantine
         self.tripped: str | None = None
-        self._seen: dict[Path, int] = {}  # folder -> the mtime it had when last listed
+        # folder -> the mtime it had when last listed; strings, not Paths: a look at a vault
+        # of thousands of folders must stay cheap.
+        self._seen: dict[str, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         found: list[Path] = []
-        self._look(vault, found)
+        self._look(str(vault), found)
         self.allowed = frozenset(found)  # there before the kernel: the user's own
 
     def start(self) -> None:
@@ -139,15 +141,19 @@ class ProtectedGuard:
         self.check()
 
     def _run(self) -> None:
-        while not self._stop.wait(GUARD_INTERVAL):
+        pause = GUARD_INTERVAL
+        while not self._stop.wait(pause):
+            started = time.monotonic()
             self.check()
+            # A vault of many thousand folders: at most a tenth of a core, a longer pause.
+            pause = max(GUARD_INTERVAL, 9 * (time.monotonic() - started))
 
     def check(self) -> list[Path]:
         """One look; returns the protected entries it found made (and moved out)."""
         with self._lock:
             made: list[Path] = []
-            for folder in list(self._seen):
-                if folder in self._seen and self._mtime(folder) != self._seen[folder]:
+            for folder, stamp in list(self._seen.items()):
+                if folder in self._seen and self._mtime(folder) != stamp:
                     self._look(folder, made)
             made = [p for p in dict.fromkeys(made) if p not in self.allowed]
             if made:
@@ -162,20 +168,22 @@ class ProtectedGuard:
                 )
             return made
 
-    def _mtime(self, folder: Path) -> int | None:
+    def _mtime(self, folder: str) -> int | None:
         try:
             info = os.lstat(folder)
         except OSError:
             info = None
         if info is None or not stat.S_ISDIR(info.st_mode):
             # Gone, or swapped for a symlink: never list through it; what is below goes too.
-            for known in [k for k in self._seen if k == folder or folder in k.parents]:
+            below = folder + os.sep
+            for known in [k for k in self._seen if k == folder or k.startswith(below)]:
                 del self._seen[known]
             return None
         return info.st_mtime_ns
 
-    def _look(self, folder: Path, made: list[Path]) -> None:
+    def _look(self, folder: str, made: list[Path]) -> None:
         """List `folder` and the folders below it not seen yet; protected names go in `made`."""
+        root = str(self.vault)
         stack = [folder]
         while stack:
             current = stack.pop()
@@ -183,12 +191,11 @@ class ProtectedGuard:
             if stamp is None:
                 continue
             self._seen[current] = stamp
-            for entry in _entries(current):
-                path = Path(entry.path)
-                if _protected_name(entry.name, current == self.vault):
-                    made.append(path)
-                elif _is_folder(entry) and path not in self._seen:
-                    stack.append(path)
+            for entry in _entries(Path(current)):
+                if _protected_name(entry.name, current == root):
+                    made.append(Path(entry.path))
+                elif entry.path not in self._seen and _is_folder(entry):
+                    stack.append(entry.path)
 
     def _move_out(self, path: Path) -> Path:
         target = self.quarantine / time.strftime("%Y%m%d-%H%M%S") / path.relative_to(self.vault)
