@@ -577,3 +577,45 @@ def test_the_watch_command_refuses_an_untrusted_vault_then_watches_and_stops_cle
         except OSError:
             continue
     assert leftovers == []
+
+
+# -- a save read half-way (issue 10.12) ----------------------------------------------------------
+def test_a_note_read_half_way_through_a_save_keeps_its_warm_kernel_and_runs_once_complete(tmp_path: Path) -> None:
+    text = "---\nvault-runner: true\n---\n```python\nimport os\nprint('pid', os.getpid())\n```\n"
+    root = make_note_vault(tmp_path / "v", {"n.md": text})
+    note = root / "n.md"
+    with watching(root) as (runner, watcher, recorder):
+        os.utime(note)  # a save: the note gets its kernel
+        assert recorder.wait(lambda: bool(recorder.kinds("note-written", "n.md")))
+        settle(runner, watcher)
+        [first_pid] = re.findall(r"^pid (\d+)$", note.read_text(encoding="utf-8"), re.MULTILINE)
+        mark = recorder.mark()
+        full = note.read_text(encoding="utf-8").replace("print('pid',", "print('pid again',")
+        half = full[: full.index("true")]  # cut inside the properties: `---\nvault-runner: `
+        with open(note, "w", encoding="utf-8") as handle:  # an editor writing in two goes
+            handle.write(half)
+            handle.flush()
+            settle(runner, watcher)  # the watcher has read the half-written note meanwhile
+            assert note.read_text(encoding="utf-8") == half
+            handle.write(full[len(half) :])
+        settle(runner, watcher)
+        assert recorder.kinds("note-finished", "n.md", since=mark)
+        assert not recorder.kinds("note-dropped", "n.md", since=mark)
+        assert not recorder.kinds("kernel-assigned", "n.md", since=mark)  # no new kernel
+        [again] = re.findall(r"^pid again (\d+)$", note.read_text(encoding="utf-8"), re.MULTILINE)
+        assert again == first_pid  # the same warm kernel ran it
+
+
+def test_a_superseded_run_says_the_line_where_it_stops(tmp_path: Path) -> None:
+    text = "---\nvault-runner: true\n---\n```python\nimport time\ntime.sleep(4)\n```\n\n```python\nprint(1)\n```\n"
+    root = make_note_vault(tmp_path / "v", {"n.md": text})
+    note = root / "n.md"
+    with watching(root) as (runner, watcher, recorder):
+        os.utime(note)
+        assert recorder.wait(lambda: bool(recorder.kinds("block-started", "n.md")))
+        edit(note, "print(1)", "print(2)")
+        assert recorder.wait(lambda: bool(recorder.kinds("superseded", "n.md")))
+        [event] = recorder.kinds("superseded", "n.md")
+        lines = note.read_text(encoding="utf-8").split("\n")
+        assert event.line == lines.index("print(2)")  # the fence line, as the note reads now
+        settle(runner, watcher)

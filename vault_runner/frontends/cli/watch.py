@@ -82,12 +82,20 @@ class Feedback:
         elif kind == "log":
             level = str(event.data.get("level", "info"))
             color = _LEVELS.get(level, "white")
-            self.console.print(f"[{color}]{level}[/] {escape(str(event.data.get('message', '')))}")
+            message = self._paths_shown(str(event.data.get("message", "")))
+            self.console.print(f"[{color}]{level}[/] {escape(message)}")
         elif kind == "kernel-stopped" and event.data.get("died"):
             self.console.print(f"[yellow]kernel[/] {escape(event.note)}: {escape(str(event.data.get('reason')))}")
         elif kind == "kernel-evicted":
             self.console.print(f"[dim]{escape(event.note)}: {escape(str(event.data.get('reason')))}[/]")
         self._update_status()
+
+    def _paths_shown(self, message: str) -> str:
+        """A log line `PATH: what` whose path the watcher gave absolute, as the user can paste it."""
+        if self.root is None or not message.startswith(str(self.root)):
+            return message
+        path, sep, rest = message.partition(": ")
+        return shown_path(path) + sep + rest
 
     def _shown(self, note: str) -> str:
         return shown_path(self.root / note) if self.root is not None and note else note
