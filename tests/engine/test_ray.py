@@ -9,14 +9,16 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, copy_sample_vault, make_note_vault
+from vault_runner.engine.ray_worker import SCRATCH_PREFIX
 from vault_runner.frontends.cli.main import main
 
 ray = pytest.importorskip("ray", reason="needs Ray: pip install -e '.[ray]'")
@@ -182,7 +184,9 @@ def test_a_killed_worker_fails_its_note_and_the_other_notes_finish(cluster: str,
     vault = make_note_vault(tmp_path / "v", {"lenta.md": SLOW, "a.md": QUICK, "b.md": QUICK})
     driver = _driver(cluster, "render", str(vault), "--json")
     try:
-        os.kill(_ray_task_pid("vault-runner: lenta.md"), signal.SIGKILL)
+        worker = _ray_task_pid("vault-runner: lenta.md")
+        _wait_for(lambda: _kernels_of(worker), "the note's kernel to start")
+        os.kill(worker, signal.SIGKILL)
         out, err = driver.communicate(timeout=300)
     finally:
         if driver.poll() is None:
@@ -195,6 +199,29 @@ def test_a_killed_worker_fails_its_note_and_the_other_notes_finish(cluster: str,
     assert [notes[n]["status"] for n in ("a.md", "b.md")] == ["ran", "ran"]
     assert "hecho" in (vault / "a.md").read_text() and "hecho" in (vault / "b.md").read_text()
     assert (vault / "lenta.md").read_text(encoding="utf-8") == SLOW.lstrip("\n")
+    _wait_for(lambda: not _kernels_of(worker), "the killed worker's kernel to end")
+    assert main(["render", str(make_note_vault(tmp_path / "w", {"c.md": QUICK})), "--executor", "ray"]) == 0
+    assert not list(Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}{worker}-*"))  # its copy, removed
+
+
+def _kernels_of(worker: int) -> list[int]:
+    """The processes (kernels, a kernel template) working in the scratch copy of the Ray worker `worker`."""
+    mark = f"{tempfile.gettempdir()}/{SCRATCH_PREFIX}{worker}-"
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.readlink(proc / "cwd").startswith(mark) and _alive(int(proc.name)):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _wait_for(condition: Callable[[], object], what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(0.2)
 
 
 def test_ctrl_c_cancels_the_notes_still_running_on_the_cluster(cluster: str, tmp_path: Path) -> None:

@@ -25,7 +25,9 @@ from vault_runner.engine.shipping import materialize
 from vault_runner.errors import VaultRunnerError
 from vault_runner.model import NoteReport
 
-__all__ = ("WorkerResult", "run_on_worker")
+__all__ = ("SCRATCH_PREFIX", "WorkerResult", "run_on_worker")
+
+SCRATCH_PREFIX = "vault-runner-ray-"  # then the worker's pid: a killed worker's copy is found and removed
 
 
 @dataclass
@@ -41,12 +43,11 @@ class WorkerResult:
 
 def run_on_worker(vault: Vault, loaded: Loaded, files: bytes | str, limit: int, gpus: float) -> WorkerResult:
     """Run `loaded` in a scratch copy of `vault` (its files: a packed zip, or the vault's
-    folder as this worker sees it) and return what ran; the copy is removed afterwards."""
+    folder as this worker sees it) and return what ran; the copy is emptied afterwards."""
     node = _node_id()
-    scratch = Path(tempfile.mkdtemp(prefix="vault-runner-ray-")).resolve()
+    _remove_orphans()
+    root = _scratch_root(vault)
     try:
-        root = scratch / (vault.root.name or "vault")
-        root.mkdir()
         materialize(root, files if isinstance(files, bytes) else Path(files), limit)
         here = replace(vault, root=root)
         note = root / loaded.relative
@@ -62,7 +63,50 @@ def run_on_worker(vault: Vault, loaded: Loaded, files: bytes | str, limit: int, 
     except Exception as exc:  # a bug: its text reaches the driver, whatever the exception holds
         raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        _empty(root)
+
+
+_scratch: dict[Path, Path] = {}  # vault (as the driver names it) -> its scratch copy in this worker
+
+
+def _scratch_root(vault: Vault) -> Path:
+    """This worker process's scratch copy of a vault, empty. One folder per process and vault,
+    kept from note to note: a kernel template is made per vault folder (kernel/fork), so
+    the notes after the first are forked from it instead of each starting its own."""
+    if vault.root not in _scratch or not _scratch[vault.root].is_dir():
+        folder = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")).resolve()
+        _scratch[vault.root] = folder / (vault.root.name or "vault")
+        _scratch[vault.root].mkdir()
+    root = _scratch[vault.root]
+    _empty(root)
+    return root
+
+
+def _empty(root: Path) -> None:
+    """Remove what a note left in the copy, keeping the folder (a template may sit in it)."""
+    for entry in root.iterdir() if root.is_dir() else ():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _remove_orphans() -> None:
+    """Remove the scratch copies of workers that were killed mid-note (their `finally` never ran)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = folder.name[len(SCRATCH_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive, and not ours to clean
+        return True
+    return True
 
 
 @contextmanager

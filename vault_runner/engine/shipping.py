@@ -4,7 +4,7 @@ A note reads files beside itself (a CSV, a helper module, an image), so its work
 the vault. Two ways (README, "Running on a Ray cluster"): the driver ships a snapshot of
 it (`pack`, one zip in Ray's object store, fetched once per node), or the workers see it
 on a shared filesystem, maybe under another path (`worker_path`). Either way the note
-runs in a scratch copy on the worker (`materialize`), deleted after the note: its kernel
+runs in a scratch copy on the worker (`materialize`), emptied after the note: its kernel
 may write anywhere in its vault, as it does locally, and none of that reaches the user's
 vault, which only the driver writes (DESIGN.md, addition 13).
 
