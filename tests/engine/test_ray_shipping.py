@@ -12,10 +12,16 @@ from hypothesis import strategies as st
 
 from tests.conftest import make_note_vault
 from vault_runner.core.options import resolve
-from vault_runner.engine.ray_executor import gpu_need, parse_path_map
+from vault_runner.core.render import Attachment, Rendered, attachment_name
+from vault_runner.disk.vault import Vault, load_vault
+from vault_runner.engine.loading import Loaded, block_report, load
+from vault_runner.engine.ray_executor import RayEngine, gpu_need, parse_path_map
+from vault_runner.engine.ray_worker import WorkerResult
+from vault_runner.engine.run import BlockResult, attachment_stem
 from vault_runner.engine.shipping import materialize, pack, vault_files, worker_path
 from vault_runner.errors import OptionError, VaultError
 from vault_runner.frontends.cli.main import main
+from vault_runner.model import NoteReport
 
 NOTE = """
 ---
@@ -134,3 +140,44 @@ def test_ray_options_without_executor_ray_are_a_usage_error(tmp_path: Path, caps
     vault = make_note_vault(tmp_path / "v", {"a.md": NOTE})
     assert main(["render", str(vault), "--ray-address", "auto"]) == 2
     assert "--executor ray" in capsys.readouterr().err
+
+
+class _ForgedWorker:
+    """A worker whose result names a file of its own choosing: only a forged result could
+    (a note cannot choose attachment names), and the driver must still refuse it."""
+
+    def __init__(self, attachment: Attachment) -> None:
+        self.attachment = attachment
+
+    def run(self, vault: Vault, loaded: Loaded) -> WorkerResult:
+        [planned] = loaded.runnable
+        report = NoteReport(note=loaded.relative, status="ran", blocks=[block_report(loaded, planned, "ok")])
+        rendered = Rendered(f"![[{self.attachment.name}]]\n", (self.attachment,))
+        return WorkerResult(report, {0: BlockResult(planned, rendered, report.blocks[0])})
+
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
+
+
+@pytest.mark.parametrize(
+    "name,data,mime",
+    [
+        ("../../.obsidian/plugins/x/main.js", PNG, "image/png"),
+        ("vault-runner.toml", PNG, "image/png"),
+        ("n-0000-vr-000000000000.png", PNG, "image/png"),  # a name that is not the bytes' hash
+        (None, b"#!/bin/sh\nrm -rf ~\n", "image/png"),  # a "PNG" that is a script
+    ],
+)
+def test_the_driver_writes_only_attachments_a_local_run_would_write(
+    tmp_path: Path, name: str | None, data: bytes, mime: str
+) -> None:
+    root = make_note_vault(tmp_path / "v", {"Notas/n.md": "```python\nprint(1)\n```\n"})
+    vault = load_vault(root)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    note = root / "Notas" / "n.md"
+    stem = attachment_stem(load(vault, note))
+    forged = Attachment(name or attachment_name(stem, data, "png"), data, mime)
+    engine = RayEngine(vault, cluster=_ForgedWorker(forged))  # type: ignore[arg-type]
+    report = engine.run_note(note, require_opt_in=False)
+    assert report.status == "failed" and "would not write" in (report.message or "")
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before

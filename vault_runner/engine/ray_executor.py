@@ -26,11 +26,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from vault_runner.core.render import CellSource
+from vault_runner.core.images import checked_image
+from vault_runner.core.render import IMAGE_TYPES, Attachment, CellSource, attachment_name
 from vault_runner.disk.vault import Vault
 from vault_runner.engine.loading import Loaded
 from vault_runner.engine.ray_worker import WorkerResult, run_on_worker
-from vault_runner.engine.run import BlockResult, Engine, Rerender, Run
+from vault_runner.engine.run import BlockResult, Engine, Rerender, Run, attachment_stem
 from vault_runner.engine.shipping import max_vault_bytes, pack, worker_path
 from vault_runner.errors import VaultError
 from vault_runner.kernel.factory import Kernel
@@ -193,6 +194,12 @@ class RayEngine(Engine):
         if isinstance(result, NoteReport):
             return Run(loaded, result, {})
         result.report.node = result.node
+        stem = attachment_stem(loaded)
+        for block in result.results.values():
+            for attachment in block.rendered.attachments if block.rendered else ():
+                if not _is_ours(attachment, stem):
+                    # Only the driver writes, and only what a local run would have written.
+                    return Run(loaded, _failed(loaded, "worker_failed", "its Ray worker sent back a file vault-runner would not write"), {})
         return Run(
             loaded,
             result.report,
@@ -209,6 +216,17 @@ class RayEngine(Engine):
         if isinstance(rerender, Rerender):
             rerender = replace(rerender, vault=self.vault, note=loaded.path)
         return replace(result, rerender=rerender)
+
+
+def _is_ours(attachment: Attachment, stem: str) -> bool:
+    """An attachment as a local run names and checks it: its name is the hash of its bytes
+    under this note's stem (so no folder, no other file's name), its bytes are the image it claims."""
+    extension = IMAGE_TYPES.get(attachment.mime)
+    return (
+        extension is not None
+        and attachment.name == attachment_name(stem, attachment.data, extension)
+        and checked_image(attachment.mime, attachment.data)[0] == attachment.data
+    )
 
 
 def _failed(loaded: Loaded, reason: str, what: str) -> NoteReport:
