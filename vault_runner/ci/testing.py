@@ -19,7 +19,14 @@ from typing import Any
 from vault_runner.ci.check import shown_path
 from vault_runner.core.compare import compare_bodies, compile_sanitizers
 from vault_runner.disk.vault import CONFIG_NAME, Vault
-from vault_runner.engine import Engine, KernelFactory, NoteReport, default_kernel_factory, select
+from vault_runner.engine import (
+    Engine,
+    KernelFactory,
+    NoteReport,
+    close_default_kernels,
+    default_kernel_factory,
+    select,
+)
 from vault_runner.errors import SanitizerError, VaultError
 from vault_runner.model import NOTE_FAILED, TEST_FAILED
 
@@ -157,10 +164,13 @@ def run_notes(
     done = on_result or (lambda result: None)
     if jobs <= 1 or len(notes) <= 1:
         results = []
-        for vault, path in notes:
-            result = _guarded(vault, path, options, kernel_factory, make_engine or Engine)
-            done(result)
-            results.append(result)
+        try:
+            for vault, path in notes:
+                result = _guarded(vault, path, options, kernel_factory, make_engine or Engine)
+                done(result)
+                results.append(result)
+        finally:
+            close_default_kernels()  # the batch is done: no kernel template outlives it
         return results
     if make_engine is not None:
         return _in_threads(notes, options, jobs, done, kernel_factory, make_engine)

@@ -12,7 +12,14 @@ from typing import Any, Protocol
 from vault_runner.errors import KernelDied, SandboxError
 from vault_runner.kernel.session import Execution, KernelSession
 
-__all__ = ("Kernel", "KernelFactory", "default_kernel_factory", "prewarm", "started_kernel_factory")
+__all__ = (
+    "Kernel",
+    "KernelFactory",
+    "close_default_kernels",
+    "default_kernel_factory",
+    "prewarm",
+    "started_kernel_factory",
+)
 
 
 class Kernel(Protocol):
@@ -70,3 +77,13 @@ def prewarm(factory: KernelFactory, vault_root: Path, note_options: Mapping[str,
     ready = getattr(factory, "prewarm", None)
     if ready is not None:
         ready(vault_root, note_options)
+
+
+def close_default_kernels() -> None:
+    """End what the default factory keeps warm (its kernel templates), once a command that
+    runs notes is done; nothing for a factory that was never used."""
+    import sys
+
+    fork = sys.modules.get("vault_runner.kernel.fork.factory")
+    if fork is not None:
+        fork.close_shared_fork_factory()

@@ -186,6 +186,9 @@ def _run_notes(args: argparse.Namespace, require_opt_in: bool, paths: list[Path]
                         raise
     finally:
         progress.stop()
+        from vault_runner.engine import close_default_kernels
+
+        close_default_kernels()  # the command is done: no kernel template outlives it
     reports = [r for r in reports if r.status != "no-blocks"]  # notes without code are not news
     if args.json:
         print(json.dumps({"notes": [r.to_json() for r in reports]}, ensure_ascii=False, indent=2))

@@ -41,7 +41,7 @@ from vault_runner.kernel.sandbox.filesystem import PROTECTED_IN_VAULT
 from vault_runner.kernel.sandbox.gpu import nvidia_device_nodes
 from vault_runner.kernel.setup import kernel_env, prelude_code
 
-__all__ = ("SPARES_ENV", "ForkFactory", "shared_fork_factory")
+__all__ = ("SPARES_ENV", "ForkFactory", "close_shared_fork_factory", "shared_fork_factory")
 
 SPARES_ENV = "VAULT_RUNNER_FORK_SPARES"  # pre-initialised kernels per template (default 1)
 MAX_TEMPLATES = 4  # templates are ~0.5 GB each with torch: the least recently used goes
@@ -279,3 +279,14 @@ def shared_fork_factory() -> ForkFactory:
             _shared = ForkFactory()
             atexit.register(_shared.close)
         return _shared
+
+
+def close_shared_fork_factory() -> None:
+    """End the process's templates and their kernels now (a one-shot command is done:
+    nothing of it may keep running); a later note starts a new template."""
+    global _shared
+    with _shared_lock:
+        factory, _shared = _shared, None
+    if factory is not None:
+        atexit.unregister(factory.close)
+        factory.close()
