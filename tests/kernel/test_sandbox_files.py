@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,6 +168,119 @@ def test_the_guard_never_looks_through_a_symlink(tmp_path: Path) -> None:
     assert (outside / ".git").is_dir()
 
 
+RESET_TIMES = (
+    "import os, time\n"
+    "root = os.environ['VAULT_RUNNER_VAULT']\n"
+    "def plant(rel):\n"
+    "    path = os.path.join(root, rel)\n"
+    "    folders = [d for d in (root, os.path.join(root, 'sub'), os.path.join(root, '.obsidian')) if os.path.isdir(d)]\n"
+    "    times = [(d, os.stat(d).st_mtime_ns) for d in folders]\n"
+    "    try:\n"
+    "        os.makedirs(os.path.dirname(path), exist_ok=True)\n"
+    "        open(path, 'w').write('[core]\\n\\tfsmonitor = touch /tmp/pwned\\n')\n"
+    "        for d, m in times:\n"
+    "            os.utime(d, ns=(m, m))  # the folders look untouched by their mtime\n"
+    "        print('made', rel)\n"
+    "    except OSError as exc:\n"
+    "        print('refused', rel, type(exc).__name__)\n"
+    "for rel in ('sub/.git/config', 'vault-runner.toml', '.obsidian/plugins/x/main.js'):\n"
+    "    plant(rel)\n"
+    "time.sleep(3)\n"
+    "print('still running')"
+)
+
+
+def test_a_note_that_resets_folder_times_is_still_caught(sandbox_tier: str, tmp_path: Path) -> None:
+    contained(sandbox_tier)
+    root = make_note_vault(tmp_path / "vault", {"Notas/n.md": note(RESET_TIMES)})
+    shutil.rmtree(root / ".obsidian")  # a folder that is not an Obsidian vault yet: nothing to bind
+    (root / "sub").mkdir()
+    report = Engine(load_vault(root)).run_note(root / "Notas" / "n.md")
+    assert not list(root.rglob(".git")) and not (root / "vault-runner.toml").exists(), all_text(report)
+    assert not (root / ".obsidian").exists(), all_text(report)
+    if "made" in stdout_of(report):
+        assert "still running" not in all_text(report) and report.blocks[0].failed
+
+
+def test_the_guard_sees_through_reset_times_and_looks_everywhere_last(tmp_path: Path) -> None:
+    vault = tmp_path / "vault"
+    (vault / "sub").mkdir(parents=True)
+    guard = ProtectedGuard(vault, lambda: None, tmp_path / "quarantine")
+    time.sleep(1.1)  # past the window in which a folder's time is not trusted
+    assert guard.check() == []
+    stamp = (vault / "sub").stat().st_mtime_ns
+    (vault / "sub" / ".git").mkdir()
+    os.utime(vault / "sub", ns=(stamp, stamp))
+    assert guard.check() == [vault / "sub" / ".git"]
+    # The last look, once the kernel is gone, walks the whole vault whatever the times say.
+    (vault / "vault-runner.toml").write_text("[run]\n")
+    guard._seen.clear()  # as if every folder's time looked unchanged
+    guard.stop()
+    assert not (vault / "vault-runner.toml").exists() and guard.tripped is not None
+
+
+def test_the_guard_knows_the_users_entries_by_inode_not_by_path(tmp_path: Path) -> None:
+    vault = tmp_path / "vault"
+    (vault / "proj" / ".git").mkdir(parents=True)
+    (vault / "proj" / ".git" / "config").write_text("[core]\n")
+    guard = ProtectedGuard(vault, lambda: None, tmp_path / "quarantine")
+    (vault / "proj").rename(vault / "proj-moved")  # the user's repository goes with its folder
+    (vault / "proj" / ".git").mkdir(parents=True)
+    (vault / "proj" / ".git" / "config").write_text("[core]\n\tfsmonitor = touch /tmp/pwned\n")
+    assert guard.check() == [vault / "proj" / ".git"]
+    assert (vault / "proj-moved" / ".git" / "config").read_text() == "[core]\n"  # never quarantined
+    assert not (vault / "proj" / ".git").exists()
+    assert guard.tripped is not None and "proj-moved" in guard.tripped  # and the note is told
+    (vault / "vault-runner.toml").write_text("[run]\n")
+    guard = ProtectedGuard(vault, lambda: None, tmp_path / "quarantine")
+    os.link(vault / "vault-runner.toml", vault / "proj-moved" / ".obsidian")  # a second name: made
+    assert guard.check(everywhere=True) == [vault / "proj-moved" / ".obsidian"]
+    assert (vault / "vault-runner.toml").read_text() == "[run]\n"
+
+
+def test_the_guard_leaves_what_it_cannot_move_and_says_so(tmp_path: Path) -> None:
+    vault = tmp_path / "vault"
+    vault.mkdir()
+    blocked = tmp_path / "quarantine"
+    blocked.write_text("a file where the quarantine folder should be")  # every move fails
+    stopped: list[bool] = []
+    guard = ProtectedGuard(vault, lambda: stopped.append(True), blocked)
+    (vault / ".git").mkdir()
+    (vault / ".git" / "config").write_text("maybe the user's")
+    assert guard.check() == [vault / ".git"]
+    assert stopped and (vault / ".git" / "config").read_text() == "maybe the user's"  # nothing deleted
+    assert guard.tripped is not None and "could not be moved" in guard.tripped
+
+
+RENAME_REPO = (
+    "import os\n"
+    "root = os.environ['VAULT_RUNNER_VAULT']\n"
+    "p = os.path.join(root, 'proj')\n"
+    "try:\n"
+    "    os.rename(p, p + '-moved')\n"
+    "    print('renamed')\n"
+    "except OSError as exc:\n"
+    "    print('rename refused', type(exc).__name__)\n"
+    "open(os.path.join(p, 'data.csv'), 'w').write('a,b\\n')  # its folder stays the note's\n"
+    "os.makedirs(os.path.join(p, 'datos'))\n"
+    "os.rename(os.path.join(p, 'datos'), os.path.join(p, 'datos2'))\n"
+    "print('wrote inside')"
+)
+
+
+def test_a_folder_holding_a_repository_cannot_be_renamed(sandbox_tier: str, tmp_path: Path) -> None:
+    contained(sandbox_tier)
+    root = make_note_vault(tmp_path / "vault", {"Notas/n.md": note(RENAME_REPO)})
+    (root / "proj" / ".git").mkdir(parents=True)
+    (root / "proj" / ".git" / "config").write_text("[core]\n")
+    report = Engine(load_vault(root)).run_note(root / "Notas" / "n.md")
+    out = stdout_of(report)
+    assert "rename refused" in out and "wrote inside" in out, all_text(report)
+    assert (root / "proj" / ".git" / "config").read_text() == "[core]\n"
+    if sandbox_tier == "bubblewrap" or probe().landlock_mounts:
+        assert (root / "proj" / "data.csv").exists() and (root / "proj" / "datos2").is_dir()
+
+
 def test_landlock_grants_go_around_protected_entries(tmp_path: Path) -> None:
     vault = tmp_path / "vault"
     for folder in ("a/b/.git", "a/c", "d", ".obsidian"):
@@ -214,6 +329,34 @@ def test_a_note_cannot_reach_the_hosts_dev_shm(sandbox_tier: str, host_shm_file:
     # with mounts); without mounts Landlock refuses /dev/shm and doctor says so.
     if sandbox_tier == "bubblewrap" or probe().landlock_mounts:
         assert "from a worker 42" in out, all_text(report)
+
+
+FILL_SHM = (
+    "import time\n"
+    "chunk, n = b'\\1' * (64 * 2**20), 0\n"
+    "try:\n"
+    "    with open('/dev/shm/fill', 'wb') as handle:\n"
+    "        for _ in range(16):  # 1 GiB, twice the budget\n"
+    "            handle.write(chunk); handle.flush(); n += len(chunk)\n"
+    "except OSError as exc:\n"
+    "    print('refused', type(exc).__name__)\n"
+    "print('wrote', n >> 20, 'MiB')\n"
+    "time.sleep(3)\n"
+    "print('still running')"
+)
+
+
+def test_files_in_a_kernels_own_dev_shm_count_as_its_memory(
+    sandbox_tier: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    contained(sandbox_tier)
+    monkeypatch.setenv("VAULT_RUNNER_MEMORY", "512M")
+    root = make_note_vault(tmp_path / "vault", {"Notas/n.md": note(FILL_SHM)})
+    report = Engine(load_vault(root)).run_note(root / "Notas" / "n.md")
+    text = all_text(report)
+    assert "wrote 1024 MiB" not in text, text  # the tmpfs is capped ...
+    if sandbox_tier == "bubblewrap" or probe().landlock_mounts:
+        assert "still running" not in text and "of memory" in text, (text, report)  # ... and counted
 
 
 # -- caches (9.6) ------------------------------------------------------------------------------

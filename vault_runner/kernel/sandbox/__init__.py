@@ -66,7 +66,7 @@ from vault_runner.kernel.sandbox.filesystem import (
     readable_outside,
 )
 from vault_runner.kernel.sandbox.gpu import claim_gpu, nvidia_device_nodes, release_gpu
-from vault_runner.kernel.sandbox.policy import MEMORY_ENV, Policy, format_size, policy_from_options
+from vault_runner.kernel.sandbox.policy import MEMORY_ENV, Policy, default_memory, format_size, policy_from_options
 from vault_runner.kernel.sandbox.probe import PLAIN_WARNING, SANDBOX_ENV, Probe
 from vault_runner.kernel.sandbox.probe import probe as probe_tier  # `probe` names the module
 from vault_runner.kernel.sandbox.processes import (
@@ -82,6 +82,7 @@ from vault_runner.kernel.sandbox.processes import (
 from vault_runner.kernel.sandbox.protected import (
     ProtectedGuard,
     existing_protected,
+    pinned_folders,
     quarantine_dir,
     write_grants,
     write_root_hint,
@@ -240,7 +241,8 @@ class Sandbox:
             outer["drop_caps"] = os.geteuid() == 0
             if self.probe.landlock_mounts:
                 readonly = [str(p) for p in self.protected]
-                outer["namespace"] = {"shm_size": self.policy.memory, "readonly": readonly}
+                pinned = [str(p) for p in self._pinned()]
+                outer["namespace"] = {"shm_size": self._tmpfs_size(), "readonly": readonly, "pinned": pinned}
             else:
                 outer["pty_broker"] = True  # `!cmd` without /dev/pts (ptys.py)
             if self.nproc:
@@ -264,7 +266,7 @@ class Sandbox:
     def bwrap_args(self) -> list[str]:
         assert self.probe.bwrap is not None and self.runtime_dir is not None
         # tmpfs files live in memory: bound them by the memory cap (the watchdog counts them too).
-        size = ["--size", str(self.policy.memory)] if self.policy.memory else []
+        size = ["--size", str(self._tmpfs_size())] if self._tmpfs_size() else []
         args = [self.probe.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", *size, "--tmpfs", "/dev/shm"]
         args += ["--proc", "/proc"]
         args += ["--unshare-pid", "--unshare-ipc", "--die-with-parent", "--new-session"]
@@ -291,6 +293,10 @@ class Sandbox:
         args += ["--bind", str(self.runtime_dir), str(self.runtime_dir)]
         writable = self.policy.vault or self.policy.cwd
         args += ["--bind", str(writable), str(writable)]
+        # The folders holding them, each its own mount: a note cannot rename one (EBUSY) to
+        # move the user's .git aside and make its own at the old path (protected.py).
+        for folder in self._pinned():
+            args += ["--bind", str(folder), str(folder)]
         # Protected entries (protected.py) that exist, at any depth: read-only. Those made
         # later are the guard's: no mount can refuse a name in a writable folder.
         for protected in self.protected:
@@ -351,25 +357,44 @@ class Sandbox:
         root = self._root_pid()
         return process_tree(root) if root else []
 
+    def _tmpfs_size(self) -> int | None:
+        """The size of the kernel's private tmpfs (/dev/shm, bubblewrap's /tmp): its files are
+        memory, so never more than the note's cap or the budget of all kernels (a fork
+        template's own policy has neither: the default budget)."""
+        return self.policy.memory or self.policy.budget or default_memory()[0]
+
+    def _pinned(self) -> list[Path]:
+        """Folders holding protected entries, bound onto themselves (protected.py); never one
+        that is, or lies below, a symlink now: a bind through it would mount what it points at."""
+        vault = self.policy.vault
+        if vault is None:
+            return []
+        return [p for p in pinned_folders(vault, self.protected) if os.path.realpath(p) == str(p)]
+
     def _tmpfs_used(self, pids: list[int]) -> int:
-        """Bytes in the sandbox's private /tmp and /dev/shm: tmpfs files are memory too."""
-        if self.tier != "bubblewrap":
-            return 0
-        try:
-            host = os.stat("/tmp").st_dev
-        except OSError:
-            return 0
-        for pid in reversed(pids):
+        """Bytes in the kernel's private /tmp and /dev/shm, in any tier: tmpfs files are memory
+        too. Private: another filesystem than the host's folder of that name."""
+        folders = ("tmp", "dev/shm")
+        host = {}
+        for folder in folders:
             try:
-                if os.stat(f"/proc/{pid}/root/tmp").st_dev == host:
-                    continue  # the launcher or bwrap itself, outside the sandbox's mounts
-                total = 0
-                for folder in ("tmp", "dev/shm"):
-                    fs = os.statvfs(f"/proc/{pid}/root/{folder}")
+                host[folder] = os.stat(f"/{folder}").st_dev
+            except OSError:
+                host[folder] = None
+        for pid in reversed(pids):
+            total, private = 0, False
+            try:
+                for folder in folders:
+                    path = f"/proc/{pid}/root/{folder}"
+                    if os.stat(path).st_dev == host[folder]:
+                        continue  # the host's (or the launcher's, outside the kernel's mounts)
+                    fs = os.statvfs(path)
                     total += (fs.f_blocks - fs.f_bfree) * fs.f_frsize
-                return total
+                    private = True
             except OSError:
                 continue
+            if private:
+                return total
         return 0
 
     def kill_all(self) -> None:

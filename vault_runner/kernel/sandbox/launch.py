@@ -12,7 +12,7 @@ SPEC is a JSON object:
   landlock   {"read": [...], "write": [...], "files": [...], "network": bool}
   drop_caps  drop every capability (root in the Landlock tier)
   no_new_privs  set PR_SET_NO_NEW_PRIVS (always with landlock)
-  namespace  {"shm_size": ..., "readonly": [...]}: a mount namespace first (mounts.py)
+  namespace  {"shm_size": ..., "readonly": [...], "pinned": [...]}: a mount namespace first (mounts.py)
   pty_broker  fork the pty helper of ptys.py before Landlock (Landlock without mounts)
   no_network    the seccomp filter of `network: false` (seccomp.py, loaded by path), last
 """

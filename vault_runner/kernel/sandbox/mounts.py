@@ -6,13 +6,15 @@ programs' shared memory) and could only reach ``/dev/pts`` by opening every term
 user. When this process can make a mount namespace (as root, or where unprivileged user
 namespaces are allowed), `enter` gives the kernel, before Landlock is applied:
 
-- a private, empty ``/dev/shm`` (tmpfs, capped by the kernel's memory cap): multiprocessing
+- a private, empty ``/dev/shm`` (tmpfs, as large as the kernel's memory cap or the budget
+  of all kernels, and counted as the kernel's memory by its watchdog): multiprocessing
   locks, DataLoader workers and torch shared memory work, and nothing of the host's is there;
 - a private ``/dev/pts`` instance (and ``/dev/ptmx`` into it): ``!cmd`` gets its pty, and no
   terminal of the user is reachable;
 - read-only bind mounts over the vault's protected entries (``.obsidian``, ``.git``,
   ``vault-runner.toml``), so the vault root itself can be granted: a root-level note writes
-  next to itself as under bubblewrap.
+  next to itself as under bubblewrap; and each folder holding one bound onto itself, so it
+  cannot be renamed (protected.py, `pinned_folders`).
 
 Standard library only: loaded by path by launch.py, before the kernel starts. Landlock then
 forbids any further mount, and the capabilities of the new namespace are dropped.
@@ -69,7 +71,8 @@ def _unshare(libc: ctypes.CDLL) -> None:
 def enter(spec: dict) -> None:
     """Make this process's mounts private and mount what the module docstring says.
 
-    spec: {"shm_size": bytes or null, "readonly": [paths that exist, never symlinks]}
+    spec: {"shm_size": bytes, "readonly": [paths that exist, never symlinks],
+           "pinned": [the folders holding them, shallowest first]}
     """
     libc = _libc()
     _unshare(libc)
@@ -79,6 +82,12 @@ def enter(spec: dict) -> None:
         _mount(libc, "tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777{size}")
     _mount(libc, "devpts", "/dev/pts", "devpts", _MS_NOSUID | _MS_NOEXEC, "newinstance,ptmxmode=0666,mode=600")
     _mount(libc, "/dev/pts/ptmx", "/dev/ptmx", None, _MS_BIND)
+    for path in spec.get("pinned", []):
+        # Each its own mount point: the note cannot rename it (EBUSY) to carry the user's
+        # .git away and make its own at the old path. Its contents stay writable.
+        if os.path.realpath(path) != path or not os.path.isdir(path):
+            continue  # swapped for (or now below) a symlink: a bind would mount its target
+        _mount(libc, path, path, None, _MS_BIND | _MS_REC)
     for path in spec.get("readonly", []):
         if os.path.islink(path) or not os.path.exists(path):
             continue  # made after the launch was planned: nothing to cover (the guard watches)

@@ -9,12 +9,18 @@ How each tier keeps them, whether or not they exist yet:
 
 - those that exist when a kernel starts are read-only for it: bubblewrap binds them read-only,
   Landlock grants write only around them (or, with its own mounts, binds them read-only);
+- the folders holding them are each bound onto themselves (`pinned_folders`), so that a
+  note cannot rename ``proj`` (its read-only ``.git`` would go with it) and make a ``.git``
+  of its own at ``proj/.git``, where git on the host looks;
 - one that does not exist yet cannot be created in the Landlock tier without mounts where its
   parent is not granted (the vault root, a folder holding a protected entry); everywhere else
   no mount or Landlock rule can refuse a *name* in a folder the kernel may write, so the
   `ProtectedGuard` watches the vault while the kernel lives: a protected name that appears
   stops the kernel at once (it cannot make it again), is moved out of the vault into
-  vault-runner's quarantine folder (nothing is deleted), and the note says so.
+  vault-runner's quarantine folder (nothing is ever deleted: what cannot be moved stays, and
+  the note says so loudly), and the note says so. The guard goes by the folders' ctime
+  (which no note can set back, unlike their mtime), knows the user's own entries by inode,
+  and walks the whole vault once more when the kernel is gone.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -34,6 +41,7 @@ __all__ = (
     "ROOT_REFUSED",
     "existing_protected",
     "is_protected",
+    "pinned_folders",
     "quarantine_dir",
     "write_grants",
     "write_root_hint",
@@ -105,12 +113,27 @@ def write_grants(vault: Path, protected: Iterable[Path]) -> list[Path]:
     return grants(vault) if vault in holders else [vault]
 
 
+def pinned_folders(vault: Path, protected: Iterable[Path]) -> list[Path]:
+    """The folders between the vault root and its protected entries, shallowest first: each
+    is bind-mounted onto itself in the kernel's mounts, so that the note cannot rename it (a
+    mount point cannot be renamed: EBUSY) and move the user's `.git` away from the path git
+    looks at. What is inside stays writable; a rename across such a folder's edge fails
+    with EXDEV (shutil.move copies instead)."""
+    out: set[Path] = set()
+    for path in protected:
+        out.update(p for p in path.parents if vault in p.parents)
+    return sorted(out, key=lambda p: (len(p.parts), str(p)))
+
+
 class ProtectedGuard:
     """Watches a vault for protected names a kernel makes (see the module docstring).
 
     `stop_kernel` is called first, then the entry is moved to `quarantine`; `tripped` holds
-    the note's message until read. Looks only at folders whose mtime changed since last time,
-    so a look costs one stat per folder of the vault.
+    the note's message until read. A look lists only the folders whose inode change time
+    (ctime) moved since the last one, so it costs one stat per folder of the vault: a note
+    can set a folder's mtime back (os.utime), never its ctime. The user's own entries are
+    known by inode, not by path: a note that renames a folder holding one and makes a fresh
+    one at the old path has its fresh one taken out, never the user's.
     """
 
     def __init__(self, vault: Path, stop_kernel: Callable[[], None], quarantine: Path) -> None:
@@ -118,27 +141,30 @@ class ProtectedGuard:
         self.stop_kernel = stop_kernel
         self.quarantine = quarantine
         self.tripped: str | None = None
-        # folder -> the mtime it had when last listed; strings, not Paths: a look at a vault
-        # of thousands of folders must stay cheap.
-        self._seen: dict[str, int] = {}
+        # folder -> (inode, ctime) when last listed; strings, not Paths: a look at a vault of
+        # thousands of folders must stay cheap.
+        self._seen: dict[str, tuple[int, int]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         found: list[Path] = []
         self._look(str(vault), found)
         self.allowed = frozenset(found)  # there before the kernel: the user's own
+        self._own = {key: path for path in found if (key := _inode(path)) is not None}
+        self.moved: dict[Path, Path] = {}  # the user's entries a note moved: where -> from
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="vault-runner-protected-guard", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop watching, after a last look (the kernel is gone: nothing can appear later)."""
+        """Stop watching, after a last look at the whole vault, whatever the folders' times
+        say (the kernel is gone: nothing can appear later)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-        self.check()
+        self.check(everywhere=True)
 
     def _run(self) -> None:
         pause = GUARD_INTERVAL
@@ -148,27 +174,53 @@ class ProtectedGuard:
             # A vault of many thousand folders: at most a tenth of a core, a longer pause.
             pause = max(GUARD_INTERVAL, 9 * (time.monotonic() - started))
 
-    def check(self) -> list[Path]:
-        """One look; returns the protected entries it found made (and moved out)."""
+    def check(self, everywhere: bool = False) -> list[Path]:
+        """One look (`everywhere`: a walk of the whole vault); returns the protected entries
+        it found made (and moved out)."""
         with self._lock:
-            made: list[Path] = []
-            for folder, stamp in list(self._seen.items()):
-                if folder in self._seen and self._mtime(folder) != stamp:
-                    self._look(folder, made)
-            made = [p for p in dict.fromkeys(made) if p not in self.allowed]
+            found: list[Path] = existing_protected(self.vault) if everywhere else []
+            for folder, stamp in [] if everywhere else list(self._seen.items()):
+                if folder in self._seen and (stamp[1] < 0 or self._stamp(folder) != stamp):
+                    self._look(folder, found)
+            made = []
+            for path in dict.fromkeys(found):
+                key = _inode(path)
+                own = self._own.get(key) if key is not None else path
+                if own is None or (own != path and _inode(own) == key):
+                    made.append(path)  # new, or a second name (a hard link) for the user's own
+                elif own != path and path not in self.moved:
+                    self.moved[path] = own
             if made:
                 self.stop_kernel()
-                moved = [self._move_out(path) for path in made]
-                names = ", ".join(f"`{p.relative_to(self.vault).as_posix()}`" for p in made)
-                self.tripped = (
-                    f"[vault-runner: this note made {names} in the vault, which no note may create or change: "
-                    "git and Obsidian run what they find there outside the sandbox. The kernel was stopped and "
-                    f"{'it was' if len(made) == 1 else 'they were'} moved out of the vault to "
-                    f"{', '.join(str(m) for m in moved)}; write such files outside the vault (e.g. in /tmp)]"
-                )
+                self.tripped = self._message(made, [self._move_out(path) for path in made])
             return made
 
-    def _mtime(self, folder: str) -> int | None:
+    def _message(self, made: list[Path], moved_to: list[Path | None]) -> str:
+        def rel(path: Path) -> str:
+            return f"`{path.relative_to(self.vault).as_posix()}`"
+
+        out = [
+            f"[vault-runner: this note made {', '.join(rel(p) for p in made)} in the vault, which no note may "
+            "create or change: git and Obsidian run what they find there outside the sandbox. The kernel was stopped"
+        ]
+        done = [str(m) for m in moved_to if m is not None]
+        if done:
+            out.append(f"; moved out of the vault to {', '.join(done)}")
+        left = [rel(p) for p, m in zip(made, moved_to, strict=True) if m is None]
+        if left:
+            out.append(
+                f". WARNING: {', '.join(left)} could not be moved out of the vault and is still there: delete it "
+                "yourself before you run git or open Obsidian there"
+            )
+        if self.moved:
+            out.append(
+                ". It also moved your own "
+                + ", ".join(f"{rel(old)} to {rel(new)}" for new, old in self.moved.items())
+                + " (left there, untouched)"
+            )
+        return "".join(out) + "; write such files outside the vault (e.g. in /tmp)]"
+
+    def _stamp(self, folder: str) -> tuple[int, int] | None:
         try:
             info = os.lstat(folder)
         except OSError:
@@ -179,7 +231,11 @@ class ProtectedGuard:
             for known in [k for k in self._seen if k == folder or k.startswith(below)]:
                 del self._seen[known]
             return None
-        return info.st_mtime_ns
+        if time.time_ns() - info.st_ctime_ns < _UNTRUSTED_NS:
+            # Changed within the clock's grain: a name made right after this listing could
+            # leave the same ctime. A stamp that is listed again next time, whatever it says.
+            return (info.st_ino, -1)
+        return (info.st_ino, info.st_ctime_ns)
 
     def _look(self, folder: str, made: list[Path]) -> None:
         """List `folder` and the folders below it not seen yet; protected names go in `made`."""
@@ -187,7 +243,7 @@ class ProtectedGuard:
         stack = [folder]
         while stack:
             current = stack.pop()
-            stamp = self._mtime(current)  # before listing: an entry made meanwhile shows next time
+            stamp = self._stamp(current)  # before listing: an entry made meanwhile shows next time
             if stamp is None:
                 continue
             self._seen[current] = stamp
@@ -197,21 +253,37 @@ class ProtectedGuard:
                 elif entry.path not in self._seen and _is_folder(entry):
                     stack.append(entry.path)
 
-    def _move_out(self, path: Path) -> Path:
-        target = self.quarantine / time.strftime("%Y%m%d-%H%M%S") / path.relative_to(self.vault)
-        target.parent.mkdir(parents=True, exist_ok=True)
+    def _move_out(self, path: Path) -> Path | None:
+        """Move a made entry to the quarantine; None when it cannot be moved. Never deleted:
+        whatever it is, it may hold something the user wants back."""
         try:
-            os.rename(path, target)
-        except OSError:
+            folder = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=_made(self.quarantine)))
+            target = folder / path.relative_to(self.vault)
+            target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                shutil.move(str(path), str(target))  # another filesystem
+                os.rename(path, target)
             except OSError:
-                shutil.rmtree(path, ignore_errors=True) if _isdir(path) else path.unlink(missing_ok=True)
+                shutil.move(str(path), str(target))  # another filesystem: copied, then removed
+        except (OSError, shutil.Error):
+            return None
         return target
 
 
-def _isdir(path: Path) -> bool:
-    return path.is_dir() and not path.is_symlink()
+# A ctime this close to now is not trusted to show the next change (timestamps have a grain).
+_UNTRUSTED_NS = 1_000_000_000
+
+
+def _made(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino)
 
 
 def quarantine_dir() -> Path:
