@@ -14,17 +14,6 @@ Run from the repository root with vault_runner importable (pip install -e .).
 
 from __future__ import annotations
 
-# -- every vault_runner import, in one place: the package is being restructured, so when a
-# -- module moves, only these lines change. ---------------------------------------------------
-from vault_runner.core import note as notes  # parse_note, splice, region_lines, removable_orphans, code_hash
-from vault_runner.core.plan import PlannedBlock
-from vault_runner.engine import writeback as _writeback  # the class whose _regions_for matches blocks by code
-
-# The write-back matching is a method of the write-back class (WriteBack today): take
-# whichever class of the module defines it.
-_WRITER = next(c for c in vars(_writeback).values() if isinstance(c, type) and hasattr(c, "_regions_for"))
-# -----------------------------------------------------------------------------------------------
-
 import argparse
 import hashlib
 import json
@@ -33,6 +22,12 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+from vault_runner.core import note as notes  # parse_note, splice, region_lines, removable_orphans, code_hash
+from vault_runner.core.plan import PlannedBlock
+from vault_runner.engine.writeback import WriteBack  # its _regions_for matches blocks again by code
+
+_WRITER = WriteBack
 
 FORMAT_VERSION = 1
 HERE = Path(__file__).resolve().parent
