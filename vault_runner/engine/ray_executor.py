@@ -199,7 +199,10 @@ class RayEngine(Engine):
             for attachment in block.rendered.attachments if block.rendered else ():
                 if not _is_ours(attachment, stem):
                     # Only the driver writes, and only what a local run would have written.
-                    return Run(loaded, _failed(loaded, "worker_failed", "its Ray worker sent back a file vault-runner would not write"), {})
+                    refused = _failed(
+                        loaded, "worker_failed", "its Ray worker sent back a file vault-runner would not write"
+                    )
+                    return Run(loaded, refused, {})
         return Run(
             loaded,
             result.report,
