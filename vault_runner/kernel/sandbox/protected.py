@@ -205,7 +205,7 @@ class ProtectedGuard:
         ]
         done = [str(m) for m in moved_to if m is not None]
         if done:
-            out.append(f"; moved out of the vault to {', '.join(done)}")
+            out.append(f", and what it made was moved out of the vault to {', '.join(done)}")
         left = [rel(p) for p, m in zip(made, moved_to, strict=True) if m is None]
         if left:
             out.append(
