@@ -223,6 +223,15 @@ class KernelSession:
         self._interrupt_target = (self.manager, *found) if found is not None else None
 
     # -- execution -------------------------------------------------------------------
+    def _receive(self, get: Callable[..., dict[str, Any]], wait: float) -> tuple[bool, dict[str, Any] | None]:
+        """(whether the kernel lives, the channel's next message or None if none came in `wait`)."""
+        try:
+            return True, get(timeout=wait)
+        except ValueError:
+            return True, None  # a message that fails its signature check (a forked child's?)
+        except queue.Empty:
+            return self.manager.is_alive(), None
+
     def execute(
         self,
         code: str,
@@ -263,16 +272,11 @@ class KernelSession:
             wait_until = deadline if interrupted_at is None else interrupted_at + INTERRUPT_GRACE
             wait = max(0.0, min(wait_until - time.monotonic(), 0.5))
             if not collector.idle:
-                try:
-                    message = self.client.get_iopub_msg(timeout=wait)
-                except ValueError:
-                    continue  # a message that fails its signature check (a forked child's?)
-                except queue.Empty:
-                    if not self.manager.is_alive():
-                        status = "dead"
-                        break
-                    continue
-                if message["parent_header"].get("msg_id") == msg_id:
+                alive, message = self._receive(self.client.get_iopub_msg, wait)
+                if not alive:
+                    status = "dead"
+                    break
+                if message is not None and message["parent_header"].get("msg_id") == msg_id:
                     collector.handle(message)
             else:
                 if idle_at is None:
@@ -283,16 +287,11 @@ class KernelSession:
                     # already holds everything the block did; do not wait out the timeout.
                     reply = reply_from_outputs(collector.outputs)
                     break
-                try:
-                    message = self.client.get_shell_msg(timeout=min(wait, LOST_REPLY_GRACE))
-                except ValueError:
-                    continue
-                except queue.Empty:
-                    if not self.manager.is_alive():
-                        status = "dead"
-                        break
-                    continue
-                if message["parent_header"].get("msg_id") == msg_id:
+                alive, message = self._receive(self.client.get_shell_msg, min(wait, LOST_REPLY_GRACE))
+                if not alive:
+                    status = "dead"
+                    break
+                if message is not None and message["parent_header"].get("msg_id") == msg_id:
                     reply = message["content"]
         if status == "dead":
             reason = self.sandbox.death_reason() if self.sandbox is not None else None
