@@ -6,8 +6,9 @@ so that `vault-runner check` (which starts no kernel) never imports jupyter_clie
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from vault_runner.lazy import exports
 
 __version__ = "0.1.0"
 
@@ -42,7 +43,4 @@ if TYPE_CHECKING:
     from vault_runner.model import BlockReport, Event, NoteReport
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'vault_runner' has no attribute {name!r}")
+__getattr__ = exports(__name__, _WHERE)

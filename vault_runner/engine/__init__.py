@@ -9,8 +9,7 @@ The names below are imported on first use, so that a command that starts no kern
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vault_runner.lazy import exports
 
 __all__ = (
     "BlockReport",
@@ -65,7 +64,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = exports(__name__, _WHERE)

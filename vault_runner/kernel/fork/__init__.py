@@ -31,8 +31,7 @@ report says `kernel: forked` or `started`, and `doctor` says which this machine 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vault_runner.lazy import exports
 
 __all__ = (
     "DEFAULT_KERNEL_ARGS",
@@ -73,7 +72,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = exports(__name__, _WHERE)
