@@ -559,6 +559,7 @@ def test_the_watch_command_refuses_an_untrusted_vault_then_watches_and_stops_cle
             os.utime(locked)
             line = lines.wait(lambda item: item["kind"] == "log" and "permission denied" in item["data"]["message"])
             assert line["data"]["message"].startswith(f"{locked}: cannot be read (permission denied)")
+            assert line["note"] == "PyTorch/00 Fundamentos de deep learning.md"  # JSON: vault-relative
         process.send_signal(signal.SIGINT)
         assert process.wait(WAIT) == 0
         lines.thread.join(WAIT)

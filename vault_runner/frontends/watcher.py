@@ -43,6 +43,7 @@ from watchdog.observers import Observer
 
 from vault_runner.disk.vault import CONFIG_NAME, MAX_NOTE_BYTES
 from vault_runner.engine import could_have_blocks
+from vault_runner.errors import shown_path
 from vault_runner.live.runner import Runner
 
 DEBOUNCE = 0.04  # quiet time after a note's last event before it is read
@@ -81,7 +82,7 @@ class _Handler(FileSystemEventHandler):
         try:
             self.watcher._on_event(event)
         except Exception as exc:  # an exception here would kill watchdog's thread
-            self.watcher._log("error", f"{self.watcher.root}: a file event could not be handled ({exc!r})")
+            self.watcher._log("error", f"{shown_path(self.watcher.root)}: a file event could not be handled ({exc!r})")
 
 
 class VaultWatcher:
@@ -272,7 +273,9 @@ class VaultWatcher:
         try:
             action(*args)
         except Exception as exc:
-            self._log("error", f"{self.root}: vault-runner hit an unexpected error ({exc!r}); still watching")
+            self._log(
+                "error", f"{shown_path(self.root)}: vault-runner hit an unexpected error ({exc!r}); still watching"
+            )
 
     def _flush(self, due: list[tuple[Path, _Pending]]) -> None:
         # Moves first (a session must follow its note before anything else touches it).
@@ -298,18 +301,22 @@ class VaultWatcher:
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 self._log(
-                    "error", f"{path}: is a symbolic link that loops back on itself; fix or delete the link", path
+                    "error",
+                    f"{shown_path(path)}: is a symbolic link that loops back on itself; fix or delete the link",
+                    path,
                 )
             elif exc.errno == errno.EACCES:
-                self._log("error", f"{path}: cannot be read (permission denied); fix its permissions", path)
+                self._log("error", f"{shown_path(path)}: cannot be read (permission denied); fix its permissions", path)
             else:
-                self._log("error", f"{path}: cannot be read ({exc.strerror}); check the file", path)
+                self._log("error", f"{shown_path(path)}: cannot be read ({exc.strerror}); check the file", path)
             runner.note_removed(path, "it cannot be read")
             return
         if stat.S_ISDIR(info.st_mode):
             if pending.was_file or runner.has_session(path):
                 self._log(
-                    "warning", f"{path}: the note was replaced by a folder; vault-runner stopped running it", path
+                    "warning",
+                    f"{shown_path(path)}: the note was replaced by a folder; vault-runner stopped running it",
+                    path,
                 )
                 runner.note_removed(path, "the note was replaced by a folder")
             return
@@ -318,7 +325,7 @@ class VaultWatcher:
         if info.st_size > MAX_NOTE_BYTES:
             self._log(
                 "warning",
-                f"{path}: is {info.st_size / 2**20:.1f} MB, over the {MAX_NOTE_BYTES // 2**20} MB limit "
+                f"{shown_path(path)}: is {info.st_size / 2**20:.1f} MB, over the {MAX_NOTE_BYTES // 2**20} MB limit "
                 "for notes vault-runner runs; split it into smaller notes",
                 path,
                 "too large",  # said once, also while the file is still growing
@@ -329,13 +336,13 @@ class VaultWatcher:
             with open(path, "rb") as handle:
                 data = handle.read(MAX_NOTE_BYTES + 1)
         except PermissionError:
-            self._log("error", f"{path}: cannot be read (permission denied); fix its permissions", path)
+            self._log("error", f"{shown_path(path)}: cannot be read (permission denied); fix its permissions", path)
             return
         except FileNotFoundError:
             runner.note_removed(path)
             return
         except OSError as exc:
-            self._log("error", f"{path}: cannot be read ({exc.strerror}); check the file", path)
+            self._log("error", f"{shown_path(path)}: cannot be read ({exc.strerror}); check the file", path)
             return
         if not data:
             return  # what a save looks like halfway through (truncated, not yet written)
@@ -365,8 +372,8 @@ class VaultWatcher:
             self._in_burst = True
             self._log(
                 "warning",
-                f"{self.root}: many notes changed at once (a git checkout or a sync?); notes without a "
-                f"warm kernel are not run until you save them; run `vault-runner render {self.root}` "
+                f"{shown_path(self.root)}: many notes changed at once (a git checkout or a sync?); notes without a "
+                f"warm kernel are not run until you save them; run `vault-runner render {shown_path(self.root)}` "
                 "to render them all",
             )
             for _, earlier in list(recent)[:-1]:
@@ -383,7 +390,7 @@ class VaultWatcher:
             return
         self._in_burst = False
         self._recent.clear()
-        self._log("info", f"{self.root}: the burst is over; {self._burst_skipped} note(s) were not run")
+        self._log("info", f"{shown_path(self.root)}: the burst is over; {self._burst_skipped} note(s) were not run")
         self._burst_skipped = 0
 
     # -- the vault folder itself -----------------------------------------------------------
@@ -397,11 +404,11 @@ class VaultWatcher:
             if exc.errno == errno.ENOSPC:
                 self._log(
                     "error",
-                    f"{self.root}: the system's limit of watched folders is reached; raise "
+                    f"{shown_path(self.root)}: the system's limit of watched folders is reached; raise "
                     "fs.inotify.max_user_watches (sysctl) and restart vault-runner watch",
                 )
             elif exc.errno != errno.ENOENT:
-                self._log("error", f"{self.root}: cannot be watched ({exc.strerror})")
+                self._log("error", f"{shown_path(self.root)}: cannot be watched ({exc.strerror})")
             return False
         self._root_id = (info.st_dev, info.st_ino)
         return True
@@ -432,7 +439,7 @@ class VaultWatcher:
                 self._unschedule()
                 self._log(
                     "error",
-                    f"{self.root}: the vault folder is gone (deleted, moved or unmounted); "
+                    f"{shown_path(self.root)}: the vault folder is gone (deleted, moved or unmounted); "
                     f"waiting for it to come back (checked every {self.health_interval:g} s)",
                 )
             return
@@ -442,11 +449,11 @@ class VaultWatcher:
             if self._schedule():
                 was_missing, self._missing = self._missing, False
                 if was_missing or replaced:
-                    self._log("info", f"{self.root}: the vault folder is back; watching it again")
+                    self._log("info", f"{shown_path(self.root)}: the vault folder is back; watching it again")
                     if replaced:  # kernels (and their sandboxes) still hold the old folder
                         self.runner.reset_kernels("the vault folder was replaced")
                 else:
-                    self._log("warning", f"{self.root}: the file watcher had stopped; watching again")
+                    self._log("warning", f"{shown_path(self.root)}: the file watcher had stopped; watching again")
             elif not self._missing:
                 self._missing = True
 
@@ -458,7 +465,13 @@ class VaultWatcher:
         if self._logged.get(key) == said:
             return
         self._logged[key] = said
-        self.runner.log(level, message)
+        note = ""  # the note an event is about is vault-relative, as in every JSON report
+        if path is not None:
+            try:
+                note = path.relative_to(self.root).as_posix()
+            except ValueError:
+                note = str(path)
+        self.runner.log(level, message, note)
 
     def _forget(self, path: Path) -> None:
         self._logged.pop(path, None)
