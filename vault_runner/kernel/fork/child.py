@@ -114,6 +114,11 @@ class Template:
         self.spec = spec
         self.children: dict[int, int] = {}  # pid -> request id
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # The sandbox launcher's module (kernel/sandbox/launch.py), loaded by path as it
+        # loads its own siblings: each child enters a Landlock domain of its own with it.
+        self.isolate = _launch_module() if spec.get("isolate") else None
+        if self.isolate is not None and self.isolate.landlock_abi() < 1:
+            self.isolate.enter_nested_domain()  # non-dumpable: inherited by every fork
 
     # -- main loop -------------------------------------------------------------------------
     def serve(self) -> int:
@@ -210,6 +215,18 @@ class Template:
         os.close(report_fd)
 
 
+def _launch_module() -> object:
+    import importlib.util
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(os.path.dirname(here), "sandbox", "launch.py")
+    spec = importlib.util.spec_from_file_location("_vault_runner_launch", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _fds(ancillary: list) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancillary:
@@ -248,6 +265,17 @@ def _child(template: Template, request: dict, report_fd: int, template_pid: int)
         pass
     if os.getppid() != template_pid:  # the template died between fork and prctl
         return 1
+    if template.isolate is not None:
+        # Before anything else, while single-threaded: a Landlock domain of its own, so the
+        # note's code can neither write the template's or a sibling's memory (/proc/PID/mem,
+        # ptrace) nor signal them (launch.py, enter_nested_domain). Fail closed.
+        try:
+            grants = template.spec.get("writable")
+            writable = None if grants is None else [*grants, request["folder"], "/proc/self"]
+            template.isolate.enter_nested_domain(writable, template.spec.get("device_files"))
+        except (OSError, KeyError) as exc:
+            _send(socket.socket(fileno=report_fd), {"error": f"the kernel could not be isolated: {exc}"})
+            return 1
     # Nothing of the template's loop survives into the kernel.
     signal.set_wakeup_fd(-1)
     for number in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
@@ -267,11 +295,12 @@ def _child(template: Template, request: dict, report_fd: int, template_pid: int)
     _trace("prepared")
     _send(report, {"pid": os.getpid()}, creds=True)
     answer = report.recv(_MAX_MESSAGE)  # "go" once the parent has placed us (cgroup); b"" = abort
-    if not answer or not json.loads(answer).get("go"):
+    go = json.loads(answer) if answer else {}
+    if not go.get("go") or not go.get("connection"):
         return 1
     _trace("go")
     before = dict(os.environ)
-    app = _initialize(request, argv)
+    app = _initialize(request, argv, go["connection"])
     _trace("initialized")
     if template.spec.get("startup_code"):
         _run_silently(app, template.spec["startup_code"])
@@ -300,18 +329,22 @@ def _child(template: Template, request: dict, report_fd: int, template_pid: int)
     return 0
 
 
-def _initialize(request: dict, argv: list[str]) -> object:
+def _initialize(request: dict, argv: list[str], connection: dict) -> object:
     from ipykernel.kernelapp import IPKernelApp
 
-    if IPKernelApp.initialized():
+    # The connection info (with the key) came over this kernel's own socket: it is never
+    # written to a file, which another kernel could read (`-f` only names the kernel).
+    preinitialized = IPKernelApp.initialized()
+    app = IPKernelApp.instance()  # (else IPKernelApp.launch_instance, in two steps)
+    app.init_connection_file = lambda: app.load_connection_info(connection)
+    app.write_connection_file = lambda **_: None
+    if preinitialized:
         # The template parsed the command line and the config files (_preinitialize):
-        # what is left is this kernel's own part, from its connection file on.
-        app = IPKernelApp.instance()
+        # what is left is this kernel's own part, from its connection info on.
         app.connection_file = request["connection_file"]
         with _base_initialize_done():
             app.initialize([])
     else:
-        app = IPKernelApp.instance()  # IPKernelApp.launch_instance, in two steps
         app.initialize(argv)
     return app
 
@@ -368,6 +401,9 @@ def _preinitialize(kernel_args: list[str]) -> str | None:
         BaseIPythonApplication.initialize(app, list(kernel_args))
         if app.subapp is not None or app.connection_file:
             raise RuntimeError("the kernel arguments name a sub-command or a connection file")
+        # Made by each shell if missing, but a forked kernel may not write the profile
+        # folder it shares with its siblings (its Landlock domain): made here, once.
+        os.makedirs(os.path.join(app.profile_dir.location, "db"), exist_ok=True)
         return None
     except Exception as exc:
         try:

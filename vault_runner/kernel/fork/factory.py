@@ -78,8 +78,13 @@ class _Slot:
                 cwd=policy.vault or policy.cwd,
                 runtime_dir=self.runtime_dir,
                 startup_code=prelude_code(),  # the session's prelude, run before a note is known
+                # Kernels of a sandbox cannot reach each other or the template (a plain
+                # kernel can do all a user can: no_new_privs there would only break sudo).
+                isolate=self.sandbox.tier != "plain",
             )
             self.sandbox.setup(self.runtime_dir, lambda: template.pid)
+            if template.isolate:
+                template.writable, template.device_files = _kernel_grants(self.sandbox, self.runtime_dir)
             template.launch_prefix = self.sandbox.wrap([])
             template.env = {**self.env, **self.sandbox.env()}
             template.env.setdefault("MPLBACKEND", DEFAULT_MPLBACKEND)
@@ -247,6 +252,19 @@ def _template_sandbox(like: Sandbox, key: TemplateKey) -> Sandbox:
     device = "cpu" if key.device_class == "cpu" else "template"  # binds the nodes, claims no GPU
     template_policy = Policy(vault=vault, cwd=vault, network=policy.network, memory=None, max_tasks=None, device=device)
     return Sandbox(template_policy, tier=like.tier, watch_vault=False)  # its kernels' own sandboxes watch
+
+
+def _kernel_grants(sandbox: Sandbox, runtime_dir: Path) -> tuple[list[str], list[str]]:
+    """What a forked kernel may write besides its own folder: the sandbox's own grants
+    (Sandbox.landlock_spec) less the template's runtime folder, where every kernel has its
+    folder; under bubblewrap the vault whole (its protected entries are read-only mounts)
+    and bubblewrap's own /dev/shm and /dev/pts."""
+    spec = sandbox.landlock_spec()
+    files = [*spec["files"], "/dev/pts"]
+    if sandbox.tier == "landlock":
+        return [p for p in spec["write"] if not Path(p).is_relative_to(runtime_dir)], files
+    policy = sandbox.policy
+    return [str(p) for p in dict.fromkeys([policy.vault or policy.cwd, policy.cwd])] + ["/dev/shm"], files
 
 
 def _template_env(env: Mapping[str, str], key: TemplateKey) -> dict[str, str]:

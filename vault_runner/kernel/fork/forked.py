@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import queue
 import select
@@ -44,7 +43,9 @@ class ForkedKernel:
         self.pid = pid  # in our pid namespace
         self.ns_pid = ns_pid  # in the template's (bubblewrap's) pid namespace
         self.pidfd: int | None = pidfd
-        self.connection_file = connection_file
+        self.connection_file = connection_file  # a name only: the file is never written
+        self.private_env: dict[str, str] = {}  # its own temp, cache and config folders
+        self.connection_info: dict[str, Any] = {}  # ports, ipc path, key: known here and to the kernel alone
         self.cwd = cwd
         self._owned_dir = owned_dir
         self.returncode: int | None = None
@@ -94,8 +95,8 @@ class ForkedKernel:
 
     # -- Jupyter ----------------------------------------------------------------------------
     def client(self) -> BlockingKernelClient:
-        client = BlockingKernelClient(connection_file=str(self.connection_file))
-        client.load_connection_file()
+        client = BlockingKernelClient()
+        client.load_connection_info(self.connection_info)  # type: ignore[arg-type]
         return client
 
     def shutdown(self, now: bool = False, timeout: float = 5.0, wait: bool = True) -> None:
@@ -244,18 +245,17 @@ class ForkedKernelManager(KernelManager):
         )
         # Ports, key and ipc path are the forked kernel's own (a spare was bound before
         # its note was known): this manager and its clients take them from its file.
-        self._adopt(self.forked.connection_file)
+        self._adopt(self.forked.connection_info)
         self.provisioner = _ForkedProvisioner(self.forked)  # type: ignore[assignment]
         self._connect_control_socket()
 
-    def _adopt(self, path: Path) -> None:
-        info = json.loads(path.read_text())
+    def _adopt(self, info: Mapping[str, Any]) -> None:
         self.transport, self.ip = info["transport"], info["ip"]
         for name in ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port"):
             setattr(self, name, int(info[name]))
         self.session.key = info["key"].encode()
         self.session.signature_scheme = info.get("signature_scheme", self.session.signature_scheme)
-        self.connection_file = str(path)
+        self.connection_file = ""  # none is written: the key stays in memory
         self._connection_file_written = False  # the forked kernel's folder goes with it
 
     def _release(self) -> None:

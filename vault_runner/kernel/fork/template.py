@@ -20,8 +20,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jupyter_client.connect import write_connection_file
-
 from vault_runner.errors import ForkError, ForkUnavailable
 from vault_runner.kernel.fork.common import (
     CHILD_SCRIPT,
@@ -35,6 +33,7 @@ from vault_runner.kernel.fork.common import (
     fork_unavailable_reason,
 )
 from vault_runner.kernel.fork.forked import ForkedKernel
+from vault_runner.kernel.sandbox.filesystem import kernel_mpl_dir
 
 
 class KernelTemplate:
@@ -44,7 +43,13 @@ class KernelTemplate:
     (`Sandbox.wrap([])`); `env` the full environment a kernel of this key is launched with
     (what KernelSession._env() gives); `runtime_dir` a folder the sandbox lets the kernel
     write (the sandbox's runtime folder): every forked kernel gets a folder in it for its
-    connection file and ipc sockets.
+    ipc sockets. `isolate`: each forked kernel enters a Landlock domain of its own first
+    (non-dumpable without Landlock), so it cannot touch the template or a sibling.
+
+    No connection file is ever written: the key of each kernel goes to it alone, over
+    its own socket (see _fork), and stays in this process (`kernel.connection_info`): a
+    file in the runtime folder would be readable by every other kernel, which could then
+    sign requests to a spare that a later note takes.
     """
 
     def __init__(
@@ -63,6 +68,9 @@ class KernelTemplate:
         stdout: Any = None,
         stderr: Any = None,
         startup_timeout: float = STARTUP_TIMEOUT,
+        isolate: bool = True,
+        writable: Sequence[str] | None = None,
+        device_files: Sequence[str] = (),
     ) -> None:
         self.env = dict(os.environ if env is None else env)
         self.env.setdefault("MPLBACKEND", DEFAULT_MPLBACKEND)
@@ -84,6 +92,11 @@ class KernelTemplate:
         self.python = python
         self.stdout, self.stderr = stdout, stderr
         self.startup_timeout = startup_timeout
+        self.isolate = isolate
+        # With `isolate`: the folders (the vault's) and device nodes a kernel may write, on
+        # top of its own folder; None: writes are left to the sandbox.
+        self.writable = None if writable is None else list(writable)
+        self.device_files = list(device_files)
         self.process: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
         self._control: socket.socket | None = None
@@ -111,6 +124,9 @@ class KernelTemplate:
             "kernel_args": self.kernel_args,
             "preinitialize": self.preinitialize,
             "startup_code": self.startup_code,
+            "isolate": self.isolate,
+            "writable": self.writable,
+            "device_files": self.device_files,
         }
         argv = [*self.launch_prefix, self.python, str(CHILD_SCRIPT), str(theirs.fileno()), json.dumps(spec)]
         try:
@@ -215,14 +231,19 @@ class KernelTemplate:
                 return f"PYTHONHASHSEED={wanted} differs from the template's ({have})"
         return None
 
-    def connection_file(self) -> Path:
-        """A fresh folder in the runtime folder with an ipc connection file in it."""
+    def connection(self) -> tuple[Path, dict[str, Any]]:
+        """A fresh folder in the runtime folder for a kernel's ipc sockets, and the
+        connection info with a new key. Nothing is written: `path` only names the kernel."""
         folder = Path(tempfile.mkdtemp(prefix="k", dir=self.runtime_dir))
-        path = folder / "kernel.json"
-        write_connection_file(
-            str(path), ip=str(folder / "k"), transport="ipc", key=secrets.token_hex(16).encode(), kernel_name="python3"
-        )
-        return path
+        info: dict[str, Any] = {
+            "transport": "ipc",
+            "ip": str(folder / "k"),
+            **{name: port for port, name in enumerate(_PORT_NAMES, 1)},
+            "key": secrets.token_hex(32),
+            "signature_scheme": "hmac-sha256",
+            "kernel_name": "python3",
+        }
+        return folder / "kernel.json", info
 
     def fork(
         self,
@@ -240,7 +261,8 @@ class KernelTemplate:
         are set in the child; with `cgroup` (a cgroup folder) the child is moved into it
         before it runs anything. Without `connection_file` one is made in the runtime
         folder (and removed with the kernel), or a ready spare is taken, whose connection
-        file is its own (`kernel.connection_file`). Raises ForkUnavailable or ForkError."""
+        info is its own (`kernel.connection_info`); a given `connection_file` is read, and
+        its info sent to the kernel. Raises ForkUnavailable or ForkError."""
         full_env = {**(self.env if not replace_env else {}), **{k: v for k, v in (env or {}).items() if v is not None}}
         refusal = self.refusal(env=full_env)
         if refusal is not None:
@@ -266,15 +288,22 @@ class KernelTemplate:
         spare: bool,
     ) -> ForkedKernel:
         owned = None
+        private: dict[str, str] = {}
         if connection_file is None:
-            connection_file = self.connection_file()
+            connection_file, info = self.connection()
             owned = Path(connection_file).parent
+            if self.isolate and self.writable is not None:  # it may write only its own folder
+                private = _private_env(owned)
+                placement = {**placement, "env": {**placement["env"], **private}}
+        else:
+            info = json.loads(Path(connection_file).read_text())
         request_id = next(self._ids)
         request = {
             "op": "fork",
             "id": request_id,
             **placement,
             "connection_file": str(connection_file),
+            "folder": str(Path(connection_file).parent),  # the one folder of its own it may write
             "kernel_args": self.kernel_args,
             "spare": spare,
         }
@@ -318,9 +347,12 @@ class KernelTemplate:
             kernel = ForkedKernel(
                 self, request_id, pid, int(answer["pid"]), pidfd, Path(connection_file), Path(placement["cwd"]), owned
             )
+            kernel.connection_info = info
+            kernel.private_env = private
             with self._cond:
                 self._kernels[request_id] = kernel
-            ours.send(b'{"go": true}')
+            # The key goes to the child alone (the template never sees it), in memory.
+            ours.send(json.dumps({"go": True, "connection": info}).encode())
             try:
                 data = ours.recv(MAX_MESSAGE)
             except TimeoutError:
@@ -409,6 +441,7 @@ class KernelTemplate:
                 if cgroup is not None:
                     Path(cgroup, "cgroup.procs").write_text(str(kernel.pid))
                 waiting.settimeout(timeout)
+                placement = {**placement, "env": {**placement["env"], **kernel.private_env}}
                 waiting.send(json.dumps(dict(placement)).encode())
                 answer = json.loads(waiting.recv(MAX_MESSAGE) or b"{}")
                 if not answer.get("assigned"):
@@ -462,6 +495,24 @@ class KernelTemplate:
     def kernels(self) -> list[ForkedKernel]:
         with self._cond:
             return list(self._kernels.values())
+
+
+def _private_env(folder: Path) -> dict[str, str]:
+    """Temp, cache, IPython and matplotlib folders of a kernel's own, in its folder: no other
+    kernel of the template can write them (its Landlock domain grants it only its own) and
+    they go with it. Put over the note's environment (bubblewrap's /tmp is the template's)."""
+    tmp = folder / "tmp"
+    (tmp / ".cache").mkdir(parents=True, mode=0o700)
+    return {
+        "TMPDIR": str(tmp),
+        "XDG_CACHE_HOME": str(tmp / ".cache"),
+        "IPYTHONDIR": str(tmp / ".ipython"),
+        "MPLCONFIGDIR": str(kernel_mpl_dir(folder)),
+        "JUPYTER_RUNTIME_DIR": str(folder),
+    }
+
+
+_PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 
 
 def _credential_pid(ancillary: list[tuple[int, int, bytes]]) -> int | None:

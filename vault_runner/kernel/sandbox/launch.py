@@ -27,11 +27,12 @@ import stat
 import sys
 from types import ModuleType
 
-__all__ = ("apply", "apply_landlock", "drop_capabilities", "landlock_abi", "main")
+__all__ = ("apply", "apply_landlock", "drop_capabilities", "enter_nested_domain", "landlock_abi", "main")
 
 # Landlock (linux/landlock.h). Syscall numbers are the same on every architecture.
 _SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_DUMPABLE = 4
 _CREATE_RULESET_VERSION = 1
 _RULE_PATH_BENEATH = 1
 _RULE_NET_PORT = 2
@@ -146,6 +147,51 @@ def apply_landlock(spec: dict) -> int:
     finally:
         os.close(fd)
     return abi
+
+
+def enter_nested_domain(write: list[str] | None = None, files: list[str] | None = None) -> str:
+    """Put this process in a Landlock domain of its own, nested in the one it is in.
+
+    Landlock keeps a process from ptracing, or opening /proc/PID/mem of, any process
+    outside its own domain or those nested in it (ABI 1), and from signalling them or
+    reaching their abstract unix sockets (ABI 6 scopes). A kernel forked from a template
+    calls it first: it can then touch neither the template nor its siblings. With `write`
+    the new domain also lets it change only those folders (and write only `files`, device
+    nodes), whatever the outer domain allows; without, it takes no file right away (FS_REFER
+    is handled and granted on /: a ruleset that does not handle it refuses every rename
+    across folders). Landlock restricts the calling thread only: call it while
+    single-threaded (right after fork). Where there is no Landlock, the process is made
+    non-dumpable instead (ptrace and /proc/PID/mem then need CAP_SYS_PTRACE, which no
+    sandboxed kernel has; signals and writes are not covered). Returns what was done:
+    "landlock ABI N" or "non-dumpable"."""
+    abi = landlock_abi()
+    libc = _libc()
+    if abi < 1:
+        if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE) failed")
+        return "non-dumpable"
+    libc.syscall.restype = ctypes.c_long
+    refer = FS_REFER if abi >= 2 else 0
+    truncate = FS_TRUNCATE if abi >= 3 else 0
+    handled = (FS_MAKE_BLOCK if write is None else WRITE | truncate) | refer
+    attr = _RulesetAttr(handled, 0, SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0)
+    fd = libc.syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(24 if abi >= 6 else 8), ctypes.c_uint32(0))
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset failed")
+    try:
+        if refer:
+            _add_rule(libc, fd, "/", refer)  # renames across folders: as the outer domain allows
+        for path in write or []:
+            _add_rule(libc, fd, path, handled & WRITE_GRANT | truncate | refer)
+        for path in files or []:
+            _add_rule(libc, fd, path, FS_WRITE_FILE | truncate)
+        if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+        if libc.syscall(_SYS_RESTRICT_SELF, fd, ctypes.c_uint32(0)) != 0:
+            raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")
+    finally:
+        os.close(fd)
+    return f"landlock ABI {abi}"
 
 
 def _add_rule(libc: ctypes.CDLL, ruleset: int, path: str, access: int) -> None:
