@@ -24,6 +24,7 @@ import pytest
 from tests.conftest import make_note_vault
 from vault_runner.disk.vault import load_vault
 from vault_runner.engine import Engine
+from vault_runner.kernel.factory import close_default_kernels
 from vault_runner.kernel.sandbox import Policy, Sandbox
 from vault_runner.kernel.sandbox.probe import probe
 from vault_runner.kernel.sandbox.protected import ROOT_REFUSED, ProtectedGuard, existing_protected, write_grants
@@ -350,7 +351,10 @@ def test_files_in_a_kernels_own_dev_shm_count_as_its_memory(
     sandbox_tier: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     contained(sandbox_tier)
-    monkeypatch.setenv("VAULT_RUNNER_MEMORY", "512M")
+    # The budget is shared by every kernel of this process: templates and spares that earlier
+    # tests left warm would count against it, so this note starts from none.
+    close_default_kernels()
+    monkeypatch.setenv("VAULT_RUNNER_MEMORY", "640M")
     root = make_note_vault(tmp_path / "vault", {"Notas/n.md": note(FILL_SHM)})
     report = Engine(load_vault(root)).run_note(root / "Notas" / "n.md")
     text = all_text(report)
