@@ -174,34 +174,25 @@ def test_offline_note_cannot_send_udp_to_the_host(offline: KernelSession, udp_li
     assert status == "error" and "PermissionError" in text, text
 
 
-def test_offline_note_cannot_send_to_a_unix_datagram_socket(offline: KernelSession, vault_root: Path) -> None:
-    # journald and syslog (/dev/log) listen on unix datagram sockets: no connect() needed.
+@pytest.mark.parametrize(
+    "sender",
+    [
+        # journald and syslog (/dev/log) listen on unix datagram sockets: no connect() needed.
+        "socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)",
+        # A datagram pair is unconnected for sendto(): without the check on socketpair it reaches any path.
+        "socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)[0]",
+    ],
+    ids=["socket", "socketpair"],
+)
+def test_offline_note_cannot_send_to_a_unix_datagram_socket(
+    offline: KernelSession, vault_root: Path, sender: str
+) -> None:
     path = vault_root / FOLDER / f"log-{secrets.token_hex(3)}.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(path))
     listener.settimeout(1.0)
     try:
-        status, text = run_block(
-            offline, f"import socket\nsocket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'fuga', {str(path)!r})"
-        )
-        assert arrived(listener) is None
-    finally:
-        listener.close()
-        path.unlink(missing_ok=True)
-    assert status == "error" and "PermissionError" in text, text
-
-
-def test_offline_note_cannot_send_from_a_datagram_socketpair(offline: KernelSession, vault_root: Path) -> None:
-    # A datagram pair is unconnected for sendto(): without the check on socketpair it reaches any unix path.
-    path = vault_root / FOLDER / f"pair-{secrets.token_hex(3)}.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(str(path))
-    listener.settimeout(1.0)
-    try:
-        status, text = run_block(
-            offline,
-            f"import socket\na, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)\na.sendto(b'fuga', {str(path)!r})",
-        )
+        status, text = run_block(offline, f"import socket\n{sender}.sendto(b'fuga', {str(path)!r})")
         assert arrived(listener) is None
     finally:
         listener.close()
