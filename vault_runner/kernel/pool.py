@@ -145,6 +145,7 @@ class KernelPool:
         self._cond = threading.Condition()
         self._slots: list[Slot] = []
         self._starting_spares = 0
+        self._spare_generation = 0  # drop_spares: spares started before it are not kept
         self._starting_own = 0
         self._retry_at = 0.0
         self._closed = False
@@ -206,6 +207,7 @@ class KernelPool:
                 if slot.owner is None and not slot.busy:
                     self._remove(slot, reason)
                     stale.append(slot)
+            self._spare_generation += 1
             self._retry_at = 0.0
             self._cond.notify_all()
         for slot in stale:
@@ -403,6 +405,8 @@ class KernelPool:
         return slot
 
     def _start_spare(self) -> None:
+        with self._cond:
+            generation = self._spare_generation
         env = kernel_env(self.vault.root, None, self._default_options)
         kernel: Kernel | None = None
         try:
@@ -434,11 +438,14 @@ class KernelPool:
         slot = Slot(kernel, self.default_key)
         with self._cond:
             self._starting_spares -= 1
-            closed = self._closed
-            if not closed:
+            ready = sum(1 for s in self._slots if s.owner is None)
+            # Not kept when the pool closed, when the spares were dropped while it started
+            # (the vault was untrusted or replaced), or when no more spares are wanted.
+            surplus = self._closed or generation != self._spare_generation or ready >= self.spares
+            if not surplus:
                 self._slots.append(slot)
             self._cond.notify_all()
-        if closed:
+        if surplus:
             _shutdown(kernel)
         else:
             self._emit("kernel-warm", slot)
