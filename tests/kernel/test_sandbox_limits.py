@@ -17,11 +17,12 @@ import sys
 import textwrap
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import copy_sample_vault
+from tests.conftest import available_tiers, copy_sample_vault
 from vault_runner import engine as engine_mod
 from vault_runner.core import note as notes
 from vault_runner.disk.vault import load_vault
@@ -34,7 +35,7 @@ from vault_runner.kernel.session import KernelSession
 pytestmark = pytest.mark.kernel
 
 PROBE = probe()
-TIERS = [t for t, works in (("bubblewrap", PROBE.bwrap is not None), ("landlock", PROBE.landlock_abi > 0)) if works]
+TIERS = [t for t in available_tiers() if t != "plain"]  # containment is the point
 if not TIERS:
     pytest.skip("neither bubblewrap nor Landlock works here", allow_module_level=True)
 FOLDER = "Notas"
@@ -60,29 +61,27 @@ def vault_root(tier: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def start_kernel(vault_root: Path, tier: str, network_on: bool) -> KernelSession:
+@contextmanager
+def started_kernel(vault_root: Path, tier: str, network_on: bool) -> Iterator[KernelSession]:
     policy = Policy(vault=vault_root.resolve(), cwd=(vault_root / FOLDER).resolve(), network=network_on, device="cpu")
     kernel = KernelSession(policy.cwd, {"VAULT_RUNNER_VAULT": str(policy.vault)}, sandbox=Sandbox(policy, tier=tier))
     kernel.start()
-    return kernel
+    try:
+        yield kernel
+    finally:
+        kernel.shutdown()
 
 
 @pytest.fixture(scope="module")
 def offline(vault_root: Path, tier: str) -> Iterator[KernelSession]:
-    kernel = start_kernel(vault_root, tier, network_on=False)
-    try:
+    with started_kernel(vault_root, tier, network_on=False) as kernel:
         yield kernel
-    finally:
-        kernel.shutdown()
 
 
 @pytest.fixture(scope="module")
 def online(vault_root: Path, tier: str) -> Iterator[KernelSession]:
-    kernel = start_kernel(vault_root, tier, network_on=True)
-    try:
+    with started_kernel(vault_root, tier, network_on=True) as kernel:
         yield kernel
-    finally:
-        kernel.shutdown()
 
 
 def run_block(kernel: KernelSession, code: str, timeout: float = 30) -> tuple[str, str]:
