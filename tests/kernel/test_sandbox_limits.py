@@ -28,13 +28,12 @@ from vault_runner.core import note as notes
 from vault_runner.disk.vault import load_vault
 from vault_runner.kernel.sandbox import Policy, Sandbox, network
 from vault_runner.kernel.sandbox.policy import MEMORY_ENV
-from vault_runner.kernel.sandbox.probe import SANDBOX_ENV, probe
+from vault_runner.kernel.sandbox.probe import SANDBOX_ENV
 from vault_runner.kernel.sandbox.processes import MemoryBudget, MemoryWatchdog, kill_pid, process_memory
 from vault_runner.kernel.session import KernelSession
 
 pytestmark = pytest.mark.kernel
 
-PROBE = probe()
 TIERS = [t for t in available_tiers() if t != "plain"]  # containment is the point
 if not TIERS:
     pytest.skip("neither bubblewrap nor Landlock works here", allow_module_level=True)
