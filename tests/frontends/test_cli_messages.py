@@ -175,15 +175,18 @@ def test_a_warning_names_the_note_and_its_line_as_a_traceback_does(tmp_path: Pat
         "```python\nx = 1\nwarnings.warn('cuidado')\nf()\n```\n"
     )
     root = make_note_vault(tmp_path / "v", {"w.md": text})
-    done = cli("run", "v/w.md", cwd=tmp_path)
+    done = cli("run", "--json", "v/w.md", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     written = (root / "w.md").read_text(encoding="utf-8").split("\n")
     warn_line = written.index("warnings.warn('cuidado')") + 1  # lines as in the written note
     inner_line = written.index("    warnings.warn('hondo')") + 1
     body = "\n".join(written)
-    assert f"w.md:{warn_line}: UserWarning: cuidado" in body
-    assert f"w.md:{inner_line}: UserWarning: hondo" in body
-    assert "ipykernel" not in body and "Cell In" not in body
+    (block,) = [b for note in json.loads(done.stdout)["notes"] for b in note["blocks"] if b["outputs"]]
+    reported = "".join(o["text"] for o in block["outputs"] if o["type"] == "stream")
+    for shown in (body, reported):  # the note and --json say the same lines
+        assert f"w.md:{warn_line}: UserWarning: cuidado" in shown
+        assert f"w.md:{inner_line}: UserWarning: hondo" in shown
+        assert "ipykernel" not in shown and "Cell In" not in shown
 
 
 # -- notes that must not or cannot be written (10.9) ---------------------------------------------

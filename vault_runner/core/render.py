@@ -290,11 +290,15 @@ def _merge_streams(outputs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, An
     return merged
 
 
-def output_summary(output: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON shape of one output (DESIGN.md contract 8)."""
+def output_summary(output: Mapping[str, Any], sources: Mapping[int, CellSource] | None = None) -> dict[str, Any]:
+    """The JSON shape of one output (DESIGN.md contract 8); with `sources`, a warning names
+    its note line, as in the note."""
     kind = output.get("output_type")
     if kind == "stream":
-        return {"type": "stream", "name": output.get("name"), "text": clean_text(_join(output.get("text", "")))}
+        text = clean_text(_join(output.get("text", "")))
+        if sources and output.get("name") == "stderr":
+            text = map_warnings(text, sources)
+        return {"type": "stream", "name": output.get("name"), "text": text}
     if kind == "error":
         return {"type": "error", "ename": output.get("ename"), "evalue": clean_text(str(output.get("evalue", "")))}
     data = output.get("data", {})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,8 +51,8 @@ class BlockResult:
     planned: PlannedBlock
     rendered: Rendered | None  # None: nothing to write for this block
     report: BlockReport
-    # Renders again with other traceback line numbers; set when the outputs hold an error.
-    rerender: Callable[[Mapping[int, CellSource]], Rendered] | None = None
+    # Renders again with other note line numbers; set when the outputs name note lines.
+    rerender: Rerender | None = None
 
 
 @dataclass
@@ -323,7 +323,7 @@ class Engine(WriteBack):
         shown = outputs if planned.options["output"] else [o for o in outputs if o.get("output_type") == "error"]
 
         rerender = Rerender(
-            shown, attachment_stem(loaded), self.vault, loaded.path, int(planned.options["output-lines"])
+            shown, attachment_stem(loaded), self.vault, loaded.path, int(planned.options["output-lines"]), outputs
         )
         rendered = rerender(sources)
         status = execution.status
@@ -338,12 +338,12 @@ class Engine(WriteBack):
         report = block_report(loaded, planned, status, duration=execution.duration, device=device, message=message)
         peak = _expression_text(execution.user_expressions.get("gpu_peak"))
         report.gpu_peak_bytes = int(peak) if peak and peak.isdigit() else None
-        report.outputs = [output_summary(o) for o in outputs]
+        report.outputs = rerender.summaries(sources)
         attachment_dir = self.vault.attachment_dir(loaded.path)
         report.attachments = [
             (attachment_dir / a.name).relative_to(self.vault.root).as_posix() for a in rendered.attachments
         ]
-        return BlockResult(planned, rendered, report, rerender if names_note_lines(shown) else None)
+        return BlockResult(planned, rendered, report, rerender if names_note_lines(outputs) else None)
 
     def _hand_edit_message(self, loaded: Loaded, block: notes.Block) -> str:
         line = block.region.first_line if block.region else block.close_line + 1
@@ -358,11 +358,16 @@ class Rerender:
     points it at its own vault and note (engine/ray_executor.py) and writes it back there.
     """
 
-    outputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]  # those shown in the note
     note_stem: str
     vault: Vault
     note: Path
     output_lines: int
+    reported: list[dict[str, Any]]  # all of them, for the report
+
+    def summaries(self, sources: Mapping[int, CellSource]) -> list[dict[str, Any]]:
+        """The report's outputs, warnings naming the same note lines as the note."""
+        return [output_summary(output, sources) for output in self.reported]
 
     def __call__(self, sources: Mapping[int, CellSource]) -> Rendered:
         return render_outputs(

@@ -226,6 +226,7 @@ class WriteBack:
         for result in errors:
             assert result.rerender is not None
             result.rendered = result.rerender(relined)
+            result.report.outputs = result.rerender.summaries(relined)
         return True
 
     def _regions_for(
