@@ -8,6 +8,7 @@ next to the normal start (`started_kernel_factory`); every note's report must sa
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from tests.conftest import copy_sample_vault, make_note_vault
@@ -187,3 +189,84 @@ def test_run_json_says_how_the_kernel_was_made(tmp_path: Path, setting: str | No
     [report] = json.loads(done.stdout)["notes"]
     assert report["kernel"] == kernel
     assert "42" in (root / "notas" / "a.md").read_text(encoding="utf-8")
+
+
+# A course notebook as a user converts one (benchmarks/_notebooks.py, the converter the parity
+# benchmark uses): the PyTorch course's workflow chapter in small, seeded.
+COURSE_CELLS = (
+    ("markdown", "# 01. Flujo de trabajo en PyTorch\n\nDatos, modelo, entrenamiento, guardado."),
+    ("code", "import torch\nfrom torch import nn\nimport matplotlib.pyplot as plt\ntorch.__version__ > '2'"),
+    (
+        "code",
+        "weight, bias = 0.7, 0.3\nX = torch.arange(0, 1, 0.02).unsqueeze(dim=1)\ny = weight * X + bias\nX[:3], y[:3]",
+    ),
+    (
+        "code",
+        "split = int(0.8 * len(X))\nX_train, y_train, X_test, y_test = X[:split], y[:split], X[split:], y[split:]\n"
+        "len(X_train), len(X_test)",
+    ),
+    (
+        "code",
+        "class LinearRegressionModel(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.weights = nn.Parameter(torch.randn(1, dtype=torch.float))\n"
+        "        self.bias = nn.Parameter(torch.randn(1, dtype=torch.float))\n\n"
+        "    def forward(self, x):\n        return self.weights * x + self.bias\n\n"
+        "torch.manual_seed(42)\nmodel_0 = LinearRegressionModel()\nlist(model_0.parameters())",
+    ),
+    (
+        "code",
+        "loss_fn = nn.L1Loss()\noptimizer = torch.optim.SGD(params=model_0.parameters(), lr=0.01)\n"
+        "for epoch in range(100):\n    model_0.train()\n    loss = loss_fn(model_0(X_train), y_train)\n"
+        "    optimizer.zero_grad()\n    loss.backward()\n    optimizer.step()\n    if epoch % 20 == 0:\n"
+        "        model_0.eval()\n        with torch.inference_mode():\n"
+        "            test_loss = loss_fn(model_0(X_test), y_test)\n"
+        "        print(f'Epoch: {epoch} | Loss: {loss:.5f} | Test loss: {test_loss:.5f}')",
+    ),
+    (
+        "code",
+        "with torch.inference_mode():\n    y_preds = model_0(X_test)\n"
+        "plt.figure(figsize=(5, 3))\nplt.scatter(X_train, y_train, c='b', s=4, label='Entrenamiento')\n"
+        "plt.scatter(X_test, y_preds, c='r', s=4, label='Predicciones')\nplt.legend()\nplt.show()",
+    ),
+    (
+        "code",
+        "from pathlib import Path\nMODEL_PATH = Path('models')\nMODEL_PATH.mkdir(parents=True, exist_ok=True)\n"
+        "torch.save(obj=model_0.state_dict(), f=MODEL_PATH / '01_modelo.pth')\n"
+        "loaded = LinearRegressionModel()\nloaded.load_state_dict(torch.load(f=MODEL_PATH / '01_modelo.pth'))\n"
+        "torch.equal(loaded(X_test), model_0(X_test))",
+    ),
+    ("code", "import warnings\nwarnings.warn('tasa de aprendizaje alta')\nmodel_0.state_dict()"),
+    ("code", "X_train @ torch.rand(3, 3)"),
+)
+
+
+def _course_note() -> str:
+    spec = importlib.util.spec_from_file_location(
+        "_notebooks", Path(__file__).parents[2] / "benchmarks" / "_notebooks.py"
+    )
+    assert spec is not None and spec.loader is not None
+    converter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(converter)
+    cells = [
+        nbformat.v4.new_markdown_cell(source) if kind == "markdown" else nbformat.v4.new_code_cell(source)
+        for kind, source in COURSE_CELLS
+    ]
+    return converter.notebook_to_note(nbformat.v4.new_notebook(cells=cells))
+
+
+def test_a_converted_course_notebook_renders_the_same_with_and_without_the_factory(
+    tmp_path: Path, factory: ForkFactory
+) -> None:
+    outputs: dict[str, dict[str, bytes]] = {}
+    for name, made in (("forked", factory), ("started", started_kernel_factory)):
+        root = make_note_vault(tmp_path / name, {"Curso/01 Flujo de trabajo.md": _course_note()})
+        engine = Engine(load_vault(root), kernel_factory=made, force=True)  # type: ignore[arg-type]
+        report = engine.run_note(root / "Curso/01 Flujo de trabajo.md")
+        assert report.kernel == name
+        statuses = [block.status for block in report.blocks]
+        assert statuses == ["ok"] * (len(COURSE_CELLS) - 2) + ["error"], statuses  # the last cell's shapes do not fit
+        outputs[name] = _rendered(root)
+    assert outputs["forked"] == outputs["started"]
+    written = outputs["forked"]["Curso/01 Flujo de trabajo.md"].decode()
+    assert "Epoch: 80 | Loss:" in written and "UserWarning: tasa de aprendizaje alta" in written
+    assert "![[" in written and "Curso/models/01_modelo.pth" in outputs["forked"]
