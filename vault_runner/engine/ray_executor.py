@@ -27,14 +27,13 @@ from types import TracebackType
 from typing import Any, Literal
 
 from vault_runner.core.images import checked_image
-from vault_runner.core.render import IMAGE_TYPES, Attachment, CellSource, attachment_name
+from vault_runner.core.render import IMAGE_TYPES, Attachment, attachment_name
 from vault_runner.disk.vault import Vault
 from vault_runner.engine.loading import Loaded
 from vault_runner.engine.ray_worker import WorkerResult, run_on_worker
-from vault_runner.engine.run import BlockResult, Engine, Rerender, Run, attachment_stem
+from vault_runner.engine.run import BlockResult, Engine, Run, attachment_stem
 from vault_runner.engine.shipping import max_vault_bytes, pack, worker_path
 from vault_runner.errors import VaultError
-from vault_runner.kernel.factory import Kernel
 from vault_runner.model import Event, NoteReport
 
 __all__ = ("RAY_MISSING", "RayCluster", "RayEngine", "RaySettings", "gpu_need", "parse_path_map")
@@ -178,17 +177,8 @@ class RayEngine(Engine):
         super().__init__(vault, **kwargs)
         self.cluster = cluster
 
-    def execute(
-        self,
-        loaded: Loaded,
-        kernel: Kernel | None = None,
-        *,
-        device: str | None = None,
-        start_at: int = 0,
-        sources: dict[int, CellSource] | None = None,
-    ) -> Run:
-        if kernel is not None:  # a caller's own kernel runs here, as with the local engine
-            return super().execute(loaded, kernel, device=device, start_at=start_at, sources=sources)
+    def execute_fresh(self, loaded: Loaded) -> Run:
+        """Run the whole note on a Ray worker; only what a local run would write comes back."""
         self.on_event(Event("note-started", loaded.relative, data={"blocks": len(loaded.runnable)}))
         result = self.cluster.run(self.vault, loaded)
         if isinstance(result, NoteReport):
@@ -215,10 +205,9 @@ class RayEngine(Engine):
         """A block's result pointed at this vault and note. The worker rendered it for its
         scratch copy, which has the vault's layout, so links are already as a local run
         writes them; an error's tracebacks are re-rendered here, when write-back relines them."""
-        rerender = result.rerender
-        if isinstance(rerender, Rerender):
-            rerender = replace(rerender, vault=self.vault, note=loaded.path)
-        return replace(result, rerender=rerender)
+        if result.rerender is None:
+            return result
+        return replace(result, rerender=replace(result.rerender, vault=self.vault, note=loaded.path))
 
 
 def _is_ours(attachment: Attachment, stem: str) -> bool:

@@ -180,11 +180,29 @@ class Engine(WriteBack):
     ) -> Run:
         """Run the note's blocks from `start_at` (block index) on.
 
-        Without `kernel`, a fresh one is started, prepared and shut down. With one, the
+        Without `kernel`, the whole note runs in a fresh one (`execute_fresh`). With one, the
         caller owns it and has prepared it (`device` is what `prepare` returned); blocks
         before `start_at` are taken as already run in it. `sources` maps execution counts
         to note lines for tracebacks and is updated, so a caller can keep it per kernel.
         """
+        if kernel is None:
+            return self.execute_fresh(loaded)
+        return self._execute(loaded, kernel, device=device, start_at=start_at, sources=sources)
+
+    def execute_fresh(self, loaded: Loaded) -> Run:
+        """Run the whole note in a fresh kernel, started, prepared and shut down here
+        (engine/ray_executor.py runs it on a Ray worker instead)."""
+        return self._execute(loaded, None)
+
+    def _execute(
+        self,
+        loaded: Loaded,
+        kernel: Kernel | None,
+        *,
+        device: str | None = None,
+        start_at: int = 0,
+        sources: dict[int, CellSource] | None = None,
+    ) -> Run:
         relative = loaded.relative
         run = Run(loaded, NoteReport(note=relative, status="ran"), {})
         report = run.report
