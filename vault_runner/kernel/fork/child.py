@@ -246,6 +246,7 @@ def _exit_child(code: int) -> int:
         atexit._run_exitfuncs()
     except BaseException:
         pass
+    _trace("atexit done")
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
             if stream is not None:
@@ -326,7 +327,28 @@ def _child(template: Template, request: dict, report_fd: int, template_pid: int)
         _send(report, {"assigned": True})
     report.close()
     app.start()
+    _trace("stopped")
+    _end_control_thread(app)
     return 0
+
+
+def _end_control_thread(app: object) -> None:
+    """Let the control thread finish the message it is on before atexit closes iopub.
+
+    A shutdown_request stops the kernel's loops, and the control thread then flushes the
+    streams and publishes "idle" through the iopub thread. IPKernelApp.close (atexit)
+    stops the iopub thread first and only then joins the control thread: when the flush
+    comes after the stop, it blocks on the iopub thread's pipe for good, and the kernel
+    is killed after the shutdown wait (5 s per note instead of milliseconds)."""
+    thread = getattr(app, "control_thread", None)
+    if thread is None or not thread.is_alive():
+        return
+    try:
+        thread.stop()  # a no-op after a shutdown_request (its loop is stopping already)
+        thread.join(2.0)
+    except Exception:
+        pass
+    _trace("control thread ended")
 
 
 def _initialize(request: dict, argv: list[str], connection: dict) -> object:
@@ -416,6 +438,9 @@ def _preinitialize(kernel_args: list[str]) -> str | None:
 
 
 _TRACE = os.environ.get("VAULT_RUNNER_FORK_TRACE") == "1"
+# The template's stderr, kept: a kernel's fd 2 is ipykernel's capture pipe, whose reader
+# is gone by the time the kernel exits.
+_TRACE_FD = os.dup(2) if _TRACE else 2
 _T0 = [0.0]
 
 
@@ -423,7 +448,7 @@ def _trace(stage: str) -> None:
     """Stage timings of a fork on stderr, for benchmarks (VAULT_RUNNER_FORK_TRACE=1)."""
     if _TRACE:
         now = time.monotonic()
-        os.write(2, f"[fork {os.getpid()}] {stage} +{(now - _T0[0]) * 1000:.1f} ms\n".encode())
+        os.write(_TRACE_FD, f"[fork {os.getpid()}] {stage} +{(now - _T0[0]) * 1000:.1f} ms\n".encode())
 
 
 def _prepare(request: dict) -> list[str]:
