@@ -18,14 +18,19 @@ How each tier keeps them, whether or not they exist yet:
   `ProtectedGuard` watches the vault while the kernel lives: a protected name that appears
   stops the kernel at once (it cannot make it again), is moved out of the vault into
   vault-runner's quarantine folder (nothing is ever deleted: what cannot be moved stays, and
-  the note says so loudly), and the note says so. The guard goes by the folders' ctime
-  (which no note can set back, unlike their mtime), knows the user's own entries by inode,
-  and walks the whole vault once more when the kernel is gone.
+  the note says so loudly), and the note says so. On Linux the guard hears of each name the
+  moment it is made (inotify on every folder of the vault, a new folder watched, then listed,
+  as it appears), so the kernel is stopped within the time a kill takes, not a polling
+  interval; it also looks by the folders' ctime (which no note can set back, unlike their
+  mtime), the only way where there is no inotify or its watch limit is reached, and after an
+  event overflow. It knows the user's own entries by inode, and walks the whole vault once
+  more when the kernel is gone.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import stat
 import tempfile
@@ -33,6 +38,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from vault_runner.kernel.sandbox.inotify import IN_IGNORED, IN_ISDIR, IN_Q_OVERFLOW, Inotify
 
 __all__ = (
     "PROTECTED_ANYWHERE",
@@ -147,6 +154,8 @@ class ProtectedGuard:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._inotify = Inotify.open()
+        self._watched: dict[int, str] = {}  # watch descriptor -> folder
         found: list[Path] = []
         self._look(str(vault), found)
         self.allowed = frozenset(found)  # there before the kernel: the user's own
@@ -165,14 +174,58 @@ class ProtectedGuard:
             self._thread.join(timeout=5)
             self._thread = None
         self.check(everywhere=True)
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
 
     def _run(self) -> None:
         pause = GUARD_INTERVAL
-        while not self._stop.wait(pause):
+        due = time.monotonic() + pause
+        while not self._stop.is_set():
+            self._heard(max(0.0, due - time.monotonic()))
+            if self._stop.is_set() or time.monotonic() < due:
+                continue
+            # The look by ctime, also with inotify: folders past the watch limit, and a
+            # stream of events never starves it.
             started = time.monotonic()
             self.check()
             # A vault of many thousand folders: at most a tenth of a core, a longer pause.
             pause = max(GUARD_INTERVAL, 9 * (time.monotonic() - started))
+            due = time.monotonic() + pause
+
+    def _heard(self, timeout: float) -> bool:
+        """Wait up to `timeout` for inotify events and act on them; whether there were any."""
+        notify = self._inotify
+        if notify is None:
+            self._stop.wait(timeout)
+            return False
+        try:
+            ready, _, _ = select.select([notify.fd], [], [], timeout)
+        except (OSError, ValueError):  # closed by stop()
+            return False
+        events = notify.read() if ready else []
+        if not events:
+            return False
+        with self._lock:
+            found: list[Path] = []
+            for wd, mask, name in events:
+                folder = self._watched.get(wd)
+                if mask & IN_Q_OVERFLOW:
+                    # Events were lost: every folder is listed again, whatever its ctime.
+                    self._seen = {k: (v[0], -1) for k, v in self._seen.items()}
+                    for known in list(self._seen):
+                        self._look(known, found)
+                elif mask & IN_IGNORED:
+                    self._watched.pop(wd, None)
+                elif folder is not None and name:
+                    path = os.path.join(folder, name)
+                    if _protected_name(name, folder == str(self.vault)):
+                        found.append(Path(path))
+                    elif mask & IN_ISDIR:
+                        self._seen.pop(path, None)  # a path seen before may be a new folder now
+                        self._look(path, found)
+            self._judge(found)
+        return True
 
     def check(self, everywhere: bool = False) -> list[Path]:
         """One look (`everywhere`: a walk of the whole vault); returns the protected entries
@@ -182,18 +235,22 @@ class ProtectedGuard:
             for folder, stamp in [] if everywhere else list(self._seen.items()):
                 if folder in self._seen and (stamp[1] < 0 or self._stamp(folder) != stamp):
                     self._look(folder, found)
-            made = []
-            for path in dict.fromkeys(found):
-                key = _inode(path)
-                own = self._own.get(key) if key is not None else path
-                if own is None or (own != path and _inode(own) == key):
-                    made.append(path)  # new, or a second name (a hard link) for the user's own
-                elif own != path and path not in self.moved:
-                    self.moved[path] = own
-            if made:
-                self.stop_kernel()
-                self.tripped = self._message(made, [self._move_out(path) for path in made])
-            return made
+            return self._judge(found)
+
+    def _judge(self, found: list[Path]) -> list[Path]:
+        """Of the protected entries found, those the kernel made: stop it, move them out."""
+        made = []
+        for path in dict.fromkeys(found):
+            key = _inode(path)
+            own = self._own.get(key) if key is not None else path
+            if own is None or (own != path and _inode(own) == key):
+                made.append(path)  # new, or a second name (a hard link) for the user's own
+            elif own != path and path not in self.moved:
+                self.moved[path] = own
+        if made:
+            self.stop_kernel()
+            self.tripped = self._message(made, [self._move_out(path) for path in made])
+        return made
 
     def _message(self, made: list[Path], moved_to: list[Path | None]) -> str:
         def rel(path: Path) -> str:
@@ -247,6 +304,11 @@ class ProtectedGuard:
             if stamp is None:
                 continue
             self._seen[current] = stamp
+            if self._inotify is not None:
+                # Watched before it is listed: a name made in between is heard or listed.
+                wd = self._inotify.watch(current)
+                if wd is not None:
+                    self._watched[wd] = current
             for entry in _entries(Path(current)):
                 if _protected_name(entry.name, current == root):
                     made.append(Path(entry.path))
