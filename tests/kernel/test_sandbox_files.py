@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -108,6 +109,55 @@ def test_no_note_creates_a_protected_entry_in_any_tier(sandbox_tier: str, where:
         assert "still running" not in text
         assert "which no note may create or change" in text
         assert report.blocks[0].failed
+
+
+RACE = (
+    "import os\n"
+    "root = os.environ['VAULT_RUNNER_VAULT']\n"
+    "for attempt in range(2000):\n"
+    "    try:\n"
+    "        os.makedirs(os.path.join(root, 'sub', '.git'), exist_ok=True)\n"
+    "        with open(os.path.join(root, 'sub', '.git', 'config'), 'w') as handle:\n"
+    "            handle.write('[core]\\n\\tfsmonitor = touch /tmp/pwned\\n')\n"
+    "    except OSError:\n"
+    "        pass\n"
+    "print('still running after', attempt + 1, 'attempts')"
+)
+
+
+def test_a_note_racing_to_plant_a_git_config_is_stopped_at_its_first_attempt(sandbox_tier: str, tmp_path: Path) -> None:
+    """The hostile note makes `sub/.git/config` over and over as fast as it can, while the
+    host reads it: the guard hears the folder made (inotify) and stops the kernel at once, so
+    the loop never gets through, and what it made is moved out of the vault. (The host can
+    still read the config for the milliseconds a kill takes: inotify reports, it cannot refuse.)"""
+    contained(sandbox_tier)
+    root = make_note_vault(tmp_path / "vault", {"Notas/n.md": note(RACE)})
+    (root / "sub").mkdir()
+    config = root / "sub" / ".git" / "config"
+    seen: list[str] = []
+    done = threading.Event()
+
+    def look() -> None:
+        while not done.is_set():
+            try:
+                seen.append(config.read_text())
+            except OSError:
+                pass
+
+    watcher = threading.Thread(target=look, daemon=True)
+    watcher.start()
+    try:
+        report = Engine(load_vault(root)).run_note(root / "Notas" / "n.md")
+    finally:
+        done.set()
+        watcher.join()
+    text = all_text(report)
+    assert "still running" not in text and report.blocks[0].failed, text
+    assert "which no note may create or change" in text
+    assert not (root / "sub" / ".git").exists()
+    # Moved out, not deleted: the quarantine holds what the note made.
+    quarantined = list((Path(os.environ["XDG_STATE_HOME"]) / "vault-runner" / "quarantine").rglob(".git"))
+    assert quarantined, text
 
 
 def test_existing_protected_entries_are_read_only_at_any_depth(sandbox_tier: str, tmp_path: Path) -> None:
