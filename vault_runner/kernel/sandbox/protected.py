@@ -16,9 +16,9 @@ How each tier keeps them, whether or not they exist yet:
   parent is not granted (the vault root, a folder holding a protected entry); everywhere else
   no mount or Landlock rule can refuse a *name* in a folder the kernel may write, so the
   `ProtectedGuard` watches the vault while the kernel lives: a protected name that appears
-  stops the kernel at once (it cannot make it again), is moved out of the vault into
-  vault-runner's quarantine folder (nothing is ever deleted: what cannot be moved stays, and
-  the note says so loudly), and the note says so. On Linux the guard hears of each name the
+  is moved out of the vault into vault-runner's quarantine folder at once (nothing is ever
+  deleted: what cannot be moved stays, and the note says so loudly), then the kernel is
+  stopped (one it makes again meanwhile is caught the same way), and the note says so. On Linux the guard hears of each name the
   moment it is made (inotify on every folder of the vault, a new folder watched, then listed,
   as it appears), so the kernel is stopped within the time a kill takes, not a polling
   interval; it also looks by the folders' ctime (which no note can set back, unlike their
@@ -135,7 +135,7 @@ def pinned_folders(vault: Path, protected: Iterable[Path]) -> list[Path]:
 class ProtectedGuard:
     """Watches a vault for protected names a kernel makes (see the module docstring).
 
-    `stop_kernel` is called first, then the entry is moved to `quarantine`; `tripped` holds
+    The entry is moved to `quarantine`, then `stop_kernel` is called; `tripped` holds
     the note's message until read. A look lists only the folders whose inode change time
     (ctime) moved since the last one, so it costs one stat per folder of the vault: a note
     can set a folder's mtime back (os.utime), never its ctime. The user's own entries are
@@ -248,8 +248,12 @@ class ProtectedGuard:
             elif own != path and path not in self.moved:
                 self.moved[path] = own
         if made:
+            # Out of the vault first (a rename: microseconds), then the kernel is stopped
+            # (walking its processes takes milliseconds, in which git on the host could read
+            # the entry). One it makes again meanwhile is heard, and moved, next.
+            moved_to = [self._move_out(path) for path in made]
             self.stop_kernel()
-            self.tripped = self._message(made, [self._move_out(path) for path in made])
+            self.tripped = self._message(made, moved_to)
         return made
 
     def _message(self, made: list[Path], moved_to: list[Path | None]) -> str:
