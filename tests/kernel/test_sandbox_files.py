@@ -219,6 +219,21 @@ def test_the_guard_never_looks_through_a_symlink(tmp_path: Path) -> None:
     assert (outside / ".git").is_dir()
 
 
+def test_the_guard_never_moves_through_a_folder_swapped_for_a_symlink(tmp_path: Path) -> None:
+    vault, outside = tmp_path / "vault", tmp_path / "outside"
+    (vault / "sub").mkdir(parents=True)
+    (outside / "proj" / ".git").mkdir(parents=True)  # someone's repository outside the vault
+    (outside / "proj" / ".git" / "config").write_text("[core]\n")
+    stopped: list[bool] = []
+    guard = ProtectedGuard(vault, lambda: stopped.append(True), tmp_path / "quarantine")
+    # The guard has found `sub/.git`; before it moves it, the note swaps `sub` for a link out.
+    (vault / "sub").rmdir()
+    (vault / "sub").symlink_to(outside / "proj")
+    assert guard._judge([vault / "sub" / ".git"]) == []
+    assert (outside / "proj" / ".git" / "config").read_text() == "[core]\n"  # never moved
+    assert not list((tmp_path / "quarantine").rglob("config"))
+
+
 RESET_TIMES = (
     "import os, time\n"
     "root = os.environ['VAULT_RUNNER_VAULT']\n"

@@ -29,9 +29,9 @@ How each tier keeps them, whether or not they exist yet:
 
 from __future__ import annotations
 
+import errno
 import os
 import select
-import shutil
 import stat
 import tempfile
 import threading
@@ -39,6 +39,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from vault_runner.disk.atomic import Folder
+from vault_runner.errors import VaultError
 from vault_runner.kernel.sandbox.inotify import IN_IGNORED, IN_ISDIR, IN_Q_OVERFLOW, Inotify
 
 __all__ = (
@@ -125,7 +127,7 @@ def pinned_folders(vault: Path, protected: Iterable[Path]) -> list[Path]:
     is bind-mounted onto itself in the kernel's mounts, so that the note cannot rename it (a
     mount point cannot be renamed: EBUSY) and move the user's `.git` away from the path git
     looks at. What is inside stays writable; a rename across such a folder's edge fails
-    with EXDEV (shutil.move copies instead)."""
+    with EXDEV."""
     out: set[Path] = set()
     for path in protected:
         out.update(p for p in path.parents if vault in p.parents)
@@ -239,19 +241,34 @@ class ProtectedGuard:
 
     def _judge(self, found: list[Path]) -> list[Path]:
         """Of the protected entries found, those the kernel made: stop it, move them out."""
-        made = []
+        made: list[Path] = []
+        moved_to: list[Path | None] = []
         for path in dict.fromkeys(found):
             key = _inode(path)
             own = self._own.get(key) if key is not None else path
-            if own is None or (own != path and _inode(own) == key):
-                made.append(path)  # new, or a second name (a hard link) for the user's own
-            elif own != path and path not in self.moved:
-                self.moved[path] = own
+            if not (own is None or (own != path and _inode(own) == key)):
+                if own != path and path not in self.moved:
+                    self.moved[path] = own
+                continue
+            # New, or a second name (a hard link) for the user's own. Its folder is opened
+            # from the vault root without following a symlink, and it is moved through that
+            # folder: a note that swapped a folder for a link out of the vault after the
+            # entry was found never gets a folder outside the vault moved.
+            try:
+                folder = Folder(path.parent, self.vault)
+            except VaultError:
+                continue  # its folder is gone, or now a symlink: nothing of the vault is there
+            except OSError:
+                made.append(path)
+                moved_to.append(None)
+                continue
+            with folder:
+                made.append(path)
+                # Out of the vault first (a rename: microseconds), then the kernel is stopped
+                # (walking its processes takes milliseconds, in which git on the host could
+                # read the entry). One it makes again meanwhile is heard, and moved, next.
+                moved_to.append(self._move_out(folder, path))
         if made:
-            # Out of the vault first (a rename: microseconds), then the kernel is stopped
-            # (walking its processes takes milliseconds, in which git on the host could read
-            # the entry). One it makes again meanwhile is heard, and moved, next.
-            moved_to = [self._move_out(path) for path in made]
             self.stop_kernel()
             self.tripped = self._message(made, moved_to)
         return made
@@ -266,7 +283,7 @@ class ProtectedGuard:
         ]
         done = [str(m) for m in moved_to if m is not None]
         if done:
-            out.append(f", and what it made was moved out of the vault to {', '.join(done)}")
+            out.append(f", and what it made was moved where nothing reads it: {', '.join(done)}")
         left = [rel(p) for p, m in zip(made, moved_to, strict=True) if m is None]
         if left:
             out.append(
@@ -319,18 +336,24 @@ class ProtectedGuard:
                 elif entry.path not in self._seen and _is_folder(entry):
                     stack.append(entry.path)
 
-    def _move_out(self, path: Path) -> Path | None:
-        """Move a made entry to the quarantine; None when it cannot be moved. Never deleted:
-        whatever it is, it may hold something the user wants back."""
+    def _move_out(self, folder: Folder, path: Path) -> Path | None:
+        """Move a made entry of `folder` to the quarantine; None when it cannot be moved.
+        Never deleted, never copied: whatever it is, it may hold something the user wants back."""
         try:
-            folder = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=_made(self.quarantine)))
-            target = folder / path.relative_to(self.vault)
+            into = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=_made(self.quarantine)))
+            target = into / path.relative_to(self.vault)
             target.parent.mkdir(parents=True, exist_ok=True)
+            folder.check_inside()
             try:
-                os.rename(path, target)
-            except OSError:
-                shutil.move(str(path), str(target))  # another filesystem: copied, then removed
-        except (OSError, shutil.Error):
+                os.rename(path.name, target, src_dir_fd=folder.fd)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                # The quarantine is on another filesystem: renamed where it is, to a name
+                # that neither git nor Obsidian reads.
+                target = path.with_name(f"{path.name}.quarantined-{into.name}")
+                os.rename(path.name, target.name, src_dir_fd=folder.fd, dst_dir_fd=folder.fd)
+        except (OSError, VaultError):
             return None
         return target
 
