@@ -8,7 +8,6 @@ to pair moves, which costs the very latency the guard is after.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import struct
@@ -37,9 +36,8 @@ class Inotify:
 
     @classmethod
     def open(cls) -> Inotify | None:
-        name = ctypes.util.find_library("c")
         try:
-            libc = ctypes.CDLL(name, use_errno=True)
+            libc = ctypes.CDLL(None, use_errno=True)
             init = libc.inotify_init1
         except (OSError, AttributeError, TypeError):
             return None
