@@ -140,6 +140,18 @@ def test_report_of_a_note_with_an_error_and_an_unrun_block(tmp_path: Path) -> No
     assert "nunca()\n```\n" in text and text.count("vault-runner:output") == 2
 
 
+def test_output_false_shows_only_errors_in_the_note_and_everything_in_the_report(tmp_path: Path) -> None:
+    root = make_note_vault(
+        tmp_path / "v",
+        {"n.md": '```python\n#| output: false\nprint("sali" + "da")\n1 / 0\n```\n'},
+    )
+    report = run(root / "n.md")
+    [block] = report.blocks
+    assert [o["type"] for o in block.outputs] == ["stream", "error"]  # the report has them all
+    region = notes.parse_note((root / "n.md").read_text(encoding="utf-8")).blocks[0].region
+    assert region is not None and "ZeroDivisionError" in region.body and "salida" not in region.body
+
+
 def test_errors_continue_and_error_false_stops(tmp_path: Path) -> None:
     root = make_note_vault(
         tmp_path / "v",

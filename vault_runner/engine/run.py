@@ -338,10 +338,13 @@ class Engine(WriteBack):
                 else o
                 for o in outputs
             ]
-        shown = outputs if planned.options["output"] else [o for o in outputs if o.get("output_type") == "error"]
-
         rerender = Rerender(
-            shown, attachment_stem(loaded), self.vault, loaded.path, int(planned.options["output-lines"]), outputs
+            outputs,
+            bool(planned.options["output"]),
+            attachment_stem(loaded),
+            self.vault,
+            loaded.path,
+            int(planned.options["output-lines"]),
         )
         rendered = rerender(sources)
         status = execution.status
@@ -376,25 +379,26 @@ class Rerender:
     points it at its own vault and note (engine/ray_executor.py) and writes it back there.
     """
 
-    outputs: list[dict[str, Any]]  # those shown in the note
+    outputs: list[dict[str, Any]]  # all of them: the report has them all
+    show_all: bool  # the block's `output` option; False: the note shows the errors only
     note_stem: str
     vault: Vault
     note: Path
     output_lines: int
-    reported: list[dict[str, Any]]  # all of them, for the report
-
-    def summaries(self, sources: Mapping[int, CellSource]) -> list[dict[str, Any]]:
-        """The report's outputs, warnings naming the same note lines as the note."""
-        return [output_summary(output, sources) for output in self.reported]
 
     def __call__(self, sources: Mapping[int, CellSource]) -> Rendered:
+        shown = self.outputs if self.show_all else [o for o in self.outputs if o.get("output_type") == "error"]
         return render_outputs(
-            self.outputs,
+            shown,
             note_stem=self.note_stem,
             embed=lambda name: self.vault.embed(self.note, self.vault.attachment_dir(self.note) / name),
             sources=sources,
             output_lines=self.output_lines,
         )
+
+    def summaries(self, sources: Mapping[int, CellSource]) -> list[dict[str, Any]]:
+        """The report's outputs, warnings naming the same note lines as the note."""
+        return [output_summary(output, sources) for output in self.outputs]
 
 
 def attachment_stem(loaded: Loaded) -> str:
