@@ -37,25 +37,26 @@ _CREATE_RULESET_VERSION = 1
 _RULE_PATH_BENEATH = 1
 _RULE_NET_PORT = 2
 
-FS_EXECUTE = 1 << 0
-FS_WRITE_FILE = 1 << 1
-FS_READ_FILE = 1 << 2
-FS_READ_DIR = 1 << 3
-FS_REMOVE_DIR = 1 << 4
-FS_REMOVE_FILE = 1 << 5
-FS_MAKE_CHAR = 1 << 6
-FS_MAKE_DIR = 1 << 7
-FS_MAKE_REG = 1 << 8
-FS_MAKE_SOCK = 1 << 9
-FS_MAKE_FIFO = 1 << 10
-FS_MAKE_BLOCK = 1 << 11
-FS_MAKE_SYM = 1 << 12
-FS_REFER = 1 << 13  # ABI 2
-FS_TRUNCATE = 1 << 14  # ABI 3
-NET_BIND_TCP = 1 << 0  # ABI 4
-NET_CONNECT_TCP = 1 << 1
-SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0  # ABI 6
-SCOPE_SIGNAL = 1 << 1
+# The access rights of linux/landlock.h, each the next bit, in the header's order.
+(
+    FS_EXECUTE,
+    FS_WRITE_FILE,
+    FS_READ_FILE,
+    FS_READ_DIR,
+    FS_REMOVE_DIR,
+    FS_REMOVE_FILE,
+    FS_MAKE_CHAR,
+    FS_MAKE_DIR,
+    FS_MAKE_REG,
+    FS_MAKE_SOCK,
+    FS_MAKE_FIFO,
+    FS_MAKE_BLOCK,
+    FS_MAKE_SYM,
+    FS_REFER,  # ABI 2
+    FS_TRUNCATE,  # ABI 3
+) = (1 << bit for bit in range(15))
+NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1  # ABI 4
+SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1  # ABI 6
 
 READ = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
 # Everything that changes a tree; the whole set is "handled", so it is denied unless granted.
@@ -124,9 +125,7 @@ def apply_landlock(spec: dict) -> int:
     scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0
     attr = _RulesetAttr(handled_fs, handled_net, scoped)
     size = 8 if abi < 4 else (16 if abi < 6 else 24)
-    fd = libc.syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
-    if fd < 0:
-        raise OSError(ctypes.get_errno(), "landlock_create_ruleset failed")
+    fd = _create_ruleset(libc, attr, size)
     write = WRITE_GRANT | (FS_REFER if abi >= 2 else 0) | (FS_TRUNCATE if abi >= 3 else 0)
     try:
         for path in spec.get("read", []):
@@ -140,10 +139,7 @@ def apply_landlock(spec: dict) -> int:
             # forked children. Connecting anywhere stays refused.
             rule = _NetPort(NET_BIND_TCP, 0)
             libc.syscall(_SYS_ADD_RULE, fd, _RULE_NET_PORT, ctypes.byref(rule), ctypes.c_uint32(0))
-        if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-        if libc.syscall(_SYS_RESTRICT_SELF, fd, ctypes.c_uint32(0)) != 0:
-            raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")
+        _restrict_self(libc, fd)
     finally:
         os.close(fd)
     return abi
@@ -175,9 +171,7 @@ def enter_nested_domain(write: list[str] | None = None, files: list[str] | None 
     truncate = FS_TRUNCATE if abi >= 3 else 0
     handled = (FS_MAKE_BLOCK if write is None else WRITE | truncate) | refer
     attr = _RulesetAttr(handled, 0, SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0)
-    fd = libc.syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(24 if abi >= 6 else 8), ctypes.c_uint32(0))
-    if fd < 0:
-        raise OSError(ctypes.get_errno(), "landlock_create_ruleset failed")
+    fd = _create_ruleset(libc, attr, 24 if abi >= 6 else 8)
     try:
         if refer:
             _add_rule(libc, fd, "/", refer)  # renames across folders: as the outer domain allows
@@ -185,13 +179,26 @@ def enter_nested_domain(write: list[str] | None = None, files: list[str] | None 
             _add_rule(libc, fd, path, handled & WRITE_GRANT | truncate | refer)
         for path in files or []:
             _add_rule(libc, fd, path, FS_WRITE_FILE | truncate)
-        if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-        if libc.syscall(_SYS_RESTRICT_SELF, fd, ctypes.c_uint32(0)) != 0:
-            raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")
+        _restrict_self(libc, fd)
     finally:
         os.close(fd)
     return f"landlock ABI {abi}"
+
+
+def _create_ruleset(libc: ctypes.CDLL, attr: _RulesetAttr, size: int) -> int:
+    """A new ruleset's descriptor; `size` is how much of `attr` the running ABI reads."""
+    fd = libc.syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset failed")
+    return int(fd)
+
+
+def _restrict_self(libc: ctypes.CDLL, ruleset: int) -> None:
+    """Enforce the ruleset on this thread and what it execs (no new privileges first, as Landlock requires)."""
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+    if libc.syscall(_SYS_RESTRICT_SELF, ruleset, ctypes.c_uint32(0)) != 0:
+        raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")
 
 
 def _add_rule(libc: ctypes.CDLL, ruleset: int, path: str, access: int) -> None:
