@@ -278,34 +278,31 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     watch.add_argument("vault", metavar="VAULT", help="the vault folder")
     watch.add_argument("--json", action="store_true", help="print one JSON event per line on stdout")
     add_runner_options(watch)
-    watch.add_argument(
+    add_number(
+        watch,
         "--debounce",
-        type=number(float, minimum=0.0, maximum=60.0),
+        float,
+        "SECONDS",
+        "quiet time after a save before the note is read",
         default=DEBOUNCE,
-        metavar="SECONDS",
-        help=f"quiet time after a save before the note is read (default {DEBOUNCE})",
+        minimum=0.0,
+        maximum=60.0,
     )
     watch.set_defaults(func=cmd_watch)
 
 
 def add_runner_options(parser: argparse.ArgumentParser) -> None:
     """The kernel pool and supersede options that `watch` and `serve` share."""
-    parser.add_argument(
-        "--kernels", type=number(int, minimum=1), default=2, metavar="N", help="most kernels at once (default 2)"
-    )
-    parser.add_argument(
-        "--warm",
-        type=number(int, minimum=0),
-        default=1,
-        metavar="N",
-        help="kernels kept warm for new notes (default 1)",
-    )
-    parser.add_argument(
+    add_number(parser, "--kernels", int, "N", "most kernels at once", default=2, minimum=1)
+    add_number(parser, "--warm", int, "N", "kernels kept warm for new notes", default=1, minimum=0)
+    add_number(
+        parser,
         "--idle-timeout",
-        type=number(float, minimum=1.0),
+        float,
+        "SECONDS",
+        "shut a note's kernel down after this long unused",
         default=600.0,
-        metavar="SECONDS",
-        help="shut a note's kernel down after this long unused (default 600)",
+        minimum=1.0,
     )
     parser.add_argument(
         "--let-finish",
@@ -314,6 +311,27 @@ def add_runner_options(parser: argparse.ArgumentParser) -> None:
         f"interrupting it (policies: {', '.join(SUPERSEDE_POLICIES)})",
     )
     parser.set_defaults(validate=lambda args: check_runner_options(parser, args))
+
+
+def add_number(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    kind: type[int] | type[float],
+    metavar: str,
+    what: str,
+    *,
+    default: float,
+    minimum: float,
+    maximum: float | None = None,
+) -> None:
+    """A number option within bounds (see `number`); its help is `what` and the default."""
+    parser.add_argument(
+        flag,
+        type=number(kind, minimum=minimum, maximum=maximum),
+        default=default,
+        metavar=metavar,
+        help=f"{what} (default {default:g})",
+    )
 
 
 def number(kind: type[int] | type[float], *, minimum: float, maximum: float | None = None) -> Any:
