@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import importlib.metadata
 import platform
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
@@ -46,7 +47,7 @@ from vault_runner.frontends.api.security import resolve_note
 from vault_runner.live.runner import Runner
 from vault_runner.model import BlockReport, NoteReport
 
-__all__ = ("API_PREFIX", "router", "versions")
+__all__ = ("API_PREFIX", "named_note", "router", "versions")
 
 API_PREFIX = "/api/v1"
 
@@ -58,10 +59,18 @@ def _state(request: Request) -> Any:
     return request.app.state
 
 
-async def _named_note(request: Request, raw: str) -> tuple[Any, Path]:
+async def named_note(request: Request, raw: str) -> tuple[Any, Path]:
     """The app state and the note a control request names (it need not exist any more)."""
     state = _state(request)
     return state, await run_in_threadpool(_resolve, state.runner.vault, raw, False)
+
+
+async def _call_on_note(request: Request, raw: str, action: Callable[[Runner, Path], bool]) -> tuple[str, bool]:
+    """Call `action` (Runner.interrupt, Runner.cancel) on the note a control request names, in a
+    worker thread: the note as the vault names it, and whether there was anything to do."""
+    state, path = await named_note(request, raw)
+    done = await run_in_threadpool(action, state.runner, path)
+    return state.runner.vault.relative(path), bool(done)
 
 
 def _resolve(vault: Vault, raw: str, must_exist: bool = True) -> Path:
@@ -304,9 +313,8 @@ async def run_all(body: RunRequest, request: Request) -> JSONResponse:
     "written into the note. Queued runs of the note still run (use cancel to drop them).",
 )
 async def interrupt(body: NoteRequest, request: Request) -> InterruptResult:
-    state, path = await _named_note(request, body.note)
-    done = await run_in_threadpool(state.runner.interrupt, path)
-    return InterruptResult(note=state.runner.vault.relative(path), interrupted=bool(done))
+    note, done = await _call_on_note(request, body.note, Runner.interrupt)
+    return InterruptResult(note=note, interrupted=done)
 
 
 @_note_endpoint(
@@ -318,7 +326,7 @@ async def interrupt(body: NoteRequest, request: Request) -> InterruptResult:
     "kernel from the top. Answers once the kernel is down.",
 )
 async def restart(body: NoteRequest, request: Request) -> RestartResult:
-    state, path = await _named_note(request, body.note)
+    state, path = await named_note(request, body.note)
     result = await _await(state.runner.restart(path))
     if result is _CANCELLED and state.runner.status().get("closed"):
         raise ApiError("shutting_down", "vault-runner is shutting down")
@@ -334,9 +342,8 @@ async def restart(body: NoteRequest, request: Request) -> RestartResult:
     "current run that have not started; the block running now finishes (interrupt stops it).",
 )
 async def cancel(body: NoteRequest, request: Request) -> CancelResult:
-    state, path = await _named_note(request, body.note)
-    done = await run_in_threadpool(state.runner.cancel, path)
-    return CancelResult(note=state.runner.vault.relative(path), cancelled=bool(done))
+    note, done = await _call_on_note(request, body.note, Runner.cancel)
+    return CancelResult(note=note, cancelled=done)
 
 
 @router.get(
