@@ -23,7 +23,8 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from vault_runner.disk.vault import Vault
-from vault_runner.errors import ApiError, PathRefused
+from vault_runner.errors import PathRefused
+from vault_runner.frontends.api.routes import API_PREFIX, named_note
 from vault_runner.frontends.api.schemas import (
     ERROR_RESPONSES,
     EditorsRequest,
@@ -128,6 +129,18 @@ class EditorRegistry:
 
 
 # -- the routes ---------------------------------------------------------------------------------
+def _editors_endpoint(name: str, model: type[Any], summary: str, description: str) -> Any:
+    """A POST endpoint of the plugin's editors, in the `editors` group of the OpenAPI document."""
+    return editors_router.post(
+        f"{API_PREFIX}/{name}",
+        response_model=model,
+        responses=ERROR_RESPONSES,
+        tags=["editors"],
+        summary=summary,
+        description=description,
+    )
+
+
 def _accept(vault: Vault, raw: list[str]) -> tuple[list[str], list[IgnoredNote]]:
     accepted: list[str] = []
     ignored: list[IgnoredNote] = []
@@ -142,13 +155,11 @@ def _accept(vault: Vault, raw: list[str]) -> tuple[list[str], list[IgnoredNote]]
     return accepted, ignored
 
 
-@editors_router.post(
-    "/api/v1/editors",
-    response_model=EditorsResult,
-    responses=ERROR_RESPONSES,
-    tags=["editors"],
-    summary="The notes a plugin holds open",
-    description="Replace the set of notes this client (`client`, the id of its event stream) holds open in "
+@_editors_endpoint(
+    "editors",
+    EditorsResult,
+    "The notes a plugin holds open",
+    "Replace the set of notes this client (`client`, the id of its event stream) holds open in "
     "an editor. For a held note, a run does not write the file: the regions are sent as a `regions` event on "
     "the client's stream and the plugin applies them in the editor. The set holds while the client has an "
     "event stream open, and 10 s after its last one closed. Paths that are refused go to `ignored` with "
@@ -162,26 +173,19 @@ async def editors(body: EditorsRequest, request: Request) -> EditorsResult:
     return EditorsResult(client=body.client, open=accepted, ignored=ignored)
 
 
-@editors_router.post(
-    "/api/v1/regions-applied",
-    response_model=RegionsAppliedResult,
-    responses=ERROR_RESPONSES,
-    tags=["editors"],
-    summary="A plugin applied a regions event",
-    description="The acknowledgement of one `regions` event: how it was written (`editor`, `file`, "
+@_editors_endpoint(
+    "regions-applied",
+    RegionsAppliedResult,
+    "A plugin applied a regions event",
+    "The acknowledgement of one `regions` event: how it was written (`editor`, `file`, "
     "`none`) and which blocks were left (`unwritten`: their code changed; `hand_edited`). The note's last "
     "report (`/api/v1/results`) takes these statuses, and the attachments the old regions linked are "
     "removed once the note on disk no longer links them. `accepted: false` for an unknown or already "
     "acknowledged run.",
 )
 async def regions_applied(body: RegionsAppliedRequest, request: Request) -> RegionsAppliedResult:
-    state = request.app.state
-    vault: Vault = state.runner.vault
-    try:
-        path = await run_in_threadpool(resolve_note, vault, body.note, must_exist=False)
-    except PathRefused as exc:
-        raise ApiError(exc.code, exc.message) from None
-    relative = vault.relative(path)
+    state, path = await named_note(request, body.note)
+    relative = state.runner.vault.relative(path)
     accepted = state.runner.delegation.acknowledge(
         relative, body.run, body.via, body.unwritten, body.hand_edited, amend=state.hub.amend_report
     )
