@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, copy_sample_vault, make_note_vault
+from tests.core.test_warnings import NOTE as WARNED  # ignored options on lines 5, 10 and 11
 from vault_runner.ci import check as checks
 from vault_runner.core import compare
 from vault_runner.core import note as notes
@@ -217,6 +218,31 @@ def test_report_formats(vault: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert suite is not None and suite.get("tests") == "5" and suite.get("failures") == "1"
     failed = [c for c in suite.iter("testcase") if c.find("failure") is not None]
     assert [(c.get("classname"), c.get("line")) for c in failed] == [(str(note), str(region_line))]
+
+
+def test_option_warnings_show_in_every_format_on_the_options_own_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, no_kernel: list[str]
+) -> None:
+    """Issue 15 review: `check --json` dropped them, `--format github` printed them as plain lines."""
+    make_note_vault(tmp_path / "v", {"sub/n.md": WARNED})
+    monkeypatch.chdir(tmp_path)
+    said = [
+        (5, "unknown option `colour` in frontmatter is ignored"),
+        (10, "unknown option `timout` in block is ignored"),
+        (11, "option `seed` applies to the whole note; set it in the frontmatter"),
+    ]
+
+    code, out, _ = check(["--json", "v"], capsys)
+    assert code == 1  # the block has no region: a finding; the warnings fail nothing
+    assert json.loads(out)["warnings"] == [f"sub/n.md:{line}: warning: {text}" for line, text in said]
+
+    code, out, err = check(["--format", "github", "v"], capsys)
+    assert code == 1
+    annotations = [line for line in out.splitlines() if line.startswith("::warning")]
+    assert annotations == [
+        f"::warning file=v/sub/n.md,line={line},title=vault-runner check%3A warning::{text}" for line, text in said
+    ]
+    assert "warning: unknown option" not in err  # annotations only, not plain lines as well
 
 
 @pytest.mark.kernel  # needs the rendered copy (a render, until sample_vault is committed rendered)

@@ -165,6 +165,26 @@ def test_compare_catches_a_changed_value_and_ignores_addresses_and_timings(
     assert note.read_text(encoding="utf-8") == stored  # still nothing written
 
 
+@pytest.mark.kernel
+def test_github_format_annotates_each_option_warning_on_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 review: `test --format github` showed no option warning at all."""
+    from tests.core.test_warnings import NOTE
+
+    make_note_vault(tmp_path / "v", {"sub/n.md": NOTE})
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(["test", "v", "--format", "github"], capsys)
+    assert code == 0, out
+    assert [line for line in out.splitlines() if line.startswith("::warning")] == [
+        "::warning file=v/sub/n.md,line=5,title=vault-runner test%3A warning::"
+        "unknown option `colour` in frontmatter is ignored",
+        "::warning file=v/sub/n.md,line=10,title=vault-runner test%3A warning::unknown option `timout` in block is ignored",
+        "::warning file=v/sub/n.md,line=11,title=vault-runner test%3A warning::"
+        "option `seed` applies to the whole note; set it in the frontmatter",
+    ]
+
+
 def test_junit_and_github_reports_name_note_and_line() -> None:
     failed = BlockReport("n.md", 1, 12, "raise X", "etiqueta", "error", 0.5, "cpu", message="X: boom, 100%")
     skipped = BlockReport("n.md", 2, 20, "y", None, "skipped", message="not run: the kernel was restarted")

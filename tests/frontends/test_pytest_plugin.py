@@ -202,3 +202,20 @@ def test_vault_alone_collects_only_the_vault_and_with_paths_both(workdir: Path) 
     assert [name for (_, name) in outcomes] == ["line 4"], outcomes
     code, output, outcomes = run_pytest(workdir, "--vault", "v", "test_mine.py")
     assert code == 1 and len(outcomes) == 2, output
+
+
+def test_option_warnings_show_in_the_run_without_failing_it(workdir: Path) -> None:
+    """Issue 15 review: `pytest --vault` never said that `#| timout: 5` is ignored."""
+    from tests.core.test_warnings import NOTE
+
+    make_note_vault(workdir / "v", {"sub/n.md": NOTE})
+    code, output, outcomes = run_pytest(workdir, "--vault", "v")
+    assert code == 0, output
+    assert list(outcomes.values()) == ["passed"]
+    assert "warnings summary" in output
+    for line, text in (
+        (5, "unknown option `colour` in frontmatter is ignored"),
+        (10, "unknown option `timout` in block is ignored"),
+        (11, "option `seed` applies to the whole note; set it in the frontmatter"),
+    ):
+        assert f"v/sub/n.md:{line}: VaultOptionWarning: {text}" in output, output

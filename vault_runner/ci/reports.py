@@ -12,6 +12,7 @@ import re
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -53,20 +54,57 @@ def _clip(text: str, lines: int = MAX_ANNOTATION_LINES) -> str:
     return "\n".join(parts[:lines] + [f"[… {len(parts) - lines} more lines]"])
 
 
+def warning_place(warning: str, note: str, shown: str) -> tuple[str, int | None, str]:
+    """A note's warning (`note:line: warning: message`, the note vault-relative, as
+    engine/loading.py words it) as (the note as shown, its line or None, the message).
+    A warning that names no place of the note (the sandbox's) is the note's, without a line."""
+    if not warning.startswith(note + ":"):
+        return shown, None, warning
+    rest = warning[len(note) + 1 :]
+    head, sep, message = rest.partition(": ")
+    if sep and head.isdigit():
+        return shown, int(head), message.removeprefix("warning: ")
+    return shown, None, rest.strip().removeprefix("warning: ")
+
+
+def warning_github(warning: str, note: str, shown: str, command: str) -> str:
+    """A note's warning as a `::warning file=...,line=...::` annotation."""
+    path, line, message = warning_place(warning, note, shown)
+    return github_annotation(path, line, f"vault-runner {command}: warning", message, level="warning")
+
+
 # -- check ---------------------------------------------------------------------------------
-def findings_github(findings: Sequence[Finding], errors: Sequence[str]) -> list[str]:
+@dataclass(frozen=True)
+class NoteWarning:
+    """A warning `check` heard while reading a note: the text (vault-relative) and the note."""
+
+    text: str
+    note: str  # vault-relative
+    shown: str  # the note as the user can paste it
+
+    def one_line(self) -> str:
+        return located(self.text, self.note, self.shown)
+
+
+def findings_github(
+    findings: Sequence[Finding], errors: Sequence[str], warnings: Sequence[NoteWarning] = ()
+) -> list[str]:
     out = [github_annotation(f.path, f.line, f"vault-runner check: {f.kind}", f.message) for f in findings]
     for error in errors:
         path, line, message = _split_one_line(error)
         out.append(github_annotation(path, line, "vault-runner check: cannot read note", message))
+    out += [warning_github(w.text, w.note, w.shown, "check") for w in warnings]
     return out
 
 
-def findings_json(findings: Sequence[Finding], checked: int, errors: Sequence[str]) -> dict[str, Any]:
+def findings_json(
+    findings: Sequence[Finding], checked: int, errors: Sequence[str], warnings: Sequence[NoteWarning] = ()
+) -> dict[str, Any]:
     return {
         "checked_notes": checked,
         "findings": [f.to_json() for f in findings],
         "errors": list(errors),
+        "warnings": [w.text for w in warnings],  # vault-relative, as every JSON report names notes
         "passed": not findings and not errors,
     }
 
@@ -176,6 +214,7 @@ def results_github(results: Sequence[NoteResult]) -> list[str]:
     out = []
     for result in results:
         report = result.report
+        out += [warning_github(w, report.note, result.path, "test") for w in report.warnings]
         if report.status in NOTE_FAILED:
             path, line, message = _split_one_line(report.message or f"{result.path}: failed")
             out.append(

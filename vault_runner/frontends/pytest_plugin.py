@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,10 @@ if TYPE_CHECKING:
     from vault_runner.core.render import CellSource
     from vault_runner.disk.vault import Vault
     from vault_runner.engine import Engine, Kernel, Loaded
+
+
+class VaultOptionWarning(UserWarning):
+    """An option of a note that is ignored (unknown, or note-level in a `#|` line); it fails nothing."""
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -153,6 +158,7 @@ class VaultNote(pytest.File):
     def collect(self) -> Iterator[VaultBlock]:
         if self.loaded is None:
             raise VaultCollectError(self.error or f"{self.path}: cannot be read")
+        self._warn_options(self.loaded)
         runnable = self.loaded.runnable
         labels = [p.options["label"] for p in runnable]
         for planned in runnable:
@@ -160,6 +166,16 @@ class VaultNote(pytest.File):
             line = planned.block.fence_line
             name = label if label and labels.count(label) == 1 else f"line {line}"
             yield VaultBlock.from_parent(self, name=name, index=planned.block.index, line=line)
+
+    def _warn_options(self, loaded: Loaded) -> None:
+        """Each option warning through pytest's warnings, at the option's own line: the run's
+        warnings summary shows it as `note:line: VaultOptionWarning: ...`."""
+        from vault_runner.ci.reports import warning_place
+        from vault_runner.errors import shown_path
+
+        for warning in loaded.warnings:
+            path, line, message = warning_place(warning, loaded.relative, shown_path(self.path))
+            warnings.warn_explicit(message, VaultOptionWarning, filename=path, lineno=line or 1)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
         if isinstance(excinfo.value, VaultCollectError):

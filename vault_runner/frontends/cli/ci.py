@@ -45,7 +45,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     checked: list[str] = []
     diffs: list[str] = []
     failures = 0
-    warnings: list[str] = []
+    warnings: list[reports.NoteWarning] = []
     for vault, path in notes_under(default_target(args.paths)):
         try:
             loaded = select(vault, path, all_notes=args.all).loaded
@@ -58,7 +58,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         checked.append(shown)
         found = checks.find(loaded, shown)
         findings.extend(found)
-        warnings.extend(loaded.warnings)
+        warnings.extend(reports.NoteWarning(w, loaded.relative, shown) for w in loaded.warnings)
         failures += len(stored_failures(loaded.plan))
         if args.diff and found:
             diff = checks.render_diff(loaded, shown)
@@ -67,21 +67,22 @@ def cmd_check(args: argparse.Namespace) -> int:
     seconds = time.monotonic() - started
 
     if args.json:
-        data_out = reports.findings_json(findings, len(checked), errors)
+        data_out = reports.findings_json(findings, len(checked), errors, warnings)
         if args.diff:
             data_out["diff"] = "".join(diffs)
         print(reports.dumps(data_out))
     else:
         if args.format == "github":
-            lines = reports.findings_github(findings, errors)
+            lines = reports.findings_github(findings, errors, warnings)
         else:
             lines = [f.one_line() for f in findings] + errors
         for line in lines:
             print(line)
         if diffs:
             sys.stdout.write("".join(diffs))
-        for warning in warnings:
-            print(warning, file=sys.stderr)
+        if args.format != "github":  # there, each is an annotation above
+            for warning in warnings:
+                print(warning.text, file=sys.stderr)
         reports.print_check_summary(_err_console(), findings, len(checked), len(errors), seconds)
         if failures:
             _err_console().print(
