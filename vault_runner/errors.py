@@ -78,9 +78,15 @@ class NoteError(VaultRunnerError):
 
 
 class OptionError(VaultRunnerError, ValueError):
-    """An option value that is not allowed."""
+    """An option value that is not allowed: `option` names it, `origin` its layer (vault config,
+    frontmatter, block) once known, so the note's line can be found."""
 
     code = "bad_option"
+
+    def __init__(self, message: str, *, option: str | None = None, origin: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+        self.origin = origin
 
 
 class SanitizerError(VaultRunnerError, ValueError):

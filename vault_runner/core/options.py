@@ -48,7 +48,7 @@ _MEMORY_RE = re.compile(r"^\d+(\.\d+)?\s*[KMGT]?i?B?$", re.IGNORECASE)
 def _check(name: str, value: Any) -> Any:
     def expect(ok: bool, what: str) -> None:
         if not ok:
-            raise OptionError(f"option `{name}` must be {what}, not {value!r}")
+            raise OptionError(f"option `{name}` must be {what}, not {value!r}", option=name)
 
     if name in {"eval", "output", "error", "warning", "compare", "network", "deterministic"}:
         expect(isinstance(value, bool), "true or false")
@@ -110,7 +110,11 @@ TOP_LEVEL_OPTIONS = frozenset({"network"})
 def frontmatter_options(frontmatter: Mapping[str, Any]) -> Mapping[str, Any]:
     options = frontmatter.get(FRONTMATTER_OPTIONS_KEY)
     if options is not None and not isinstance(options, Mapping):
-        raise OptionError(f"the `{FRONTMATTER_OPTIONS_KEY}` property must hold options such as `seed: 42`")
+        raise OptionError(
+            f"the `{FRONTMATTER_OPTIONS_KEY}` property must hold options such as `seed: 42`",
+            option=FRONTMATTER_OPTIONS_KEY,
+            origin="frontmatter",
+        )
     flat = {name: frontmatter[name] for name in TOP_LEVEL_OPTIONS if name in frontmatter}
     if not flat:
         return options or {}
@@ -133,7 +137,11 @@ def resolve(
             if name not in DEFAULTS:
                 warnings.append(OptionWarning(f"unknown option `{name}` in {origin} is ignored", name, origin))
                 continue
-            _check(name, value)
+            try:
+                _check(name, value)
+            except OptionError as exc:
+                exc.origin = origin
+                raise
             if origin == "block" and name in NOTE_LEVEL:
                 warnings.append(
                     OptionWarning(f"option `{name}` applies to the whole note; set it in the frontmatter", name, origin)

@@ -10,17 +10,17 @@ import re
 from collections.abc import Sequence
 
 from vault_runner.core.note import Note
-from vault_runner.core.options import FRONTMATTER_OPTIONS_KEY, OptionWarning, Resolved
+from vault_runner.core.options import FRONTMATTER_OPTIONS_KEY, Resolved
 from vault_runner.core.plan import PlannedBlock
 
-__all__ = ("option_warnings",)
+__all__ = ("frontmatter_line", "option_warnings")
 
 
 def option_warnings(relative: str, note: Note, note_options: Resolved, plan: Sequence[PlannedBlock]) -> list[str]:
     """Every option warning of a note as `note:line: warning: ...`, in note order."""
     found: list[tuple[int, str]] = []
     for warning in note_options.warnings:
-        line = _frontmatter_line(note, warning) if warning.origin == "frontmatter" else 0
+        line = frontmatter_line(note, warning.name) if warning.origin == "frontmatter" else 0
         found.append((line, f"{relative}:{line}: warning: {warning}" if line else f"{relative}: warning: {warning}"))
     for planned in plan:
         for warning in planned.options.warnings:
@@ -31,22 +31,27 @@ def option_warnings(relative: str, note: Note, note_options: Resolved, plan: Seq
     return [text for _, text in sorted(found, key=lambda item: item[0])]
 
 
-def _frontmatter_line(note: Note, warning: OptionWarning) -> int:
-    """The line of `name:` under `execute:` (or at the top level), else the frontmatter's first."""
-    name = re.escape(warning.name)
+def frontmatter_line(note: Note, name: str) -> int:
+    """The line of the option `name:` under `execute:`, else of a top-level `name:` property
+    (`network`, `execute` itself), else the frontmatter's first line. The one rule of where
+    a frontmatter option is written: its warnings and its value errors name this line."""
+    pattern = re.escape(name)
     inside = False
+    top_level = 0
     for index, line in enumerate(note.lines[1:], start=2):
         text = line.rstrip("\r\n")
         if text.rstrip() == "---":
             break
+        if not top_level and re.match(rf"^{pattern}\s*:", text):
+            top_level = index
         if re.match(rf"^{FRONTMATTER_OPTIONS_KEY}\s*:", text):
             inside = True
             continue
-        if inside and re.match(rf"^\s+{name}\s*:", text):
+        if inside and re.match(rf"^\s+{pattern}\s*:", text):
             return index
         if inside and text and not text[0].isspace():
             inside = False
-    return 1
+    return top_level or 1
 
 
 def _block_option_line(planned: PlannedBlock, name: str) -> int:

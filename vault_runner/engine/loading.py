@@ -9,7 +9,7 @@ from vault_runner.core import note as notes
 from vault_runner.core.freshness import freshness, is_current
 from vault_runner.core.options import OptionError, Resolved, opted_in, resolve
 from vault_runner.core.plan import PlannedBlock, plan_blocks
-from vault_runner.core.warnings import option_warnings
+from vault_runner.core.warnings import frontmatter_line, option_warnings
 from vault_runner.disk.vault import Vault
 from vault_runner.errors import NoteError, VaultError
 from vault_runner.model import BlockReport
@@ -88,7 +88,8 @@ def load(vault: Vault, path: Path, data: bytes | None = None) -> Loaded:
     try:
         note_options = resolve(config.defaults, note.frontmatter)
     except OptionError as exc:
-        raise VaultError(path, f"frontmatter: {exc}", 2) from None
+        line = frontmatter_line(note, exc.option) if exc.origin == "frontmatter" and exc.option else 2
+        raise VaultError(path, f"frontmatter: {exc}", line) from None
     try:
         plan = plan_blocks(note, config.defaults)
     except NoteError as exc:
