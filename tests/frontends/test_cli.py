@@ -69,3 +69,29 @@ def test_json_report_exit_codes_and_summary(tmp_path: Path, capsys: pytest.Captu
     code, _, err = run_cli(["render", "--force", str(root / "n.md")], capsys)
     assert code == 0  # render runs only opted-in notes: n.md has not opted in
     assert "0 note(s) written" in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["watch", "VAULT", "--debounce", "nan"],
+        ["watch", "VAULT", "--idle-timeout", "nan"],
+        ["serve", "VAULT", "--port", "70000"],
+        ["serve", "VAULT", "--port", "-1"],
+        ["render", "VAULT", "-j", "-1"],
+        ["test", "VAULT", "-j", "-2"],
+    ],
+)
+def test_a_number_out_of_its_range_is_a_usage_error_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    """Issue 15 review: NaN was taken (then watch never ran anything), port 70000 was a
+    traceback, `render -j -1` went ahead, `test -j -2` said `error .:`."""
+    root = make_note_vault(tmp_path / "v", {"n.md": "---\nvault-runner: true\n---\n```python\nprint(1)\n```\n"})
+    with pytest.raises(SystemExit) as exited:
+        main([str(root) if arg == "VAULT" else arg for arg in args])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"vault-runner {args[0]}: error: argument " in err, err
+    assert "trust" not in err and "Traceback" not in err  # said before the trust check
+    assert "vault-runner:output" not in (root / "n.md").read_text(encoding="utf-8")  # nothing ran

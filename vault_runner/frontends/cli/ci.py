@@ -27,7 +27,7 @@ from vault_runner.engine.loading import select
 from vault_runner.engine.targets import notes_under
 from vault_runner.errors import VaultError
 from vault_runner.frontends.cli.executor import add_executor_options, executor
-from vault_runner.frontends.cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, default_target
+from vault_runner.frontends.cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, default_target, number
 
 
 def _err_console() -> Console:
@@ -98,8 +98,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    if args.jobs < 0:
-        raise VaultError(Path.cwd(), f"-j must be 0 (one per CPU) or more, not {args.jobs}")
     jobs = args.jobs or os.cpu_count() or 1
     started = time.monotonic()
     console = _err_console()
@@ -189,7 +187,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         epilog=epilog,
     )
     _add_report_options(test)
-    test.add_argument("-j", "--jobs", type=int, default=1, metavar="N", help="run N notes at a time (0: one per CPU)")
+    test.add_argument(
+        "-j",
+        "--jobs",
+        type=number(int, minimum=0),
+        default=1,
+        metavar="N",
+        help="run N notes at a time (0: one per CPU)",
+    )
     test.add_argument(
         "--compare",
         action="store_true",

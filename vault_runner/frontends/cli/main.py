@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -50,6 +52,46 @@ def default_target(paths: Sequence[str]) -> list[Path]:
         "is not inside a vault (no .obsidian folder here or above) and no vault was given; pass a vault folder "
         "or notes (e.g. `vault-runner render sample_vault`)",
     )
+
+
+# -- numbers on the command line: one rule, for every command --------------------------------
+def add_number(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    kind: type[int] | type[float],
+    metavar: str,
+    what: str,
+    *,
+    default: float,
+    minimum: float,
+    maximum: float | None = None,
+) -> None:
+    """A number option within bounds (see `number`); its help is `what` and the default."""
+    parser.add_argument(
+        flag,
+        type=number(kind, minimum=minimum, maximum=maximum),
+        default=default,
+        metavar=metavar,
+        help=f"{what} (default {default:g})",
+    )
+
+
+def number(kind: type[int] | type[float], *, minimum: float, maximum: float | None = None) -> Any:
+    """An argparse type: a number within bounds, or a usage error (exit 2) that says which."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if math.isnan(value):  # NaN would pass every bound below, as no comparison holds
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"at least {minimum:g}" if maximum is None else f"between {minimum:g} and {maximum:g}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {bounds}")
+        return value
+
+    return parse
 
 
 class Progress:
@@ -261,7 +303,9 @@ def add_core_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="vaults, folders of a vault or notes (default: the vault the current folder is in, else ./sample_vault)",
     )
     render.add_argument("--all", action="store_true", help="ignore opt-in: run every note with python blocks")
-    render.add_argument("-j", "--jobs", type=int, default=1, metavar="N", help="run N notes at once (default 1)")
+    render.add_argument(
+        "-j", "--jobs", type=number(int, minimum=1), default=1, metavar="N", help="run N notes at once (default 1)"
+    )
     _add_run_options(render)
     add_executor_options(render)
     render.set_defaults(func=cmd_render)

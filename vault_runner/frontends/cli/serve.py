@@ -31,6 +31,7 @@ from vault_runner import __version__
 from vault_runner.disk.trust import config_dir
 from vault_runner.errors import shown_path
 from vault_runner.frontends.api.security import OBSIDIAN_ORIGIN, load_or_create_token, normalize_origin
+from vault_runner.frontends.cli.main import number
 from vault_runner.frontends.cli.watch import (
     Feedback,
     add_runner_options,
@@ -194,7 +195,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "<config dir>/servers/<vault hash>.json and printed at start.",
     )
     serve.add_argument("vault", metavar="VAULT", help="the vault folder")
-    serve.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default 0: a free one)")
+    serve.add_argument(
+        "--port",
+        type=number(int, minimum=0, maximum=65535),
+        default=0,
+        help="port on 127.0.0.1 (default 0: a free one)",
+    )
     serve.add_argument("--no-watch", action="store_true", help="serve the API only; do not run notes on save")
     serve.add_argument(
         "--allow-origin",

@@ -29,6 +29,7 @@ from vault_runner.disk.vault import Vault, load_vault
 from vault_runner.engine import Event
 from vault_runner.errors import UntrustedVault, VaultError, shown_path
 from vault_runner.frontends.cli.main import ICONS as _ICONS
+from vault_runner.frontends.cli.main import add_number
 from vault_runner.frontends.watcher import DEBOUNCE, VaultWatcher
 from vault_runner.live.runner import Runner
 from vault_runner.live.session import SUPERSEDE_POLICIES
@@ -311,45 +312,6 @@ def add_runner_options(parser: argparse.ArgumentParser) -> None:
         f"interrupting it (policies: {', '.join(SUPERSEDE_POLICIES)})",
     )
     parser.set_defaults(validate=lambda args: check_runner_options(parser, args))
-
-
-def add_number(
-    parser: argparse.ArgumentParser,
-    flag: str,
-    kind: type[int] | type[float],
-    metavar: str,
-    what: str,
-    *,
-    default: float,
-    minimum: float,
-    maximum: float | None = None,
-) -> None:
-    """A number option within bounds (see `number`); its help is `what` and the default."""
-    parser.add_argument(
-        flag,
-        type=number(kind, minimum=minimum, maximum=maximum),
-        default=default,
-        metavar=metavar,
-        help=f"{what} (default {default:g})",
-    )
-
-
-def number(kind: type[int] | type[float], *, minimum: float, maximum: float | None = None) -> Any:
-    """An argparse type: a number within bounds, or a usage error (exit 2) that says which."""
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not {'a whole number' if kind is int else 'a number'}"
-            ) from None
-        if value < minimum or (maximum is not None and value > maximum):
-            bounds = f"at least {minimum:g}" if maximum is None else f"between {minimum:g} and {maximum:g}"
-            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {bounds}")
-        return value
-
-    return parse
 
 
 def check_runner_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
