@@ -78,6 +78,35 @@ def test_every_command_names_a_note_relative_to_the_current_folder_or_absolute(t
     assert report["note"] == "sub/roto.md"  # JSON: vault-relative always
 
 
+# -- the vault by default (15.1): every command, one rule ---------------------------------------
+def test_every_command_takes_the_vault_the_current_folder_is_in(tmp_path: Path) -> None:
+    """Issue 15 review: watch, serve, trust, untrust and obsidian install still required VAULT."""
+    root = make_note_vault(tmp_path / "v", {"sub/n.md": "# nada\n"})
+    sub = root / "sub"
+    for command in ("watch", "serve"):
+        done = cli(command, cwd=sub)  # untrusted: it names the vault it would run, and stops
+        assert done.returncode == 2, done.stderr
+        assert "required" not in done.stderr
+        assert f"{root.resolve()}: this vault is not trusted" in done.stderr
+    done = cli("trust", cwd=sub)
+    assert done.returncode == 0 and trust.is_trusted(root), done.stderr
+    done = cli("untrust", cwd=sub)
+    assert done.returncode == 0 and not trust.is_trusted(root), done.stderr
+    done = cli("obsidian", "install", cwd=sub)
+    assert done.returncode == 0, done.stderr
+    assert (root / ".obsidian" / "plugins" / "vault-runner" / "manifest.json").is_file()
+    assert not (sub / ".obsidian").exists()
+
+
+def test_render_in_a_folder_without_notes_to_run_says_so(tmp_path: Path) -> None:
+    root = make_note_vault(tmp_path / "v", {"sub/n.md": "# nada\n"})
+    done = cli("render", cwd=root / "sub")
+    assert done.returncode == 0, done.stderr
+    summary = done.stderr.strip().splitlines()[-1]
+    assert ": ;" not in summary and "no blocks" not in summary, summary
+    assert "no note with python blocks" in summary, summary
+
+
 # -- hand edits: what render, watch and check say (15.10) ----------------------------------------
 @pytest.mark.kernel
 def test_a_hand_edit_reads_the_same_in_render_and_check_and_nothing_is_said_to_have_run(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from vault_runner.disk import trust
 from vault_runner.disk.vault import find_root
 from vault_runner.engine.machine import doctor_report, kernel_start, nvidia_device_nodes
 from vault_runner.errors import VaultError
+from vault_runner.frontends.cli.main import VAULT_HELP, default_vault
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -90,14 +91,15 @@ def _vault_root(path_text: str) -> Path:
 
 
 def cmd_trust(args: argparse.Namespace) -> int:
-    root = _vault_root(args.vault)
+    root = _vault_root(default_vault(args.vault))
     trust.trust(root)
     print(f"trusted {root}: `vault-runner watch` and `serve` will run its notes' code")
     return EXIT_OK
 
 
 def cmd_untrust(args: argparse.Namespace) -> int:
-    root = _vault_root(args.vault) if Path(args.vault).expanduser().exists() else Path(args.vault).expanduser()
+    given = default_vault(args.vault)
+    root = _vault_root(given) if Path(given).expanduser().exists() else Path(given).expanduser()
     if not trust.is_trusted(root):
         print(f"{root} was not trusted; nothing to do")
         return EXIT_OK
@@ -115,9 +117,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     trust_cmd = sub.add_parser(
         "trust", help="let `watch` and `serve` run the code of a vault's notes (stored in your config folder)"
     )
-    trust_cmd.add_argument("vault", metavar="VAULT")
+    trust_cmd.add_argument("vault", nargs="?", metavar="VAULT", help=VAULT_HELP)
     trust_cmd.set_defaults(func=cmd_trust)
 
     untrust_cmd = sub.add_parser("untrust", help="take back `trust` for a vault")
-    untrust_cmd.add_argument("vault", metavar="VAULT")
+    untrust_cmd.add_argument("vault", nargs="?", metavar="VAULT", help=VAULT_HELP)
     untrust_cmd.set_defaults(func=cmd_untrust)

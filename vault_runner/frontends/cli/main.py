@@ -23,7 +23,7 @@ from rich.progress import Progress as RichProgress
 
 from vault_runner import __version__
 from vault_runner.ci.reports import EXECUTED, block_line, block_message, located, outcome
-from vault_runner.disk.vault import CONFIG_NAME, Vault
+from vault_runner.disk.vault import CONFIG_NAME, Vault, find_root
 from vault_runner.engine.clean import clean_note
 from vault_runner.engine.targets import notes_under
 from vault_runner.errors import VaultError, shown_path
@@ -52,6 +52,19 @@ def default_target(paths: Sequence[str]) -> list[Path]:
         "is not inside a vault (no .obsidian folder here or above) and no vault was given; pass a vault folder "
         "or notes (e.g. `vault-runner render sample_vault`)",
     )
+
+
+VAULT_HELP = "the vault folder (default: the vault the current folder is in, else ./sample_vault)"
+
+
+def default_vault(given: str | None) -> str:
+    """The VAULT of `watch`, `serve`, `trust`, `untrust` and `obsidian install`: the one given;
+    else, by default_target's rule, the root of the vault the current folder is in (or
+    ./sample_vault)."""
+    if given is not None:
+        return given
+    [target] = default_target(())
+    return str(find_root(target))
 
 
 # -- numbers on the command line: one rule, for every command --------------------------------
@@ -183,6 +196,9 @@ def summarize(console: Console, reports: Sequence[NoteReport]) -> None:
         for block in report.blocks:
             blocks_by[block.status] = blocks_by.get(block.status, 0) + 1
     written = sum(1 for r in reports if r.written)
+    if not reports:
+        console.print("0 note(s): no note with python blocks here, so nothing ran; 0 note(s) written")
+        return
     note_part = ", ".join(f"{n} {s}" for s, n in sorted(notes_by.items()))
     block_part = ", ".join(f"{n} {s}" for s, n in sorted(blocks_by.items())) or "no blocks"
     console.print(f"{len(reports)} note(s): {note_part}; blocks: {block_part}; {written} note(s) written")

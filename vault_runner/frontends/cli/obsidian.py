@@ -27,6 +27,7 @@ from rich.markup import escape
 
 from vault_runner.disk.atomic import Folder, read_file, write_attachment, write_if_unchanged
 from vault_runner.errors import VaultError, WriteConflict
+from vault_runner.frontends.cli.main import VAULT_HELP, default_vault
 from vault_runner.model import EXIT_OK, EXIT_USAGE
 
 __all__ = ("PLUGIN_ID", "add_commands", "install", "shipped_plugin")
@@ -115,9 +116,10 @@ def _ask(console: Console) -> bool:
 
 def cmd_install(args: argparse.Namespace) -> int:
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    root = Path(args.vault).absolute()
+    vault = default_vault(args.vault)
+    root = Path(vault).absolute()
     if not root.is_dir():
-        console.print(f"[red]error[/] {escape(args.vault)}: there is no such folder; give the vault's folder")
+        console.print(f"[red]error[/] {escape(vault)}: there is no such folder; give the vault's folder")
         return EXIT_USAGE
 
     def confirm() -> bool:
@@ -142,11 +144,9 @@ def cmd_install(args: argparse.Namespace) -> int:
     else:
         console.print(
             "not enabled: turn it on in Obsidian (Settings → Community plugins → Vault Runner), "
-            f"or run `vault-runner obsidian install {escape(args.vault)} --enable`"
+            f"or run `vault-runner obsidian install {escape(vault)} --enable`"
         )
-    console.print(
-        f"next: `vault-runner trust {escape(args.vault)}` once, then `vault-runner serve {escape(args.vault)}`"
-    )
+    console.print(f"next: `vault-runner trust {escape(vault)}` once, then `vault-runner serve {escape(vault)}`")
     return EXIT_OK
 
 
@@ -163,7 +163,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         description="Copy the plugin into VAULT/.obsidian/plugins/vault-runner/, replacing an older copy. It is "
         "enabled (added to .obsidian/community-plugins.json) only if you say yes when asked, or pass --enable.",
     )
-    install_parser.add_argument("vault", metavar="VAULT", help="the vault folder (the one holding .obsidian/)")
+    install_parser.add_argument(
+        "vault", nargs="?", metavar="VAULT", help="the vault folder (the one holding .obsidian/); " + VAULT_HELP
+    )
     install_parser.add_argument(
         "--enable",
         "--yes",

@@ -31,7 +31,7 @@ from vault_runner import __version__
 from vault_runner.disk.trust import config_dir
 from vault_runner.errors import shown_path
 from vault_runner.frontends.api.security import OBSIDIAN_ORIGIN, load_or_create_token, normalize_origin
-from vault_runner.frontends.cli.main import number
+from vault_runner.frontends.cli.main import VAULT_HELP, default_vault, number
 from vault_runner.frontends.cli.watch import (
     Feedback,
     add_runner_options,
@@ -110,7 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         console.print(f"[red]error[/] --allow-origin: {escape(str(exc))}")
         return EXIT_USAGE
-    vault = trusted_vault(args.vault, "serve", console)
+    vault = trusted_vault(default_vault(args.vault), "serve", console)
     if vault is None:
         return EXIT_USAGE
     other = running_server(vault.root)
@@ -194,7 +194,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "kernel pool, one queue. The port and the token file are written to "
         "<config dir>/servers/<vault hash>.json and printed at start.",
     )
-    serve.add_argument("vault", metavar="VAULT", help="the vault folder")
+    serve.add_argument("vault", nargs="?", metavar="VAULT", help=VAULT_HELP)
     serve.add_argument(
         "--port",
         type=number(int, minimum=0, maximum=65535),

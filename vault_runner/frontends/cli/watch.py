@@ -29,7 +29,7 @@ from vault_runner.disk.vault import Vault, load_vault
 from vault_runner.engine import Event
 from vault_runner.errors import UntrustedVault, VaultError, shown_path
 from vault_runner.frontends.cli.main import ICONS as _ICONS
-from vault_runner.frontends.cli.main import add_number
+from vault_runner.frontends.cli.main import VAULT_HELP, add_number, default_vault
 from vault_runner.frontends.watcher import DEBOUNCE, VaultWatcher
 from vault_runner.live.runner import Runner
 from vault_runner.live.session import SUPERSEDE_POLICIES
@@ -171,7 +171,7 @@ class Feedback:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    vault = trusted_vault(args.vault, "watch", console)
+    vault = trusted_vault(default_vault(args.vault), "watch", console)
     if vault is None:
         return EXIT_USAGE
     runner = runner_from_args(vault, args)
@@ -276,7 +276,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         description="Watch a vault: each save of an opted-in note re-runs its changed blocks "
         "(and the blocks after them) in a warm kernel and writes the outputs back.",
     )
-    watch.add_argument("vault", metavar="VAULT", help="the vault folder")
+    watch.add_argument("vault", nargs="?", metavar="VAULT", help=VAULT_HELP)
     watch.add_argument("--json", action="store_true", help="print one JSON event per line on stdout")
     add_runner_options(watch)
     add_number(
