@@ -7,6 +7,7 @@ not exist, the target files are byte-identical, and the kernel pool never starte
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Iterator
@@ -255,6 +256,30 @@ def test_malformed_json_is_a_clear_422(secured, body: str) -> None:
     response = raw_request(secured["server"], "POST", "/api/v1/run", content=body, headers=headers)
     assert_error(response, 422, "invalid_request")
     assert "JSON decode error" not in response.text
+    assert_nothing_ran(secured, before)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "said"),
+    [
+        ("/api/v1/run-block", {"note": "victim.md", "index": -1}, "`index` must be greater than or equal to 0"),
+        ("/api/v1/run-block", {"note": "victim.md", "line": 0}, "`line` must be greater than or equal to 1"),
+        ("/api/v1/run-block", {"note": "victim.md"}, "give `index` or `line`"),
+        ("/api/v1/run-block", {"note": "victim.md", "index": "1"}, "`index` must be a valid integer"),
+        ("/api/v1/run-block", [1, 2], 'the request body must be a JSON object such as {"note": "a.md"}'),
+        ("/api/v1/run", {"note": "victim.md", "wait": "no"}, "`wait` must be a valid boolean"),
+        ("/api/v1/run", {"note": "victim.md", "extra": 1}, "`extra` is not a field of this request"),
+    ],
+)
+def test_an_invalid_request_says_what_to_fix_in_the_requests_words(secured, path: str, body: object, said: str) -> None:
+    """Issue 15 review: messages named pydantic models (`BlockByIndex.index: ...`) and said
+    `Input should be a valid dictionary` of a list."""
+    before = snapshot(secured)
+    headers = {**AUTH, "Content-Type": "application/json"}
+    response = raw_request(secured["server"], "POST", path, content=json.dumps(body), headers=headers)
+    assert_error(response, 422, "invalid_request")
+    message = response.json()["error"]["message"]
+    assert message == f"invalid request: {said}", message
     assert_nothing_ran(secured, before)
 
 

@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import uvicorn
@@ -27,11 +27,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vault_runner import __version__
 from vault_runner.disk.vault import Vault
 from vault_runner.errors import ApiError
+from vault_runner.frontends.api import schemas
 from vault_runner.frontends.api.codes import error_json, http_status
 from vault_runner.frontends.api.editors import EditorRegistry, editors_router
 from vault_runner.frontends.api.events import HEARTBEAT_SECONDS, MAX_STREAMS, EventHub
@@ -40,6 +42,55 @@ from vault_runner.frontends.api.security import SecurityMiddleware
 from vault_runner.live.runner import Runner
 
 __all__ = ("ApiApp", "ApiServer", "create_app", "main", "openapi_spec")
+
+
+# The request models, whose names pydantic puts in the place of a field when a body may be
+# one of several (run-block: by index or by line); a client never sees those names.
+_MODELS = frozenset(
+    name for name, value in vars(schemas).items() if isinstance(value, type) and issubclass(value, BaseModel)
+)
+_MISFIT = ("missing", "extra_forbidden")  # the body is another shape, rather than a wrong value
+
+
+def validation_problems(errors: Sequence[Any]) -> list[str]:
+    """What is wrong with a request, in the request's own words: its fields, never a model.
+
+    A body that may be one of several shapes is judged as the shape it comes closest to
+    (fewest missing or unknown fields); when several are as close, the fields each misses
+    are offered as alternatives (`give `index` or `line``)."""
+    shapes: dict[str, list[tuple[str, Any]]] = {}
+    for error in errors:
+        where = [str(part) for part in error.get("loc", ()) if part not in ("body", "query")]
+        shape = where.pop(0) if where and where[0] in _MODELS else ""
+        shapes.setdefault(shape, []).append((".".join(where), error))
+    misfits = {shape: sum(e.get("type") in _MISFIT for _, e in found) for shape, found in shapes.items()}
+    closest = [found for shape, found in shapes.items() if misfits[shape] == min(misfits.values())]
+    problems: list[str] = []
+    alternatives: list[str] = []
+    for found in closest:
+        for where, error in found:
+            if error.get("type") == "missing" and len(closest) > 1:
+                alternatives.append(f"`{where}`")
+                continue
+            problem = _problem(where, error)
+            if problem not in problems:
+                problems.append(problem)
+    if alternatives:
+        problems.append("give " + " or ".join(dict.fromkeys(alternatives)))
+    return problems[:3]
+
+
+def _problem(where: str, error: Any) -> str:
+    kind, said = error.get("type"), str(error.get("msg", "is not valid"))
+    if not where:
+        return 'the request body must be a JSON object such as {"note": "a.md"}'
+    if kind == "missing":
+        return f"`{where}` is missing"
+    if kind == "extra_forbidden":
+        return f"`{where}` is not a field of this request"
+    if said.startswith("Input should be "):
+        return f"`{where}` must be {said.removeprefix('Input should be ')}"
+    return f"`{where}`: {said}"
 
 
 def _handlers(app: FastAPI) -> None:
@@ -65,11 +116,7 @@ def _handlers(app: FastAPI) -> None:
                     f"{error['input'][:200]!r}: is not a note path; give the note's path inside the vault, "
                     "relative and /-separated, ending in .md (no `..`, no hidden folder, no backslash)",
                 )
-        problems = []
-        for error in errors[:3]:
-            where = ".".join(str(part) for part in error.get("loc", ()) if part not in ("body", "query"))
-            problems.append(f"{where or 'body'}: {error.get('msg', 'invalid')}")
-        return reply("invalid_request", "invalid request: " + "; ".join(problems))
+        return reply("invalid_request", "invalid request: " + "; ".join(validation_problems(errors)))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
