@@ -244,6 +244,10 @@ def test_option_warnings_show_in_every_format_on_the_options_own_lines(
     ]
     assert "warning: unknown option" not in err  # annotations only, not plain lines as well
 
+    code, _, err = check(["v"], capsys)
+    warned = [line for line in err.splitlines() if ": warning: " in line]
+    assert warned == [f"v/sub/n.md:{line}: warning: {text}" for line, text in said]  # the one path rule
+
 
 @pytest.mark.kernel  # needs the rendered copy (a render, until sample_vault is committed rendered)
 def test_pre_commit_hook_checks_the_files_it_is_given(

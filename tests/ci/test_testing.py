@@ -166,10 +166,11 @@ def test_compare_catches_a_changed_value_and_ignores_addresses_and_timings(
 
 
 @pytest.mark.kernel
-def test_github_format_annotates_each_option_warning_on_its_line(
+def test_option_warnings_are_annotated_with_github_and_follow_the_path_rule(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 15 review: `test --format github` showed no option warning at all."""
+    """Issue 15 review: `test --format github` showed no option warning at all, and the text
+    lines named the note vault-relative while findings follow the one path rule."""
     from tests.core.test_warnings import NOTE
 
     make_note_vault(tmp_path / "v", {"sub/n.md": NOTE})
@@ -182,6 +183,14 @@ def test_github_format_annotates_each_option_warning_on_its_line(
         "::warning file=v/sub/n.md,line=10,title=vault-runner test%3A warning::unknown option `timout` in block is ignored",
         "::warning file=v/sub/n.md,line=11,title=vault-runner test%3A warning::"
         "option `seed` applies to the whole note; set it in the frontmatter",
+    ]
+
+    code, out, _ = run(["test", "v"], capsys)
+    assert code == 0, out
+    assert [line for line in out.splitlines() if ": warning: " in line] == [
+        "v/sub/n.md:5: warning: unknown option `colour` in frontmatter is ignored",
+        "v/sub/n.md:10: warning: unknown option `timout` in block is ignored",
+        "v/sub/n.md:11: warning: option `seed` applies to the whole note; set it in the frontmatter",
     ]
 
 

@@ -289,7 +289,7 @@ def print_result(out: IO[str], result: NoteResult) -> None:
     """The plain lines of one note's failures and option warnings (nothing for a clean pass)."""
     report = result.report
     for warning in report.warnings:
-        print(warning, file=out)
+        print(located(warning, report.note, result.path), file=out)
     if report.status in NOTE_FAILED:
         print(report.message or f"{result.path}: {report.status}", file=out)
     for block in report.blocks:

@@ -82,7 +82,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             sys.stdout.write("".join(diffs))
         if args.format != "github":  # there, each is an annotation above
             for warning in warnings:
-                print(warning.text, file=sys.stderr)
+                print(warning.one_line(), file=sys.stderr)
         reports.print_check_summary(_err_console(), findings, len(checked), len(errors), seconds)
         if failures:
             _err_console().print(
