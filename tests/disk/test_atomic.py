@@ -145,3 +145,20 @@ def test_clean_leaves_no_empty_attachment_folder_behind(tmp_path: Path) -> None:
     write_attachment(keep / "n-vr-0123456789ab.png", b"\x89PNG\r\n\x1a\n", root=root)
     remove_stale_attachments(keep, {"n-vr-0123456789ab.png"}, "", root=root)
     assert (keep / "photo.png").exists()  # a folder with the user's files stays
+
+
+def test_clean_removes_every_empty_folder_its_attachments_needed_and_no_other(tmp_path: Path) -> None:
+    """Issue 15 review: an attachment folder `figs/plots` left `figs/` behind."""
+    from vault_runner.disk.attachments import remove_stale_attachments
+
+    root = make_note_vault(tmp_path / "vault", {})
+    name = "n-vr-0123456789ab.png"
+    folder = root / "figs" / "plots"
+    write_attachment(folder / name, b"\x89PNG\r\n\x1a\n", root=root)
+    remove_stale_attachments(folder, {name}, "", root=root)
+    assert not (root / "figs").exists() and root.is_dir()
+
+    write_attachment(folder / name, b"\x89PNG\r\n\x1a\n", root=root)
+    (root / "figs" / "mine.png").write_bytes(b"x")
+    remove_stale_attachments(folder, {name}, "", root=root)
+    assert not folder.exists() and (root / "figs" / "mine.png").exists()  # not empty: it stays

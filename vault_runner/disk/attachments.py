@@ -21,7 +21,11 @@ def remove_stale_attachments(folder: Path, old_links: set[str], new_text: str, *
             continue
         removed |= remove_file(folder / name, root=root)
     if removed and root is not None:
-        remove_empty_folder(folder, root=root)  # the folder our attachments needed, now empty
+        # The folders our attachments needed (`figs/plots` makes both), each while it is empty,
+        # up to the vault root; each removed through its parent opened from the root, never by
+        # path, so a symlink on the way stops it.
+        while folder != root and remove_empty_folder(folder, root=root):
+            folder = folder.parent
 
 
 def attachment_names(body: str) -> set[str]:
