@@ -123,3 +123,11 @@ def test_a_folder_that_is_not_a_vault_is_refused(tmp_path: Path) -> None:
     assert done.returncode == 2 and "not an Obsidian vault" in done.stderr
     assert not (tmp_path / ".obsidian").exists()
     assert cli("install", str(tmp_path / "missing")).returncode == 2
+
+
+def test_a_wrong_flag_of_install_shows_the_usage_of_install() -> None:
+    """Issue 15 review: it showed the usage of `obsidian`, which has no such flag either."""
+    done = cli("install", "--bogus")
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: vault-runner obsidian install "), done.stderr
+    assert "unrecognized arguments: --bogus" in done.stderr

@@ -121,7 +121,7 @@ class BlockByLine(BaseModel):
 
 
 class Output(BaseModel):
-    """One output of a block (DESIGN.md contract 8): stream text, a result or display, an error."""
+    """One output of a block (README, "JSON report"): stream text, a result or display, an error."""
 
     model_config = ConfigDict(extra="allow")
     type: str = Field(description="stream | execute_result | display_data | error")
@@ -243,7 +243,7 @@ class Status(BaseModel):
     refused: dict[str, int] = Field(description="requests refused by the security checks, by error code")
 
 
-# -- the editor extensions (obsidian-plugin/PROTOCOL.md, DESIGN.md contract 11) -------------
+# -- the editor extensions (obsidian-plugin/PROTOCOL.md) ---------------------------------------
 CLIENT_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
 _CLIENT_FIELD = Field(
     pattern=CLIENT_PATTERN,

@@ -390,9 +390,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _front_end_adders():
         add(sub)
+    _name_each_parser(sub)
+    return parser
+
+
+def _name_each_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Each (sub)command knows its parser, so a wrong flag shows that command's usage
+    (`obsidian install --bogus`: the usage of `install`, not of `obsidian`)."""
     for command in sub.choices.values():
         command.set_defaults(command_parser=command)
-    return parser
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _name_each_parser(action)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
