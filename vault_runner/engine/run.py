@@ -233,7 +233,7 @@ class Engine(WriteBack):
                     report.blocks.append(block_report(loaded, planned, "skipped", message=stop_reason))
                     continue
                 self.on_event(Event("block-started", relative, block.index, block.fence_line))
-                execution = self._execute_block(kernel, planned, relative, device)
+                execution = self._execute_block(kernel, planned, loaded, device, sources)
                 if execution.execution_count is not None:
                     sources[execution.execution_count] = CellSource(loaded.path.name, block.code_line, block.index)
                 result = self._finish_block(loaded, planned, execution, sources, device)
@@ -261,13 +261,27 @@ class Engine(WriteBack):
         return run
 
     def _execute_block(
-        self, kernel: Kernel, planned: PlannedBlock, relative: str, device: str | None = None
+        self,
+        kernel: Kernel,
+        planned: PlannedBlock,
+        loaded: Loaded,
+        device: str | None,
+        sources: Mapping[int, CellSource],
     ) -> Execution:
         block = planned.block
         options = planned.options
+        # A warning streamed while the block runs names the note's line, as the report does:
+        # the running cell's execution count is known before its outputs arrive.
+        count, asked = _next_count(kernel, sources)
+        if asked is not None and (asked.status == "dead" or asked.kernel_restarted):
+            return asked  # the kernel died before the block: what running it would have found
+        here = CellSource(loaded.path.name, block.code_line, block.index)
+        running = {**sources, count: here} if count is not None else sources
 
         def forward(output: dict[str, Any]) -> None:
-            self.on_event(Event("output", relative, block.index, block.fence_line, output_summary(output)))
+            self.on_event(
+                Event("output", loaded.relative, block.index, block.fence_line, output_summary(output, running))
+            )
 
         if not options["warning"]:
             kernel.execute(
@@ -436,6 +450,18 @@ def _where_it_was(traceback: list[str]) -> list[str]:
     while kept and strip_ansi(str(kept[-1])).strip().startswith("KeyboardInterrupt"):
         kept.pop()
     return kept
+
+
+def _next_count(kernel: Kernel, sources: Mapping[int, CellSource]) -> tuple[int | None, Execution | None]:
+    """The execution count the kernel gives the next block, and the execution that asked
+    for it, if one did. IPython counts every execution that is not silent, and in a kernel
+    the engine runs nothing but blocks that way, so it is one more than the last block's;
+    before the first block, the kernel is asked (silently)."""
+    if sources:
+        return max(sources) + 1, None
+    asked = kernel.execute("", 30, silent=True, user_expressions={"count": "get_ipython().execution_count"})
+    text = _expression_text(asked.user_expressions.get("count"))
+    return (int(text) if text is not None and text.isdigit() else None), asked
 
 
 def _expression_text(value: Any) -> str | None:
