@@ -1,7 +1,8 @@
 """Code and environment a fresh kernel gets before a note's first block.
 
-`kernel_env` is the launch environment; `prelude_code` caps output inside the kernel (run
-by the session on every start); `setup_code` places the note on its device and seeds it.
+`kernel_env` is the launch environment; `prelude_code` caps output inside the kernel and
+defines the setup function (run by the session on every start; a forked spare runs it
+before its note is known); `setup_code` calls it: the note's device and seeds.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from vault_runner.kernel.limits import MAX_IMAGES, MAX_OUTPUT_BYTES
 from vault_runner.kernel.outputs import DROPPED_MIME
 
 __all__ = ("kernel_env", "prelude_code", "setup_code")
+
+# The module the prelude registers in the kernel, holding the per-note setup function.
+SETUP_MODULE = "__vault_runner__"
 
 # Run silently in every new kernel. Caps stream output inside the kernel, per execution, so
 # a block printing a gigabyte never sends it (the session would drop it anyway, but
@@ -73,42 +77,10 @@ def __vault_runner_cell_warnings():
             filename = " ".join(cell)
         return original(message, category, filename, lineno, line)
     warnings.formatwarning = formatwarning
-__vault_runner_cap_streams(%d)
-__vault_runner_cap_figures(%d)
-__vault_runner_cell_warnings()
-del __vault_runner_cap_streams, __vault_runner_cap_figures, __vault_runner_cell_warnings
-"""
-
-
-def prelude_code() -> str:
-    """The prelude with this build's limits filled in."""
-    return _PRELUDE % (DROPPED_MIME, MAX_OUTPUT_BYTES + 1024, MAX_IMAGES)
-
-
-def kernel_env(vault_root: Path, note: Path | None, note_options: Mapping[str, Any]) -> dict[str, str]:
-    """The environment a kernel is launched with (a warm spare has no note yet)."""
-    env = {"VAULT_RUNNER_NOTE": str(note or ""), "VAULT_RUNNER_VAULT": str(vault_root)}
-    if note_options.get("deterministic"):
-        # Read by CUDA/cuBLAS and Python only at start-up, so they go in the launch env.
-        env.update(CUBLAS_WORKSPACE_CONFIG=":4096:8", PYTHONHASHSEED="0")
-    return env
-
-
-def setup_code(note_options: Mapping[str, Any], need_torch: bool) -> str:
-    """Code run silently in a fresh kernel before the note's first block."""
-    settings = json.dumps(
-        {
-            "device": note_options["device"],
-            "seed": note_options["seed"],
-            "torch": need_torch,
-            "deterministic": note_options["deterministic"],
-            "fraction": note_options["gpu-memory-fraction"],
-        }
-    )
-    # No `%config InlineBackend...` here: it imports matplotlib (0.6 s) in every kernel, and
-    # PNG is already the inline backend's default format.
-    return f"""
 def __vault_runner_setup(settings):
+    # A note's device and seeds (setup_code calls it with the note's options).
+    # No `%%config InlineBackend...` here: it imports matplotlib (0.6 s) in every kernel, and
+    # PNG is already the inline backend's default format.
     import json, os, random
     settings = json.loads(settings)
     shell = get_ipython()
@@ -151,6 +123,45 @@ def __vault_runner_setup(settings):
             import torch
             torch.manual_seed(seed)
     return device
-__vault_runner_device = __vault_runner_setup({settings!r})
-del __vault_runner_setup
+def __vault_runner_register_setup():
+    import sys, types
+    module = types.ModuleType("%s", "vault_runner's per-note kernel setup")
+    module.setup = __vault_runner_setup
+    sys.modules[module.__name__] = module
+__vault_runner_cap_streams(%d)
+__vault_runner_cap_figures(%d)
+__vault_runner_cell_warnings()
+__vault_runner_register_setup()
+del __vault_runner_cap_streams, __vault_runner_cap_figures, __vault_runner_cell_warnings
+del __vault_runner_setup, __vault_runner_register_setup
 """
+
+
+def prelude_code() -> str:
+    """The prelude with this build's limits filled in."""
+    return _PRELUDE % (DROPPED_MIME, SETUP_MODULE, MAX_OUTPUT_BYTES + 1024, MAX_IMAGES)
+
+
+def kernel_env(vault_root: Path, note: Path | None, note_options: Mapping[str, Any]) -> dict[str, str]:
+    """The environment a kernel is launched with (a warm spare has no note yet)."""
+    env = {"VAULT_RUNNER_NOTE": str(note or ""), "VAULT_RUNNER_VAULT": str(vault_root)}
+    if note_options.get("deterministic"):
+        # Read by CUDA/cuBLAS and Python only at start-up, so they go in the launch env.
+        env.update(CUBLAS_WORKSPACE_CONFIG=":4096:8", PYTHONHASHSEED="0")
+    return env
+
+
+def setup_code(note_options: Mapping[str, Any], need_torch: bool) -> str:
+    """Code run silently in a fresh kernel before the note's first block."""
+    settings = json.dumps(
+        {
+            "device": note_options["device"],
+            "seed": note_options["seed"],
+            "torch": need_torch,
+            "deterministic": note_options["deterministic"],
+            "fraction": note_options["gpu-memory-fraction"],
+        }
+    )
+    # The function is defined by the prelude, which a forked spare ran before its note was
+    # known: what is left per note is one call (compiling the function cost ~6 ms a note).
+    return f"__vault_runner_device = __import__({SETUP_MODULE!r}).setup({settings!r})\n"
