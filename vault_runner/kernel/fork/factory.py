@@ -37,6 +37,7 @@ from vault_runner.kernel.fork.common import (
 from vault_runner.kernel.fork.session import ForkedSession, finish_shutdowns
 from vault_runner.kernel.fork.template import KernelTemplate
 from vault_runner.kernel.sandbox import Policy, Sandbox, policy_from_options
+from vault_runner.kernel.sandbox.cgroup import Cgroup
 from vault_runner.kernel.sandbox.filesystem import PROTECTED_IN_VAULT
 from vault_runner.kernel.sandbox.gpu import nvidia_device_nodes
 from vault_runner.kernel.setup import kernel_env, prelude_code
@@ -89,6 +90,9 @@ class _Slot:
             template.env = {**self.env, **self.sandbox.env()}
             template.env.setdefault("MPLBACKEND", DEFAULT_MPLBACKEND)
             template.env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
+            # Each spare joins a cgroup of its own while it waits; the note that takes it
+            # puts its caps on that one (Sandbox.adopt_cgroup) instead of moving it.
+            template.spare_cgroup = lambda: Cgroup.create(policy)
             template.start()
             template.keep_spares(self.spares)
             self.template = template

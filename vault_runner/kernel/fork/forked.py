@@ -20,6 +20,8 @@ from jupyter_client.manager import KernelManager
 
 if TYPE_CHECKING:
     from vault_runner.kernel.fork.template import KernelTemplate
+    from vault_runner.kernel.sandbox import Sandbox
+    from vault_runner.kernel.sandbox.cgroup import Cgroup
 
 from vault_runner.errors import ForkError
 
@@ -50,6 +52,10 @@ class ForkedKernel:
         self._owned_dir = owned_dir
         self.returncode: int | None = None
         self.waiting: socket.socket | None = None  # a spare's line to its child, until a note takes it
+        # A spare's own cgroup, joined when it was made, until a note's sandbox adopts it;
+        # a spare's client, connected while it waits (`connect_ahead`).
+        self.cgroup: Cgroup | None = None
+        self.connected: BlockingKernelClient | None = None
 
     def __repr__(self) -> str:
         return f"ForkedKernel(pid={self.pid}, connection_file={str(self.connection_file)!r})"
@@ -99,6 +105,31 @@ class ForkedKernel:
         client.load_connection_info(self.connection_info)  # type: ignore[arg-type]
         return client
 
+    def connect_ahead(self, timeout: float = 5.0) -> None:
+        """Connect a client to a spare while it waits for its note, until its iopub says
+        welcome (ipykernel 7 sends one per subscription from its iopub thread, which runs
+        already): the note's session then takes it (`take_client`) and needs no readiness
+        wait, its first request queued until the kernel serves. Without a welcome (an
+        older ipykernel) nothing is kept and the session connects as usual."""
+        client = self.client()
+        client.start_channels()
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                if client.get_iopub_msg(timeout=left)["msg_type"] == "iopub_welcome":
+                    self.connected = client
+                    return
+            except queue.Empty:
+                break
+            except ValueError:
+                continue  # a message that fails its signature check
+        client.stop_channels()
+
+    def take_client(self) -> BlockingKernelClient | None:
+        """The client connected ahead, once (None: connect and wait for readiness)."""
+        client, self.connected = self.connected, None
+        return client
+
     def shutdown(self, now: bool = False, timeout: float = 5.0, wait: bool = True) -> None:
         """Ask the kernel to shut down (unless `now`), kill it if it has not ended after
         `timeout`, clean up. With `wait=False` this returns once the request is sent and
@@ -128,6 +159,9 @@ class ForkedKernel:
         if self.waiting is not None:
             self.waiting.close()
             self.waiting = None
+        if self.connected is not None:
+            self.connected.stop_channels()
+            self.connected = None
         if self.pidfd is not None:
             if self.is_alive():
                 self.kill()
@@ -135,6 +169,9 @@ class ForkedKernel:
                 os.close(self.pidfd)
             self.pidfd = None
         self.template._forget(self)
+        if self.cgroup is not None:
+            self.cgroup.remove()
+            self.cgroup = None
         if self._owned_dir is not None:
             shutil.rmtree(self._owned_dir, ignore_errors=True)
             self._owned_dir = None
@@ -201,7 +238,9 @@ class _ForkedProvisioner:
 class ForkedKernelManager(KernelManager):
     """A KernelManager whose kernels are forked from a KernelTemplate.
 
-    Covers what kernel.KernelSession uses: start_kernel (cwd, env), client(), is_alive(),
+    With `sandbox`, each kernel gets the note's process cap and cgroup (re-read at every
+    start: a restart's kernel joins the cgroup the sandbox holds then). Covers what
+    kernel.KernelSession uses: start_kernel (cwd, env), client(), is_alive(),
     interrupt_kernel(), signal_kernel(), shutdown_kernel(now, restart), restart_kernel(),
     cleanup_resources(), has_kernel, provisioner.process.pid. The connection file, ports
     and key are KernelManager's own (`transport="ipc"`, `ip=` a path in the template's
@@ -212,16 +251,14 @@ class ForkedKernelManager(KernelManager):
         self,
         template: KernelTemplate,
         *,
-        rlimits: Mapping[str, int] | None = None,
-        cgroup: str | os.PathLike[str] | None = None,
+        sandbox: Sandbox | None = None,
         replace_env: bool = True,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("kernel_name", "python3")
         super().__init__(**kwargs)
         self.template = template
-        self.rlimits = dict(rlimits or {})
-        self.cgroup = cgroup
+        self.sandbox = sandbox  # the note's own part of the sandbox: its cgroup, its process cap
         self.replace_env = replace_env
         self.forked: ForkedKernel | None = None
         self._last_env: dict[str, str] | None = None
@@ -236,12 +273,15 @@ class ForkedKernelManager(KernelManager):
         env = kw.get("env") or self._last_env
         self._last_cwd, self._last_env = cwd, env
         self._release()  # the kernel before a restart (after a death, the session only cleans up)
+        sandbox = self.sandbox
+        cgroup = sandbox.cgroup if sandbox is not None else None
         self.forked = self.template.fork(
             cwd,
             env,
             replace_env=self.replace_env and env is not None,
-            rlimits=self.rlimits,
-            cgroup=self.cgroup,
+            rlimits={"nproc": sandbox.nproc} if sandbox is not None and sandbox.nproc else {},
+            cgroup=cgroup.path if cgroup is not None else None,
+            adopt_cgroup=sandbox.adopt_cgroup if cgroup is not None else None,
         )
         # Ports, key and ipc path are the forked kernel's own (a spare was bound before
         # its note was known): this manager and its clients take them from its file.

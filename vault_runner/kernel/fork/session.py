@@ -68,6 +68,7 @@ class ForkedSession(KernelSession):
         launched = self.manager
         forked = ForkedKernelManager(
             template,
+            sandbox=self.sandbox,
             transport="ipc",
             ip=str(self.runtime_dir / "k"),
             connection_file=str(self.runtime_dir / "kernel.json"),
@@ -77,8 +78,6 @@ class ForkedSession(KernelSession):
         try:
             if self.sandbox is not None:
                 self.sandbox.setup(self.runtime_dir, self.kernel_pid)
-                forked.cgroup = self.sandbox.cgroup.path if self.sandbox.cgroup is not None else None
-                forked.rlimits = {"nproc": self.sandbox.nproc} if self.sandbox.nproc else {}
             forked.start_kernel(cwd=str(self.cwd), env=self._env())
             self._connect()
         except (ForkUnavailable, ForkError, KernelDied) as exc:
@@ -123,15 +122,20 @@ class ForkedSession(KernelSession):
         if not isinstance(self.manager, ForkedKernelManager):
             super()._connect()
             return
-        # jupyter_client's wait_for_ready ends with 0.2 s of listening on iopub: longer
-        # than a forked kernel takes to start. This one returns once both channels work.
-        client = self.manager.client()
-        client.start_channels()
-        try:
-            wait_for_ready(client, STARTUP_TIMEOUT, self.manager.is_alive)
-        except ForkError as exc:
-            client.stop_channels()
-            raise KernelDied(f"the kernel did not start: {exc}") from None
+        # A spare's client was connected while it waited (ForkedKernel.connect_ahead): its
+        # iopub works, and what is sent now is served once the kernel runs. Else:
+        # jupyter_client's wait_for_ready ends with 0.2 s of listening on iopub, longer
+        # than a forked kernel takes to start; this one returns once both channels work.
+        kernel = self.manager.forked
+        client = kernel.take_client() if kernel is not None else None
+        if client is None:
+            client = self.manager.client()
+            client.start_channels()
+            try:
+                wait_for_ready(client, STARTUP_TIMEOUT, self.manager.is_alive)
+            except ForkError as exc:
+                client.stop_channels()
+                raise KernelDied(f"the kernel did not start: {exc}") from None
         self.client = client
         if self.manager.template.startup_code != prelude_code():
             self._run_prelude()  # else the kernel ran it before it served (a spare: ahead)

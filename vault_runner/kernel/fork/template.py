@@ -16,9 +16,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vault_runner.errors import ForkError, ForkUnavailable
 from vault_runner.kernel.fork.common import (
@@ -34,6 +34,9 @@ from vault_runner.kernel.fork.common import (
 )
 from vault_runner.kernel.fork.forked import ForkedKernel
 from vault_runner.kernel.sandbox.filesystem import kernel_mpl_dir
+
+if TYPE_CHECKING:
+    from vault_runner.kernel.sandbox.cgroup import Cgroup
 
 
 class KernelTemplate:
@@ -111,6 +114,9 @@ class KernelTemplate:
         self._spares: list[ForkedKernel] = []
         self._spare_target = 0
         self._filler: threading.Thread | None = None
+        # Makes the cgroup a spare joins when it is made (None: spares join none): joining
+        # one takes ~10 ms on cgroup v1, which a note then does not wait for.
+        self.spare_cgroup: Callable[[], Cgroup | None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> KernelTemplate:
@@ -254,12 +260,15 @@ class KernelTemplate:
         replace_env: bool = False,
         rlimits: Mapping[str, int] | None = None,
         cgroup: str | os.PathLike[str] | None = None,
+        adopt_cgroup: Callable[[Cgroup], bool] | None = None,
         timeout: float = FORK_TIMEOUT,
     ) -> ForkedKernel:
         """A new kernel in `cwd` with `env` applied (a value None removes a variable; with
         `replace_env` it is the whole environment). `rlimits` ({"nproc": n, "core": 0})
         are set in the child; with `cgroup` (a cgroup folder) the child is moved into it
-        before it runs anything. Without `connection_file` one is made in the runtime
+        before it runs anything, unless it is a spare in a cgroup of its own that
+        `adopt_cgroup` takes (True: it put the note's caps on it and owns it now; the
+        kernel's `cgroup` is then None). Without `connection_file` one is made in the runtime
         folder (and removed with the kernel), or a ready spare is taken, whose connection
         info is its own (`kernel.connection_info`); a given `connection_file` is read, and
         its info sent to the kernel. Raises ForkUnavailable or ForkError."""
@@ -274,7 +283,7 @@ class KernelTemplate:
             "rlimits": dict(rlimits or {}),
         }
         if connection_file is None:
-            kernel = self._take_spare(placement, cgroup, timeout)
+            kernel = self._take_spare(placement, cgroup, adopt_cgroup, timeout)
             if kernel is not None:
                 return kernel
         return self._fork(placement, connection_file, cgroup, timeout, spare=False)
@@ -365,6 +374,7 @@ class KernelTemplate:
             if spare:
                 kernel.waiting = ours  # it waits on this socket for its note
                 keep = True
+                kernel.connect_ahead()
             return kernel
         except BaseException:
             if owned is not None:
@@ -399,15 +409,19 @@ class KernelTemplate:
                     self._cond.wait(5.0)
                 if self._closed or self.died is not None:
                     return
+            cgroup = self.spare_cgroup() if self.spare_cgroup is not None else None
             try:
                 kernel = self._fork(
                     {"cwd": str(self.cwd or self.runtime_dir), "env": {}, "replace_env": False, "rlimits": {}},
                     None,
-                    None,
+                    cgroup.path if cgroup is not None else None,
                     FORK_TIMEOUT,
                     spare=True,
                 )
+                kernel.cgroup = cgroup
             except (ForkError, ForkUnavailable, OSError):
+                if cgroup is not None:
+                    cgroup.remove()
                 failures += 1
                 if failures >= 3:
                     return  # notes fork on demand instead
@@ -426,7 +440,11 @@ class KernelTemplate:
                 return
 
     def _take_spare(
-        self, placement: Mapping[str, Any], cgroup: str | os.PathLike[str] | None, timeout: float
+        self,
+        placement: Mapping[str, Any],
+        cgroup: str | os.PathLike[str] | None,
+        adopt_cgroup: Callable[[Cgroup], bool] | None,
+        timeout: float,
     ) -> ForkedKernel | None:
         while True:
             with self._cond:
@@ -439,7 +457,11 @@ class KernelTemplate:
                 if waiting is None or not kernel.is_alive():
                     raise ForkError("the spare kernel died")
                 if cgroup is not None:
-                    Path(cgroup, "cgroup.procs").write_text(str(kernel.pid))
+                    own = kernel.cgroup
+                    if own is not None and adopt_cgroup is not None and adopt_cgroup(own):
+                        kernel.cgroup = None  # the note's sandbox has it now
+                    else:
+                        Path(cgroup, "cgroup.procs").write_text(str(kernel.pid))
                 waiting.settimeout(timeout)
                 placement = {**placement, "env": {**placement["env"], **kernel.private_env}}
                 waiting.send(json.dumps(dict(placement)).encode())

@@ -194,6 +194,17 @@ class Sandbox:
             self.watchdog = MemoryWatchdog(own, self.pids, self.kill_all, self._tmpfs_used, budget)
             self.watchdog.start()
 
+    def adopt_cgroup(self, cgroup: Cgroup) -> bool:
+        """Make `cgroup`, which a spare kernel joined before its note was known (joining
+        takes ~10 ms on cgroup v1), this kernel's in place of the one `setup` made: the
+        note's caps go on it before the note's code runs. False where this kernel wants no
+        cgroup or the caps cannot be set: then the caller moves the kernel into ours."""
+        if self.cgroup is None or not cgroup.limit(self.policy):
+            return False
+        previous, self.cgroup = self.cgroup, cgroup
+        previous.remove()
+        return True
+
     def env(self) -> dict[str, str]:
         """Environment additions for the kernel (per tier: where temp and cache files go)."""
         env = {"JUPYTER_RUNTIME_DIR": str(self.runtime_dir or "")}

@@ -40,10 +40,11 @@ def _own_cgroup(controller: str | None) -> str | None:
 class Cgroup:
     """A cgroup of one kernel: v2 with memory+pids, or v1 pids. Created, joined by the launcher."""
 
-    def __init__(self, path: Path, version: int, memory: bool) -> None:
+    def __init__(self, path: Path, version: int, memory: bool, controllers: tuple[str, ...] = ()) -> None:
         self.path = path
         self.version = version
         self.memory = memory  # memory.max is enforced by the kernel (v2)
+        self.controllers = controllers  # v2: what the parent enables for its children
         self._oom_kills = self._read_oom_kills()
 
     @classmethod
@@ -59,26 +60,23 @@ class Cgroup:
             except OSError:
                 enabled = []
             if "pids" in enabled or "memory" in enabled:
-                made = cls._make(parent / name, 2, "memory" in enabled)
+                made = cls._make(parent / name, 2, "memory" in enabled, tuple(enabled))
                 if made is not None:
-                    made._limit_v2(policy, enabled)
+                    made.limit(policy)
                     return made
         v1 = _own_cgroup("pids")
         if v1 is not None and (CGROUP_ROOT / "pids").is_dir():
             parent = CGROUP_ROOT / "pids" / v1.lstrip("/")
             _remove_stale(parent)
             made = cls._make(parent / name, 1, False)
-            if made is not None:
-                try:
-                    (made.path / "pids.max").write_text(str(policy.max_tasks or "max"))
-                except OSError:
-                    made.remove()
-                    return None
-                return made
+            if made is not None and not made.limit(policy):
+                made.remove()
+                return None
+            return made
         return None
 
     @classmethod
-    def _make(cls, path: Path, version: int, memory: bool) -> Cgroup | None:
+    def _make(cls, path: Path, version: int, memory: bool, controllers: tuple[str, ...] = ()) -> Cgroup | None:
         if not _joinable(path.parent):
             return None
         try:
@@ -88,11 +86,19 @@ class Cgroup:
         if not os.access(path / "cgroup.procs", os.W_OK):
             _rmdir(path)
             return None
-        return cls(path, version, memory)
+        return cls(path, version, memory, controllers)
 
-    def _limit_v2(self, policy: Policy, enabled: list[str]) -> None:
+    def limit(self, policy: Policy) -> bool:
+        """Put `policy`'s caps on this cgroup (again, for a spare's cgroup that a note takes);
+        False where v1's pids.max cannot be written (v2 goes without memory.max instead)."""
+        if self.version == 1:
+            try:
+                (self.path / "pids.max").write_text(str(policy.max_tasks or "max"))
+            except OSError:
+                return False
+            return True
         try:
-            if "pids" in enabled:
+            if "pids" in self.controllers:
                 (self.path / "pids.max").write_text(str(policy.max_tasks or "max"))
             if self.memory and policy.memory:
                 (self.path / "memory.max").write_text(str(policy.memory))
@@ -100,6 +106,7 @@ class Cgroup:
                 (self.path / "memory.oom.group").write_text("1")
         except OSError:
             self.memory = False
+        return True
 
     def procs(self) -> list[int]:
         try:
