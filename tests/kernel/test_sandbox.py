@@ -425,3 +425,23 @@ def test_cuda_note_runs_on_the_gpu_and_reports_peak_memory(tmp_path: Path) -> No
     assert block.status == "ok", report
     assert block.device and block.device.startswith("cuda")
     assert block.gpu_peak_bytes is not None and block.gpu_peak_bytes >= 4 * 2**20
+
+
+def test_reset_undoes_what_setup_made_to_hold_a_kernel_so_setup_can_run_again(tmp_path: Path) -> None:
+    """A forked try that falls back to a normal start: its cgroup and watchdog go, new ones come."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    sandbox = Sandbox(Policy(vault=tmp_path, cwd=tmp_path, max_tasks=40, memory=2 << 30), "plain")
+    try:
+        sandbox.setup(runtime, lambda: None)
+        first_cgroup, first_watchdog = sandbox.cgroup, sandbox.watchdog
+        assert first_cgroup is not None or first_watchdog is not None
+        sandbox.reset()
+        assert sandbox.cgroup is None and sandbox.watchdog is None and sandbox.nproc is None
+        assert first_cgroup is None or not first_cgroup.path.exists()
+        sandbox.setup(runtime, lambda: None)
+        assert (sandbox.cgroup, sandbox.watchdog) != (first_cgroup, first_watchdog)
+        assert sandbox.cgroup is not None or sandbox.watchdog is not None
+    finally:
+        sandbox.close()
+    assert sandbox.cgroup is None and sandbox.watchdog is None

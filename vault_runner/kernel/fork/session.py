@@ -85,7 +85,8 @@ class ForkedSession(KernelSession):
             with contextlib.suppress(Exception):
                 forked.shutdown_kernel(now=True)
             self.manager = launched
-            _undo_setup(self.sandbox)
+            if self.sandbox is not None:
+                self.sandbox.reset()
             self.origin = "started"
             super().start()
             return
@@ -152,16 +153,3 @@ def finish_shutdowns(timeout: float = 30.0) -> None:
         threads = list(_pending)
     for thread in threads:
         thread.join(timeout)
-
-
-def _undo_setup(sandbox: Sandbox | None) -> None:
-    """What `Sandbox.setup` made for the forked try, so the normal start sets it up anew."""
-    if sandbox is None:
-        return
-    if sandbox.watchdog is not None:
-        sandbox.watchdog.stop()
-        sandbox.watchdog = None
-    if sandbox.cgroup is not None:
-        sandbox.cgroup.remove()
-        sandbox.cgroup = None
-    sandbox.nproc = None

@@ -429,15 +429,12 @@ class KernelTemplate:
                 continue
             failures = 0
             with self._cond:
-                if self._closed:
-                    closed = True
-                else:
-                    closed = False
+                if not self._closed:
                     self._spares.append(kernel)
                     self._cond.notify_all()
-            if closed:
-                kernel.close()
-                return
+                    continue
+            kernel.close()  # made while the template closed
+            return
 
     def _take_spare(
         self,

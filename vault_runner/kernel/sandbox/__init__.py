@@ -443,15 +443,24 @@ class Sandbox:
             )
         return None
 
+    def reset(self) -> None:
+        """Undo what `setup` made to hold a kernel (memory watchdog, cgroup, process cap),
+        so that `setup` can run again: a forked try that falls back to a normal start."""
+        self._release_limits()
+        self.nproc = None
+
     def close(self) -> None:
         if self.guard is not None:
             self.guard.stop()  # a last look, once nothing of the kernel is left
             self.guard = None
-        if self.watchdog is not None:
-            self.watchdog.stop()
-            self.watchdog = None
-        if self.cgroup is not None:
-            self.cgroup.remove()
-            self.cgroup = None
+        self._release_limits()
         release_gpu(self.gpu)
         self.gpu = None
+
+    def _release_limits(self) -> None:
+        watchdog, self.watchdog = self.watchdog, None
+        if watchdog is not None:
+            watchdog.stop()
+        cgroup, self.cgroup = self.cgroup, None
+        if cgroup is not None:
+            cgroup.remove()
