@@ -85,6 +85,7 @@ def _facts(started: float, loaded: list[str], failed: dict[str, str]) -> dict:
     zmq = sys.modules.get("zmq")
     torch = sys.modules.get("torch")
     cuda = bool(torch is not None and getattr(torch, "cuda", None) and torch.cuda.is_initialized())
+    iostream = sys.modules.get("ipykernel.iostream")
     return {
         "op": "ready",
         "pid": os.getpid(),
@@ -95,6 +96,8 @@ def _facts(started: float, loaded: list[str], failed: dict[str, str]) -> dict:
         "python_threads": __import__("threading").active_count(),
         "zmq_context": bool(zmq is not None and getattr(zmq.Context, "_instance", None) is not None),
         "cuda_initialized": cuda,
+        # ipykernel 7 greets each iopub subscriber (a spare's client can connect ahead)
+        "iopub_welcome": hasattr(getattr(iostream, "IOPubThread", None), "_send_welcome_message"),
         "seconds": round(time.monotonic() - started, 3),
         "modules": len(sys.modules),
     }

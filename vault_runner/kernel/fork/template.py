@@ -374,7 +374,8 @@ class KernelTemplate:
             if spare:
                 kernel.waiting = ours  # it waits on this socket for its note
                 keep = True
-                kernel.connect_ahead()
+                if self.info.get("iopub_welcome"):
+                    kernel.connect_ahead()
             return kernel
         except BaseException:
             if owned is not None:
