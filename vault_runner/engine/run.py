@@ -270,15 +270,12 @@ class Engine(WriteBack):
     ) -> Execution:
         block = planned.block
         options = planned.options
-        # A warning streamed while the block runs names the note's line, as the report does:
-        # the running cell's execution count is known before its outputs arrive.
-        count, asked = _next_count(kernel, sources)
-        if asked is not None and (asked.status == "dead" or asked.kernel_restarted):
-            return asked  # the kernel died before the block: what running it would have found
         here = CellSource(loaded.path.name, block.code_line, block.index)
-        running = {**sources, count: here} if count is not None else sources
 
-        def forward(output: dict[str, Any]) -> None:
+        def forward(output: dict[str, Any], count: int | None) -> None:
+            # A warning streamed while the block runs names the note's line, as the report
+            # does: the kernel tells the cell's execution count before its first output.
+            running = {**sources, count: here} if count is not None else sources
             self.on_event(
                 Event("output", loaded.relative, block.index, block.fence_line, output_summary(output, running))
             )
@@ -450,18 +447,6 @@ def _where_it_was(traceback: list[str]) -> list[str]:
     while kept and strip_ansi(str(kept[-1])).strip().startswith("KeyboardInterrupt"):
         kept.pop()
     return kept
-
-
-def _next_count(kernel: Kernel, sources: Mapping[int, CellSource]) -> tuple[int | None, Execution | None]:
-    """The execution count the kernel gives the next block, and the execution that asked
-    for it, if one did. IPython counts every execution that is not silent, and in a kernel
-    the engine runs nothing but blocks that way, so it is one more than the last block's;
-    before the first block, the kernel is asked (silently)."""
-    if sources:
-        return max(sources) + 1, None
-    asked = kernel.execute("", 30, silent=True, user_expressions={"count": "get_ipython().execution_count"})
-    text = _expression_text(asked.user_expressions.get("count"))
-    return (int(text) if text is not None and text.isdigit() else None), asked
 
 
 def _expression_text(value: Any) -> str | None:

@@ -18,7 +18,9 @@ _LINE_END_RE = re.compile(r"(?<=[\r\n])")
 # What the kernel's prelude (setup.py) sends when it closed figures past MAX_IMAGES.
 DROPPED_MIME = "application/x-vault-runner-dropped+json"
 
-OutputCallback = Callable[[dict[str, Any]], None]
+# Called with each output as it arrives and the execution count of the cell that made it
+# (from its execute_input, which the kernel sends before any output; None if none came).
+OutputCallback = Callable[[dict[str, Any], int | None], None]
 
 
 def reply_from_outputs(outputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -76,7 +78,7 @@ class OutputCollector:
             return
         self.outputs.append(output)
         if self.on_output is not None:
-            self.on_output(output)
+            self.on_output(output, self.execution_count)
 
     def _cut_long_lines(self, stream: str | None, text: str) -> str:
         """Cut every line at MAX_LINE_CHARS (a stream's line may span several messages)."""
