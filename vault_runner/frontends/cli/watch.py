@@ -26,7 +26,7 @@ from rich.markup import escape
 from vault_runner.ci.reports import EXECUTED, block_line, located
 from vault_runner.disk.trust import is_trusted, untrusted_message
 from vault_runner.disk.vault import Vault, load_vault
-from vault_runner.engine import Event
+from vault_runner.engine import Event, close_default_kernels
 from vault_runner.errors import UntrustedVault, VaultError, shown_path
 from vault_runner.frontends.cli.main import ICONS as _ICONS
 from vault_runner.frontends.cli.main import VAULT_HELP, add_number, default_vault
@@ -213,6 +213,7 @@ def close_runner(runner: Runner) -> None:
 
     def close() -> None:
         runner.close()
+        close_default_kernels()  # the kernel templates and their spares: the command is done
         try:
             loop = asyncio.get_event_loop_policy().get_event_loop()
         except RuntimeError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
@@ -403,6 +404,18 @@ class KernelTemplate:
             return len(self._spares)
 
     def _fill(self) -> None:
+        try:
+            self._fill_spares()
+        finally:
+            # jupyter_client leaves an event loop on each thread that starts a client's
+            # channels (connect_ahead): closed here, not at interpreter exit, where its
+            # __del__ can fail.
+            with contextlib.suppress(RuntimeError):
+                loop = asyncio.get_event_loop_policy().get_event_loop()
+                if not loop.is_running():
+                    loop.close()
+
+    def _fill_spares(self) -> None:
         failures = 0
         while True:
             with self._cond:
