@@ -18,6 +18,7 @@ from vault_runner.disk import trust
 from vault_runner.disk.vault import load_vault
 from vault_runner.engine import load
 from vault_runner.errors import UntrustedVault
+from vault_runner.kernel.fork.common import fork_disabled_reason
 from vault_runner.live.runner import Runner
 
 pytestmark = pytest.mark.kernel
@@ -216,6 +217,8 @@ def test_an_edit_runs_from_the_changed_block_and_keeps_the_blocks_above(vault) -
     first = runner.run_note(note).result(WAIT)
     assert statuses(first) == ["ok", "ok", "ok"]
     assert "b 2 runs 1" in (region_of(note, 1) or "")
+    # The warm pool's kernels are forked where this machine can: the report says how.
+    assert first.kernel == ("forked" if fork_disabled_reason() is None else "started")
 
     block0 = region_of(note, 0)
     rewrite(note, 'print("b", a + 1, "runs", runs)', 'print("B", a + 10, "runs", runs)')

@@ -101,6 +101,11 @@ class ControlledKernel:
     def start(self) -> None:  # the session owns the kernel; the engine never starts it
         pass
 
+    @property
+    def origin(self) -> str | None:
+        """How the kernel was made ("forked" or "started"), for the report."""
+        return getattr(self.kernel, "origin", None)
+
     def take_notices(self) -> list[str]:
         """The kernel's notices (e.g. "no sandbox") for the report of its first run."""
         take = getattr(self.kernel, "take_notices", None)
