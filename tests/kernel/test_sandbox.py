@@ -445,3 +445,67 @@ def test_reset_undoes_what_setup_made_to_hold_a_kernel_so_setup_can_run_again(tm
     finally:
         sandbox.close()
     assert sandbox.cgroup is None and sandbox.watchdog is None
+
+
+# Two cgroups made at once by threads of a fresh process, the second a little after the first
+# (a spare's cgroup and the first note's are made together): both are made. Each thread used
+# to probe whether a kernel can join a cgroup here in one shared folder, which the first to
+# finish removed while the other's child was about to join it: "not joinable", cached for good.
+_TWO_CGROUPS_AT_ONCE = """
+import sys, threading, time
+from pathlib import Path
+from vault_runner.kernel.sandbox import Policy
+from vault_runner.kernel.sandbox.cgroup import Cgroup
+made = {}
+def make(delay):
+    time.sleep(delay)
+    made[delay] = Cgroup.create(Policy(vault=Path.cwd(), cwd=Path.cwd(), max_tasks=64))
+threads = [threading.Thread(target=make, args=(delay,)) for delay in (0.0, float(sys.argv[1]))]
+for t in threads: t.start()
+for t in threads: t.join()
+print(sum(c is not None for c in made.values()))
+for c in made.values():
+    if c is not None: c.remove()
+"""
+
+
+@pytest.mark.parametrize("delay", [0.015, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05])
+def test_two_cgroups_made_at_once_both_find_the_cgroup_layer(tmp_path: Path, delay: float) -> None:
+    probe = Cgroup.create(Policy(vault=tmp_path, cwd=tmp_path, max_tasks=64))
+    if probe is None:
+        pytest.skip("this process cannot make a cgroup a kernel can join here")
+    probe.remove()
+    done = subprocess.run(
+        [sys.executable, "-c", _TWO_CGROUPS_AT_ONCE, str(delay)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2"], done.stdout
+
+
+def test_a_kernel_adopts_only_a_cgroup_that_holds_it_as_its_own_would(tmp_path: Path) -> None:
+    """A spare's cgroup replaces the one setup made only if it is of the same kind (version,
+    memory cap) and takes the note's caps; else the kernel is moved into the note's own."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    sandbox = Sandbox(Policy(vault=tmp_path, cwd=tmp_path, max_tasks=40), "plain")
+    spare = Cgroup.create(Policy(vault=tmp_path, cwd=tmp_path, max_tasks=None))
+    try:
+        sandbox.setup(runtime, lambda: None)
+        ours = sandbox.cgroup
+        if ours is None or spare is None:
+            pytest.skip("this process cannot make a cgroup a kernel can join here")
+        unlike = Cgroup(spare.path, 3 - spare.version, not spare.memory, spare.controllers)
+        assert not sandbox.adopt_cgroup(unlike)
+        assert sandbox.cgroup is ours and ours.path.exists()
+        assert sandbox.adopt_cgroup(spare)
+        assert sandbox.cgroup is spare and not ours.path.exists()
+        assert (spare.path / "pids.max").read_text().strip() == "40"
+    finally:
+        sandbox.close()
+        if spare is not None and spare.path.exists():
+            spare.remove()

@@ -199,10 +199,13 @@ class Sandbox:
         takes ~10 ms on cgroup v1), this kernel's in place of the one `setup` made: the
         note's caps go on it before the note's code runs. False where this kernel wants no
         cgroup or the caps cannot be set: then the caller moves the kernel into ours."""
-        if self.cgroup is None or not cgroup.limit(self.policy):
+        ours = self.cgroup
+        if ours is None or cgroup.version != ours.version or (ours.memory and not cgroup.memory):
+            return False  # it must hold the kernel as the one `setup` made would
+        if not cgroup.limit(self.policy):
             return False
-        previous, self.cgroup = self.cgroup, cgroup
-        previous.remove()
+        self.cgroup = cgroup
+        ours.remove()
         return True
 
     def env(self) -> dict[str, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -62,7 +63,7 @@ class Cgroup:
             if "pids" in enabled or "memory" in enabled:
                 made = cls._make(parent / name, 2, "memory" in enabled, tuple(enabled))
                 if made is not None:
-                    made.limit(policy)
+                    made.limit(policy)  # without memory.max (`memory` False), the watchdog caps it
                     return made
         v1 = _own_cgroup("pids")
         if v1 is not None and (CGROUP_ROOT / "pids").is_dir():
@@ -90,22 +91,22 @@ class Cgroup:
 
     def limit(self, policy: Policy) -> bool:
         """Put `policy`'s caps on this cgroup (again, for a spare's cgroup that a note takes);
-        False where v1's pids.max cannot be written (v2 goes without memory.max instead)."""
-        if self.version == 1:
-            try:
-                (self.path / "pids.max").write_text(str(policy.max_tasks or "max"))
-            except OSError:
-                return False
-            return True
+        False where one could not be written. A new v2 cgroup then goes without memory.max
+        (`memory` False: the watchdog caps it); a v1 one, or one to adopt, is not used."""
         try:
-            if "pids" in self.controllers:
+            if self.version == 1 or "pids" in self.controllers:
                 (self.path / "pids.max").write_text(str(policy.max_tasks or "max"))
-            if self.memory and policy.memory:
+        except OSError:
+            self.memory = False
+            return False
+        try:
+            if self.version == 2 and self.memory and policy.memory:
                 (self.path / "memory.max").write_text(str(policy.memory))
                 (self.path / "memory.swap.max").write_text("0") if (self.path / "memory.swap.max").exists() else None
                 (self.path / "memory.oom.group").write_text("1")
         except OSError:
             self.memory = False
+            return False
         return True
 
     def procs(self) -> list[int]:
@@ -158,11 +159,21 @@ class Cgroup:
             time.sleep(0.02)
 
 
-@functools.cache
+_probe_lock = threading.Lock()
+
+
 def _joinable(parent: Path) -> bool:
     """Whether a process can really join a new cgroup under `parent` (cgroup v2 refuses it in
-    many set-ups, e.g. "no internal processes"): tried once per process with a child."""
-    path = parent / f"vault-runner.{os.getpid()}.probe"
+    many set-ups, e.g. "no internal processes"): tried once per process with a child. One
+    probe at a time: two at once (a spare's cgroup and a note's) would each remove the
+    folder the other's child is joining, and a wrong False is cached for good."""
+    with _probe_lock:
+        return _probe(parent)
+
+
+@functools.cache
+def _probe(parent: Path) -> bool:
+    path = parent / f"vault-runner.{os.getpid()}.probe{next(_cgroup_counter)}"
     try:
         path.mkdir()
     except FileExistsError:
