@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import ChainMap
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,7 +276,7 @@ class Engine(WriteBack):
         def forward(output: dict[str, Any], count: int | None) -> None:
             # A warning streamed while the block runs names the note's line, as the report
             # does: the kernel tells the cell's execution count before its first output.
-            running = {**sources, count: here} if count is not None else sources
+            running = ChainMap({count: here}, sources) if count is not None else sources
             self.on_event(
                 Event("output", loaded.relative, block.index, block.fence_line, output_summary(output, running))
             )

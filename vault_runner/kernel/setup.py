@@ -164,4 +164,5 @@ def setup_code(note_options: Mapping[str, Any], need_torch: bool) -> str:
     )
     # The function is defined by the prelude, which a forked spare ran before its note was
     # known: what is left per note is one call (compiling the function cost ~6 ms a note).
-    return f"__vault_runner_device = __import__({SETUP_MODULE!r}).setup({settings!r})\n"
+    # Looked up, never imported: a note's folder is on sys.path, and may hold a file of that name.
+    return f"__vault_runner_device = __import__('sys').modules[{SETUP_MODULE!r}].setup({settings!r})\n"

@@ -112,18 +112,22 @@ class ForkedKernel:
         wait, its first request queued until the kernel serves. Without a welcome (an
         older ipykernel) nothing is kept and the session connects as usual."""
         client = self.client()
-        client.start_channels()
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                if client.get_iopub_msg(timeout=left)["msg_type"] == "iopub_welcome":
-                    self.connected = client
-                    return
-            except queue.Empty:
-                break
-            except ValueError:
-                continue  # a message that fails its signature check
-        client.stop_channels()
+        try:
+            client.start_channels()
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    if client.get_iopub_msg(timeout=left)["msg_type"] == "iopub_welcome":
+                        self.connected = client
+                        return
+                except queue.Empty:
+                    break
+                except ValueError:
+                    continue  # a message that fails its signature check
+        except Exception:
+            pass  # (e.g. out of file descriptors) only the head start is lost
+        with contextlib.suppress(Exception):
+            client.stop_channels()
 
     def take_client(self) -> BlockingKernelClient | None:
         """The client connected ahead, once (None: connect and wait for readiness)."""

@@ -129,6 +129,9 @@ class ForkedSession(KernelSession):
         # than a forked kernel takes to start; this one returns once both channels work.
         kernel = self.manager.forked
         client = kernel.take_client() if kernel is not None else None
+        if client is not None and not self.manager.is_alive():
+            client.stop_channels()
+            raise KernelDied("the kernel died before it served")
         if client is None:
             client = self.manager.client()
             client.start_channels()

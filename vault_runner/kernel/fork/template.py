@@ -432,15 +432,16 @@ class KernelTemplate:
                     FORK_TIMEOUT,
                     spare=True,
                 )
-                kernel.cgroup = cgroup
+                kernel.cgroup, cgroup = cgroup, None
             except (ForkError, ForkUnavailable, OSError):
-                if cgroup is not None:
-                    cgroup.remove()
                 failures += 1
                 if failures >= 3:
                     return  # notes fork on demand instead
                 time.sleep(1.0)
                 continue
+            finally:
+                if cgroup is not None:
+                    cgroup.remove()
             failures = 0
             with self._cond:
                 if not self._closed:
@@ -467,12 +468,6 @@ class KernelTemplate:
             try:
                 if waiting is None or not kernel.is_alive():
                     raise ForkError("the spare kernel died")
-                if cgroup is not None:
-                    own = kernel.cgroup
-                    if own is not None and adopt_cgroup is not None and adopt_cgroup(own):
-                        kernel.cgroup = None  # the note's sandbox has it now
-                    else:
-                        Path(cgroup, "cgroup.procs").write_text(str(kernel.pid))
                 waiting.settimeout(timeout)
                 placement = {**placement, "env": {**placement["env"], **kernel.private_env}}
                 waiting.send(json.dumps(dict(placement)).encode())
@@ -480,6 +475,15 @@ class KernelTemplate:
                 if not answer.get("assigned"):
                     raise ForkError(f"the spare kernel could not take the note: {answer.get('error', 'it exited')}")
                 kernel.cwd = Path(placement["cwd"])
+                # Last, so that nothing after it fails: the note's caps before it sends any
+                # code (the kernel only starts serving now), and `cgroup` stays the note's
+                # own until here, for the next spare or a fork on demand.
+                if cgroup is not None:
+                    own = kernel.cgroup
+                    if own is not None and adopt_cgroup is not None and adopt_cgroup(own):
+                        kernel.cgroup = None  # the note's sandbox has it now
+                    else:
+                        Path(cgroup, "cgroup.procs").write_text(str(kernel.pid))
                 return kernel
             except (OSError, ForkError, ValueError):
                 kernel.close()  # then the next spare, or a fork on demand
