@@ -16,7 +16,7 @@ from vault_runner.disk import trust
 from vault_runner.disk.vault import find_root
 from vault_runner.engine.machine import doctor_report, kernel_start, nvidia_device_nodes
 from vault_runner.errors import VaultError
-from vault_runner.frontends.cli.main import VAULT_HELP, default_vault
+from vault_runner.frontends.cli.main import default_vault, vault_command
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -114,12 +114,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     doctor.set_defaults(func=cmd_doctor)
 
-    trust_cmd = sub.add_parser(
-        "trust", help="let `watch` and `serve` run the code of a vault's notes (stored in your config folder)"
+    trust_cmd = vault_command(
+        sub, "trust", help="let `watch` and `serve` run the code of a vault's notes (stored in your config folder)"
     )
-    trust_cmd.add_argument("vault", nargs="?", metavar="VAULT", help=VAULT_HELP)
     trust_cmd.set_defaults(func=cmd_trust)
-
-    untrust_cmd = sub.add_parser("untrust", help="take back `trust` for a vault")
-    untrust_cmd.add_argument("vault", nargs="?", metavar="VAULT", help=VAULT_HELP)
+    untrust_cmd = vault_command(sub, "untrust", help="take back `trust` for a vault")
     untrust_cmd.set_defaults(func=cmd_untrust)

@@ -57,6 +57,15 @@ def default_target(paths: Sequence[str]) -> list[Path]:
 VAULT_HELP = "the vault folder (default: the vault the current folder is in, else ./sample_vault)"
 
 
+def vault_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, *, vault_help: str = VAULT_HELP, **kw: Any
+) -> argparse.ArgumentParser:
+    """A subcommand of one vault, VAULT (`default_vault` when it is left out)."""
+    parser = sub.add_parser(name, **kw)
+    parser.add_argument("vault", nargs="?", metavar="VAULT", help=vault_help)
+    return parser
+
+
 def default_vault(given: str | None) -> str:
     """The VAULT of `watch`, `serve`, `trust`, `untrust` and `obsidian install`: the one given;
     else, by default_target's rule, the root of the vault the current folder is in (or

@@ -27,7 +27,7 @@ from rich.markup import escape
 
 from vault_runner.disk.atomic import Folder, read_file, write_attachment, write_if_unchanged
 from vault_runner.errors import VaultError, WriteConflict
-from vault_runner.frontends.cli.main import VAULT_HELP, default_vault
+from vault_runner.frontends.cli.main import VAULT_HELP, default_vault, vault_command
 from vault_runner.model import EXIT_OK, EXIT_USAGE
 
 __all__ = ("PLUGIN_ID", "add_commands", "install", "shipped_plugin")
@@ -157,14 +157,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         description="The Obsidian plugin of vault-runner (it ships with this package; no Node needed).",
     )
     actions = obsidian.add_subparsers(dest="obsidian_command", required=True, metavar="ACTION")
-    install_parser = actions.add_parser(
+    install_parser = vault_command(
+        actions,
         "install",
+        vault_help="the vault folder (the one holding .obsidian/); " + VAULT_HELP,
         help="copy the plugin into VAULT/.obsidian/plugins/vault-runner (enable it if you say yes)",
         description="Copy the plugin into VAULT/.obsidian/plugins/vault-runner/, replacing an older copy. It is "
         "enabled (added to .obsidian/community-plugins.json) only if you say yes when asked, or pass --enable.",
-    )
-    install_parser.add_argument(
-        "vault", nargs="?", metavar="VAULT", help="the vault folder (the one holding .obsidian/); " + VAULT_HELP
     )
     install_parser.add_argument(
         "--enable",

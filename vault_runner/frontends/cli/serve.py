@@ -31,7 +31,7 @@ from vault_runner import __version__
 from vault_runner.disk.trust import config_dir
 from vault_runner.errors import shown_path
 from vault_runner.frontends.api.security import OBSIDIAN_ORIGIN, load_or_create_token, normalize_origin
-from vault_runner.frontends.cli.main import VAULT_HELP, default_vault, number
+from vault_runner.frontends.cli.main import default_vault, number, vault_command
 from vault_runner.frontends.cli.watch import (
     Feedback,
     add_runner_options,
@@ -186,7 +186,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    serve = sub.add_parser(
+    serve = vault_command(
+        sub,
         "serve",
         help="the watcher and the localhost API for the Obsidian plugin (the vault must be trusted)",
         description="Serve a vault to the Obsidian plugin on 127.0.0.1: run notes and blocks, stop them, "
@@ -194,7 +195,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "kernel pool, one queue. The port and the token file are written to "
         "<config dir>/servers/<vault hash>.json and printed at start.",
     )
-    serve.add_argument("vault", nargs="?", metavar="VAULT", help=VAULT_HELP)
     serve.add_argument(
         "--port",
         type=number(int, minimum=0, maximum=65535),

@@ -29,7 +29,7 @@ from vault_runner.disk.vault import Vault, load_vault
 from vault_runner.engine import Event, close_default_kernels
 from vault_runner.errors import UntrustedVault, VaultError, shown_path
 from vault_runner.frontends.cli.main import ICONS as _ICONS
-from vault_runner.frontends.cli.main import VAULT_HELP, add_number, default_vault
+from vault_runner.frontends.cli.main import add_number, default_vault, vault_command
 from vault_runner.frontends.watcher import DEBOUNCE, VaultWatcher
 from vault_runner.live.runner import Runner
 from vault_runner.live.session import SUPERSEDE_POLICIES
@@ -271,13 +271,13 @@ def start_runner(runner: Runner, console: Console) -> bool:
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    watch = sub.add_parser(
+    watch = vault_command(
+        sub,
         "watch",
         help="re-run notes when they are saved, in warm kernels (the vault must be trusted)",
         description="Watch a vault: each save of an opted-in note re-runs its changed blocks "
         "(and the blocks after them) in a warm kernel and writes the outputs back.",
     )
-    watch.add_argument("vault", nargs="?", metavar="VAULT", help=VAULT_HELP)
     watch.add_argument("--json", action="store_true", help="print one JSON event per line on stdout")
     add_runner_options(watch)
     add_number(
