@@ -76,6 +76,17 @@ class Block:
         """1-based note line of the first line of code."""
         return self.fence_line + 1
 
+    def option_line(self, name: str) -> int:
+        """The note line of the block's `#| name:` option (its warnings and value errors name
+        it), else the opening fence's."""
+        for offset, line in enumerate(self.code.split("\n")):
+            match = _OPTION_LINE_RE.match(line)
+            if not match:
+                break
+            if re.match(rf"{re.escape(name)}\s*:", match.group(1).lstrip()):
+                return self.code_line + offset
+        return self.fence_line
+
 
 @dataclass(frozen=True)
 class Note:

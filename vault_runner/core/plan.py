@@ -34,7 +34,8 @@ def plan_blocks(note: Note, defaults: Mapping[str, Any]) -> tuple[PlannedBlock, 
         try:
             options = resolve(defaults, note.frontmatter, block.options)
         except OptionError as exc:
-            raise NoteError(str(exc), block.code_line) from None
+            line = block.option_line(exc.option) if exc.origin == "block" and exc.option else block.code_line
+            raise NoteError(str(exc), line) from None
         digest = None
         if options["eval"]:
             digest = code_hash(previous, block.code, options.hashed())

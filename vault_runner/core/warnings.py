@@ -26,7 +26,7 @@ def option_warnings(relative: str, note: Note, note_options: Resolved, plan: Seq
         for warning in planned.options.warnings:
             if warning.origin != "block":
                 continue  # the note's own warnings are reported once, above
-            line = _block_option_line(planned, warning.name)
+            line = planned.block.option_line(warning.name)
             found.append((line, f"{relative}:{line}: warning: {warning}"))
     return [text for _, text in sorted(found, key=lambda item: item[0])]
 
@@ -52,10 +52,3 @@ def frontmatter_line(note: Note, name: str) -> int:
         if inside and text and not text[0].isspace():
             inside = False
     return top_level or 1
-
-
-def _block_option_line(planned: PlannedBlock, name: str) -> int:
-    for offset, line in enumerate(planned.block.code.split("\n")):
-        if re.match(rf"^#\|\s*{re.escape(name)}\s*:", line):
-            return planned.block.code_line + offset
-    return planned.block.fence_line

@@ -13,8 +13,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
+from vault_runner.core.options import resolve
 from vault_runner.disk.atomic import read_fd
-from vault_runner.errors import VaultError
+from vault_runner.errors import OptionError, VaultError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -208,7 +209,8 @@ def load_config(root: Path) -> VaultConfig:
     if not path.is_file():
         return VaultConfig()
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         match = re.search(r"line (\d+)", str(exc))
         raise VaultError(path, f"is not valid TOML ({exc})", int(match.group(1)) if match else None) from None
@@ -226,9 +228,22 @@ def load_config(root: Path) -> VaultConfig:
     defaults = data.get("defaults", {})
     if not isinstance(defaults, dict):
         raise VaultError(path, "`[defaults]` must be a table of options")
+    try:
+        resolve(defaults, {})  # a bad value here is the vault's, not a note's
+    except OptionError as exc:
+        raise VaultError(path, f"[defaults]: {exc}", _toml_key_line(text, exc.option)) from None
     sanitizers = []
     for item in data.get("sanitize", []):
         if not isinstance(item, dict) or "pattern" not in item:
             raise VaultError(path, "each [[sanitize]] entry needs a `pattern` (and a `replace`)")
         sanitizers.append((str(item["pattern"]), str(item.get("replace", ""))))
     return VaultConfig(strings("include"), strings("exclude"), defaults, sanitizers)
+
+
+def _toml_key_line(text: str, key: str | None) -> int | None:
+    """The line where `key = ...` is written (the first such line), if it is found."""
+    if key:
+        for number, line in enumerate(text.splitlines(), start=1):
+            if re.match(rf"\s*{re.escape(key)}\s*=", line):
+                return number
+    return None
