@@ -84,6 +84,16 @@ def _spare_ready(session: ForkedSession) -> None:
     assert template.spares_ready() >= 1, "the template made no spare"
 
 
+def _session_from_a_spare(factory: ForkFactory, policy: Policy, tier: str) -> ForkedSession:
+    """A note's session that took a spare: a first note starts the template, then a spare is made."""
+    first = _session(factory, policy, tier)
+    try:
+        _spare_ready(first)
+    finally:
+        first.shutdown()
+    return _session(factory, policy, tier)
+
+
 def _threads_started(session: ForkedSession) -> int:
     done = session.execute(THREADS, timeout=120)
     assert done.status == "ok", done.outputs
@@ -93,13 +103,7 @@ def _threads_started(session: ForkedSession) -> int:
 def test_a_note_that_takes_a_spare_is_held_by_its_own_process_cap(
     factory_and_policy: tuple[ForkFactory, Policy, str],
 ) -> None:
-    factory, policy, tier = factory_and_policy
-    first = _session(factory, policy, tier)  # starts the template; then a spare is made
-    try:
-        _spare_ready(first)
-    finally:
-        first.shutdown()
-    session = _session(factory, policy, tier)
+    session = _session_from_a_spare(*factory_and_policy)
     try:
         sandbox = session.sandbox
         assert sandbox is not None and sandbox.cgroup is not None
@@ -121,13 +125,7 @@ def test_a_note_that_takes_a_spare_is_held_by_its_own_process_cap(
 def test_a_spare_connected_ahead_loses_no_output_of_the_first_block(
     factory_and_policy: tuple[ForkFactory, Policy, str],
 ) -> None:
-    factory, policy, tier = factory_and_policy
-    first = _session(factory, policy, tier)
-    try:
-        _spare_ready(first)
-    finally:
-        first.shutdown()
-    session = _session(factory, policy, tier)
+    session = _session_from_a_spare(*factory_and_policy)
     try:
         assert isinstance(session.manager, ForkedKernelManager) and session.manager.forked is not None
         assert session.manager.forked.connected is None, "the client connected ahead was not taken"
