@@ -267,9 +267,10 @@ class KernelTemplate:
         """A new kernel in `cwd` with `env` applied (a value None removes a variable; with
         `replace_env` it is the whole environment). `rlimits` ({"nproc": n, "core": 0})
         are set in the child; with `cgroup` (a cgroup folder) the child is moved into it
-        before it runs anything, unless it is a spare in a cgroup of its own that
-        `adopt_cgroup` takes (True: it put the note's caps on it and owns it now; the
-        kernel's `cgroup` is then None). Without `connection_file` one is made in the runtime
+        before it runs anything of the note's (a fork: before it starts; a spare: once it
+        took the note), unless it is a spare in a cgroup of its own that `adopt_cgroup`
+        takes (True: it put the note's caps on it and owns it now; the kernel's `cgroup`
+        is then None). Without `connection_file` one is made in the runtime
         folder (and removed with the kernel), or a ready spare is taken, whose connection
         info is its own (`kernel.connection_info`); a given `connection_file` is read, and
         its info sent to the kernel. Raises ForkUnavailable or ForkError."""
