@@ -26,6 +26,7 @@ from vault_runner.disk.vault import load_vault
 from vault_runner.engine import Engine
 from vault_runner.kernel.factory import close_default_kernels
 from vault_runner.kernel.sandbox import Policy, Sandbox
+from vault_runner.kernel.sandbox.inotify import Inotify
 from vault_runner.kernel.sandbox.probe import probe
 from vault_runner.kernel.sandbox.protected import ROOT_REFUSED, ProtectedGuard, existing_protected, write_grants
 from vault_runner.kernel.session import KernelSession
@@ -529,3 +530,54 @@ def test_the_launcher_without_mounts_refuses_the_hosts_dev_shm(host_shm_file: Pa
         box.close()
     assert done.returncode != 0 and "PermissionError" in done.stderr
     assert os.path.exists(host_shm_file)
+
+
+def _caught(stopped: list[bool], path: Path, timeout: float = 15.0) -> bool:
+    """The running guard stopped the kernel and moved `path` out, within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stopped and not path.exists():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_without_inotify_the_guard_still_catches_a_made_entry_by_its_look(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A machine without inotify: the look by folder ctime alone (issue 9.3's fallback)."""
+    monkeypatch.setattr(Inotify, "open", classmethod(lambda cls: None))
+    vault = tmp_path / "vault"
+    (vault / "sub").mkdir(parents=True)
+    stopped: list[bool] = []
+    guard = ProtectedGuard(vault, lambda: stopped.append(True), tmp_path / "quarantine")
+    guard.start()
+    try:
+        (vault / "sub" / ".git").mkdir()
+        (vault / "sub" / ".git" / "config").write_text("[core]\n\tfsmonitor = touch /tmp/pwned\n")
+        assert _caught(stopped, vault / "sub" / ".git")
+    finally:
+        guard.stop()
+    assert guard.tripped is not None and "`sub/.git`" in guard.tripped
+
+
+def test_past_the_watch_limit_the_guard_still_catches_a_made_entry_in_a_new_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """inotify's watch limit reached: a folder made after the start is not watched, and the
+    look by ctime finds what is made in it (issue 9.3's fallback)."""
+    vault = tmp_path / "vault"
+    vault.mkdir()
+    stopped: list[bool] = []
+    guard = ProtectedGuard(vault, lambda: stopped.append(True), tmp_path / "quarantine")
+    monkeypatch.setattr(Inotify, "watch", lambda self, folder: None)  # the kernel refuses every new watch
+    guard.start()
+    try:
+        (vault / "new").mkdir()
+        time.sleep(0.5)  # heard, listed, not watched
+        (vault / "new" / "deep").mkdir()
+        time.sleep(0.5)
+        (vault / "new" / "deep" / ".obsidian").mkdir()
+        assert _caught(stopped, vault / "new" / "deep" / ".obsidian")
+    finally:
+        guard.stop()
