@@ -197,6 +197,9 @@ def print_note(console: Console, report: NoteReport, shown: str | None = None) -
 
 
 def summarize(console: Console, reports: Sequence[NoteReport]) -> None:
+    if not reports:
+        console.print("0 note(s): no note with python blocks here, so nothing ran; 0 note(s) written")
+        return
     notes_by: dict[str, int] = {}
     blocks_by: dict[str, int] = {}
     for report in reports:
@@ -205,9 +208,6 @@ def summarize(console: Console, reports: Sequence[NoteReport]) -> None:
         for block in report.blocks:
             blocks_by[block.status] = blocks_by.get(block.status, 0) + 1
     written = sum(1 for r in reports if r.written)
-    if not reports:
-        console.print("0 note(s): no note with python blocks here, so nothing ran; 0 note(s) written")
-        return
     note_part = ", ".join(f"{n} {s}" for s, n in sorted(notes_by.items()))
     block_part = ", ".join(f"{n} {s}" for s, n in sorted(blocks_by.items())) or "no blocks"
     console.print(f"{len(reports)} note(s): {note_part}; blocks: {block_part}; {written} note(s) written")
