@@ -186,7 +186,7 @@ def test_growing_memory_is_stopped_at_the_cap(vault_root: Path, session: KernelS
     """
     ran = run_note(vault_root, session, "Memoria", note_text(code, timeout=60))
     assert ran.statuses() == ["dead"], ran.regions
-    assert "more than its limit of 1.0 GiB" in ran.regions
+    assert "limit of 1.0 GiB" in ran.regions  # the cgroup's words or the watchdog's
     assert "the cap did not hold" not in ran.regions
     assert_next_note_runs(vault_root, session)
 

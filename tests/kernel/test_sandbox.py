@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -445,6 +446,62 @@ def test_reset_undoes_what_setup_made_to_hold_a_kernel_so_setup_can_run_again(tm
     finally:
         sandbox.close()
     assert sandbox.cgroup is None and sandbox.watchdog is None
+
+
+def test_a_spare_cgroup_is_adopted_only_inside_the_notes_memory_budget(tmp_path: Path) -> None:
+    """With a memory cgroup, a kernel's cgroup sits under the budget's: a spare's cgroup made
+    for the same budget takes the note's memory cap; one outside it (a template's policy
+    with no budget) would let the kernel escape the budget, and is refused."""
+    if "memory" not in cgroup_support():
+        pytest.skip(f"no writable memory cgroup here ({cgroup_support()})")
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    budget = 3 * 2**30
+    sandbox = Sandbox(Policy(vault=tmp_path, cwd=tmp_path, memory=2**30, max_tasks=40, budget=budget), "plain")
+    inside = Cgroup.create(Policy(vault=tmp_path, cwd=tmp_path, memory=budget, budget=budget))
+    outside = Cgroup.create(Policy(vault=tmp_path, cwd=tmp_path, memory=budget))
+    try:
+        sandbox.setup(runtime, lambda: None)
+        ours = sandbox.cgroup
+        assert ours is not None and ours.memory and ours.budget is not None
+        assert inside is not None and inside.budget is ours.budget
+        assert outside is not None and outside.budget is None
+        assert not sandbox.adopt_cgroup(outside)
+        assert sandbox.adopt_cgroup(inside)
+        assert sandbox.cgroup is inside and all(not folder.exists() for folder in ours.folders)
+        memory_folder = inside.folders[-1]
+        limit = "memory.max" if inside.version == 2 else "memory.limit_in_bytes"
+        assert int((memory_folder / limit).read_text()) == 2**30
+        assert memory_folder.parent == inside.budget.path
+    finally:
+        sandbox.close()
+        for cgroup in (inside, outside):
+            if cgroup is not None:
+                cgroup.remove()
+
+
+def test_kernels_of_one_budget_wait_at_its_limit_for_the_watchdog(tmp_path: Path) -> None:
+    """The budget's cgroup holds its kernels together at the total: a process that asks for
+    more waits there (v1) or is throttled (v2), and `at_limit` tells the watchdog so."""
+    if "memory" not in cgroup_support():
+        pytest.skip(f"no writable memory cgroup here ({cgroup_support()})")
+    budget = 256 * 2**20
+    cgroup = Cgroup.create(Policy(vault=tmp_path, cwd=tmp_path, memory=2**30, budget=budget))
+    assert cgroup is not None and cgroup.budget is not None
+    grow = "h = []\nwhile True:\n    h.append(b'x' * 2**24)"
+    process = subprocess.Popen([*LAUNCHER, json.dumps({"cgroup": [str(f) for f in cgroup.folders]}), "--",
+                                sys.executable, "-c", grow])  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not cgroup.budget.at_limit() and time.monotonic() < deadline:
+            assert process.poll() is None, "the budget killed it: the watchdog is to choose"
+            time.sleep(0.05)
+        assert cgroup.budget.at_limit()
+        assert process.poll() is None
+    finally:
+        cgroup.remove()
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
 
 
 # Two cgroups made at once by threads of a fresh process, the second a little after the first

@@ -18,6 +18,7 @@ outside its vault, CUDA under Landlock (the CUDA driver writes into the kernel's
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -40,6 +41,7 @@ from vault_runner.kernel.sandbox import Policy, Sandbox, policy_from_options
 from vault_runner.kernel.sandbox.cgroup import Cgroup
 from vault_runner.kernel.sandbox.filesystem import PROTECTED_IN_VAULT
 from vault_runner.kernel.sandbox.gpu import nvidia_device_nodes
+from vault_runner.kernel.sandbox.policy import default_memory
 from vault_runner.kernel.setup import kernel_env, prelude_code
 
 __all__ = ("SPARES_ENV", "ForkFactory", "close_shared_fork_factory", "shared_fork_factory")
@@ -90,9 +92,10 @@ class _Slot:
             template.env = {**self.env, **self.sandbox.env()}
             template.env.setdefault("MPLBACKEND", DEFAULT_MPLBACKEND)
             template.env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
-            # Each spare joins a cgroup of its own while it waits; the note that takes it
-            # puts its caps on that one (Sandbox.adopt_cgroup) instead of moving it.
-            template.spare_cgroup = lambda: Cgroup.create(policy)
+            # Each spare joins a cgroup of its own while it waits, in the memory budget of
+            # the notes to come; the note that takes it puts its caps on that one
+            # (Sandbox.adopt_cgroup) instead of moving it.
+            template.spare_cgroup = lambda: Cgroup.create(_spare_policy(policy))
             template.start()
             template.keep_spares(self.spares)
             self.template = template
@@ -246,6 +249,13 @@ class ForkFactory:
 
 def _exists(path: Path) -> bool:
     return path.exists() and not path.is_symlink()
+
+
+def _spare_policy(template_policy: Policy) -> Policy:
+    """The policy a spare's cgroup is made with: that of a note with no caps of its own, so
+    that the note's sandbox can adopt it (the same budget's memory cgroup)."""
+    budget = default_memory()[0]
+    return dataclasses.replace(template_policy, memory=budget, budget=budget)
 
 
 def _template_sandbox(like: Sandbox, key: TemplateKey) -> Sandbox:

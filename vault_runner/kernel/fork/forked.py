@@ -284,7 +284,7 @@ class ForkedKernelManager(KernelManager):
             env,
             replace_env=self.replace_env and env is not None,
             rlimits={"nproc": sandbox.nproc} if sandbox is not None and sandbox.nproc else {},
-            cgroup=cgroup.path if cgroup is not None else None,
+            cgroup=cgroup,
             adopt_cgroup=sandbox.adopt_cgroup if cgroup is not None else None,
         )
         # Ports, key and ipc path are the forked kernel's own (a spare was bound before

@@ -260,13 +260,13 @@ class KernelTemplate:
         connection_file: str | os.PathLike[str] | None = None,
         replace_env: bool = False,
         rlimits: Mapping[str, int] | None = None,
-        cgroup: str | os.PathLike[str] | None = None,
+        cgroup: Cgroup | None = None,
         adopt_cgroup: Callable[[Cgroup], bool] | None = None,
         timeout: float = FORK_TIMEOUT,
     ) -> ForkedKernel:
         """A new kernel in `cwd` with `env` applied (a value None removes a variable; with
         `replace_env` it is the whole environment). `rlimits` ({"nproc": n, "core": 0})
-        are set in the child; with `cgroup` (a cgroup folder) the child is moved into it
+        are set in the child; with `cgroup` the child is moved into it
         before it runs anything of the note's (a fork: before it starts; a spare: once it
         took the note), unless it is a spare in a cgroup of its own that `adopt_cgroup`
         takes (True: it put the note's caps on it and owns it now; the kernel's `cgroup`
@@ -294,7 +294,7 @@ class KernelTemplate:
         self,
         placement: Mapping[str, Any],
         connection_file: str | os.PathLike[str] | None,
-        cgroup: str | os.PathLike[str] | None,
+        cgroup: Cgroup | None,
         timeout: float,
         spare: bool,
     ) -> ForkedKernel:
@@ -351,7 +351,7 @@ class KernelTemplate:
             pidfd = os.pidfd_open(pid)
             if cgroup is not None:
                 try:
-                    Path(cgroup, "cgroup.procs").write_text(str(pid))
+                    cgroup.join(pid)
                 except OSError as exc:
                     os.close(pidfd)
                     raise ForkError(f"the forked kernel could not join its cgroup: {exc}") from None
@@ -429,7 +429,7 @@ class KernelTemplate:
                 kernel = self._fork(
                     {"cwd": str(self.cwd or self.runtime_dir), "env": {}, "replace_env": False, "rlimits": {}},
                     None,
-                    cgroup.path if cgroup is not None else None,
+                    cgroup,
                     FORK_TIMEOUT,
                     spare=True,
                 )
@@ -455,7 +455,7 @@ class KernelTemplate:
     def _take_spare(
         self,
         placement: Mapping[str, Any],
-        cgroup: str | os.PathLike[str] | None,
+        cgroup: Cgroup | None,
         adopt_cgroup: Callable[[Cgroup], bool] | None,
         timeout: float,
     ) -> ForkedKernel | None:
@@ -484,7 +484,7 @@ class KernelTemplate:
                     if own is not None and adopt_cgroup is not None and adopt_cgroup(own):
                         kernel.cgroup = None  # the note's sandbox has it now
                     else:
-                        Path(cgroup, "cgroup.procs").write_text(str(kernel.pid))
+                        cgroup.join(kernel.pid)
                 return kernel
             except (OSError, ForkError, ValueError):
                 kernel.close()  # then the next spare, or a fork on demand

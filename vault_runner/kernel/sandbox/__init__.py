@@ -31,11 +31,13 @@ With ``network: false`` every tier also gets the seccomp filter of seccomp.py (n
 says what that leaves open here (``doctor``, and a warning in the note when it is not all).
 
 Limits, in every tier: a per-block timeout (kernel/session.py), no core dumps, a memory cap
-(cgroup v2 ``memory.max`` when this process may create cgroups, else a watchdog thread
+(a memory cgroup, v2 or v1, when this process may create cgroups, else a watchdog thread
 that kills the kernel when the resident memory of its processes passes the cap; never
-RLIMIT_AS, which breaks CUDA), and a cap on processes+threads (a pids cgroup, v2 or v1,
-when writable; else RLIMIT_NPROC, which only counts per sandbox for a non-root user in
-bubblewrap's user namespace).
+RLIMIT_AS, which breaks CUDA), the memory budget of all kernels together (a parent memory
+cgroup where there is one, and the watchdog's choice of the kernel to stop: cgroup.py,
+processes.py), and a cap on processes+threads (a pids cgroup, v2 or v1, when writable;
+else RLIMIT_NPROC, which only counts per sandbox for a non-root user in bubblewrap's user
+namespace).
 
 The package, one concern a module: probe.py (which tier works), policy.py (what a kernel
 may do), filesystem.py (what it sees), gpu.py (device nodes, GPU placement), cgroup.py,
@@ -138,11 +140,13 @@ class Sandbox:
     def describe(self) -> dict[str, Any]:
         """Limits in force for this kernel (doctor, reports)."""
         memory = "none"
+        cgroup = self.cgroup
         if self.policy.memory:
-            how = "cgroup memory.max" if self.cgroup and self.cgroup.memory else "resident-memory watchdog"
+            how = f"cgroup v{cgroup.version} memory cap" if cgroup and cgroup.memory else "resident-memory watchdog"
             memory = f"{format_size(self.policy.memory)} ({how})"
         if self.policy.budget:
-            memory += f"; {format_size(self.policy.budget)} for all running kernels together"
+            how = "a cgroup over them all" if cgroup and cgroup.budget else "a resident-memory watchdog"
+            memory += f"; {format_size(self.policy.budget)} for all running kernels together ({how})"
         if self.cgroup is not None and self.policy.max_tasks:
             tasks = f"{self.policy.max_tasks} (cgroup v{self.cgroup.version} pids.max)"
         elif self.nproc:
@@ -191,7 +195,7 @@ class Sandbox:
         own = self.policy.memory if not (self.cgroup and self.cgroup.memory) else None  # else memory.max
         if own or self.policy.budget:
             budget = memory_budget(self.policy.budget)
-            self.watchdog = MemoryWatchdog(own, self.pids, self.kill_all, self._tmpfs_used, budget)
+            self.watchdog = MemoryWatchdog(own, self.pids, self.kill_all, self._tmpfs_used, budget, self._at_budget)
             self.watchdog.start()
 
     def adopt_cgroup(self, cgroup: Cgroup) -> bool:
@@ -200,7 +204,7 @@ class Sandbox:
         note's caps go on it before the note's code runs. False where this kernel wants no
         cgroup or the caps cannot be set: then the caller moves the kernel into ours."""
         ours = self.cgroup
-        if ours is None or cgroup.version != ours.version or (ours.memory and not cgroup.memory):
+        if ours is None or not ours.same_place(cgroup):
             return False  # it must hold the kernel as the one `setup` made would
         if not cgroup.limit(self.policy):
             return False
@@ -249,7 +253,7 @@ class Sandbox:
         """The full launch command for a kernel command line."""
         outer: dict[str, Any] = {"core": 0}
         if self.cgroup is not None:
-            outer["cgroup"] = str(self.cgroup.path)
+            outer["cgroup"] = [str(folder) for folder in self.cgroup.folders]
         if self.tier == "landlock":
             outer["landlock"] = self.landlock_spec()
             outer["drop_caps"] = os.geteuid() == 0
@@ -426,12 +430,7 @@ class Sandbox:
             return reason
         if self.watchdog is not None and self.watchdog.tripped is not None and self.watchdog.shared:
             used, self.watchdog.tripped = self.watchdog.tripped, None
-            return (
-                f"[vault-runner: the kernel was stopped at {format_size(used)} of memory: with the other "
-                f"running kernels it went over the memory budget of {format_size(self.policy.budget or 0)} that "
-                f"all kernels share ({MEMORY_ENV}, default 80% of RAM); use less memory, run fewer notes at "
-                "a time (-j), or raise the budget]"
-            )
+            return self._budget_message(used)
         if self.watchdog is not None and self.watchdog.tripped is not None:
             used, self.watchdog.tripped = self.watchdog.tripped, None
             return (
@@ -440,11 +439,26 @@ class Sandbox:
                 "note's `memory:` option]"
             )
         if self.cgroup is not None and self.cgroup.memory and self.cgroup.oom_killed():
+            if not self.cgroup.own_limit_reached() and self.cgroup.budget is not None:
+                return self._budget_message(self.cgroup.budget.total)
             return (
                 f"[vault-runner: the kernel went over its memory limit of {format_size(self.policy.memory or 0)} "
                 "and was stopped; use less memory or raise the note's `memory:` option]"
             )
         return None
+
+    def _budget_message(self, used: int) -> str:
+        return (
+            f"[vault-runner: the kernel was stopped at {format_size(used)} of memory: with the other "
+            f"running kernels it went over the memory budget of {format_size(self.policy.budget or 0)} that "
+            f"all kernels share ({MEMORY_ENV}, default 80% of RAM); use less memory, run fewer notes at "
+            "a time (-j), or raise the budget]"
+        )
+
+    def _at_budget(self) -> bool:
+        """Whether the cgroup over every kernel of the budget holds them at it now."""
+        budget = self.cgroup.budget if self.cgroup is not None else None
+        return budget is not None and budget.at_limit()
 
     def reset(self) -> None:
         """Undo what `setup` made to hold a kernel (memory watchdog, cgroup, process cap),

@@ -1,4 +1,13 @@
-"""The cgroup of one kernel: v2 with memory+pids limits, or v1 pids; joined by the launcher.
+"""The cgroup of one kernel, joined by the launcher: v2 with memory+pids limits, or v1 with a
+pids folder and a memory folder (two hierarchies).
+
+Every kernel of one memory budget (all the kernels of this process: `render -j 2`) sits
+in one parent memory cgroup, `BudgetCgroup`, whose limit is the budget: the machine's own
+accounting holds the kernels together at it, however fast a note fills memory. At that
+limit the parent does not pick a victim itself (v1: its OOM killer is off and tasks wait;
+v2: memory.high throttles them, memory.max a little above is the backstop); the memory
+watchdog stops the kernel that asked for more (processes.MemoryBudget), so that a note
+holding memory steadily keeps it.
 
 A cgroup is only used where this process may create one that a child can really join
 (tried once per parent folder); otherwise the sandbox falls back to a memory watchdog
@@ -7,6 +16,7 @@ and RLIMIT_NPROC.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import itertools
 import os
@@ -17,7 +27,7 @@ from pathlib import Path
 from vault_runner.kernel.sandbox.policy import Policy
 from vault_runner.kernel.sandbox.processes import kill_pid, launcher_runs
 
-__all__ = ("CGROUP_ROOT", "Cgroup", "cgroup_support")
+__all__ = ("CGROUP_ROOT", "BudgetCgroup", "Cgroup", "cgroup_support")
 
 _cgroup_counter = itertools.count()
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -38,46 +48,178 @@ def _own_cgroup(controller: str | None) -> str | None:
     return None
 
 
-class Cgroup:
-    """A cgroup of one kernel: v2 with memory+pids, or v1 pids. Created, joined by the launcher."""
+def _v2_parent(path: str) -> Path:
+    parent = CGROUP_ROOT / path.lstrip("/")
+    return parent if (parent / "cgroup.controllers").exists() else CGROUP_ROOT / "unified" / path.lstrip("/")
 
-    def __init__(self, path: Path, version: int, memory: bool, controllers: tuple[str, ...] = ()) -> None:
+
+def _write(path: Path, value: object) -> None:
+    path.write_text(str(value))
+
+
+class BudgetCgroup:
+    """The parent memory cgroup of every kernel of one budget (see the module docstring)."""
+
+    def __init__(self, path: Path, version: int, total: int, controllers: tuple[str, ...] = ()) -> None:
         self.path = path
         self.version = version
-        self.memory = memory  # memory.max is enforced by the kernel (v2)
+        self.total = total
+        self.controllers = controllers  # v2: what its kernels' cgroups may use
+
+    @classmethod
+    def make(cls, parent: Path, version: int, total: int, controllers: tuple[str, ...] = ()) -> BudgetCgroup | None:
+        path = parent / f"vault-runner.{os.getpid()}.budget{next(_cgroup_counter)}"
+        try:
+            path.mkdir()
+        except OSError:
+            return None
+        try:
+            if version == 1:
+                _write(path / "memory.limit_in_bytes", total)
+                if (path / "memory.memsw.limit_in_bytes").exists():
+                    _write(path / "memory.memsw.limit_in_bytes", total)  # none of it in swap
+                _write(path / "memory.oom_control", 1)  # wait at the limit: the watchdog chooses
+            else:
+                controllers = tuple(c for c in ("memory", "pids") if c in controllers)
+                _write(path / "cgroup.subtree_control", " ".join(f"+{c}" for c in controllers))
+                _write(path / "memory.high", total)  # throttled there: the watchdog chooses
+                _write(path / "memory.max", total + total // 8)
+                if (path / "memory.swap.max").exists():
+                    _write(path / "memory.swap.max", 0)
+        except OSError:
+            _rmdir(path)
+            return None
+        return cls(path, version, total, controllers)
+
+    def at_limit(self) -> bool:
+        """Whether its kernels are held at the budget now (waiting, or throttled)."""
+        try:
+            if self.version == 1:
+                return "under_oom 1" in (self.path / "memory.oom_control").read_text()
+            return int((self.path / "memory.current").read_text()) >= self.total
+        except (OSError, ValueError):
+            return False
+
+    def remove(self) -> None:
+        _remove_tree(self.path)
+
+
+_budgets: dict[tuple[Path, int], BudgetCgroup | None] = {}
+_budgets_lock = threading.Lock()
+
+
+def _budget(parent: Path, version: int, total: int, controllers: tuple[str, ...] = ()) -> BudgetCgroup | None:
+    """This process's budget cgroup of `total` bytes under `parent`: made once, removed at exit."""
+    with _budgets_lock:
+        key = (parent, total)
+        if key not in _budgets:
+            _remove_stale(parent)
+            made = BudgetCgroup.make(parent, version, total, controllers)
+            if made is not None and not _joinable(made.path):
+                made.remove()
+                made = None
+            if made is not None and not _budgets:
+                atexit.register(_remove_budgets)
+            _budgets[key] = made
+        return _budgets[key]
+
+
+def _remove_budgets() -> None:
+    with _budgets_lock:
+        for budget in _budgets.values():
+            if budget is not None:
+                budget.remove()
+        _budgets.clear()
+
+
+class Cgroup:
+    """A cgroup of one kernel: v2 with memory+pids in one folder, or v1 with a pids folder
+    and a memory folder (`memory_path`). Created here, joined by the launcher (`folders`)."""
+
+    def __init__(
+        self,
+        path: Path,
+        version: int,
+        memory: bool,
+        controllers: tuple[str, ...] = (),
+        *,
+        memory_path: Path | None = None,
+        budget: BudgetCgroup | None = None,
+    ) -> None:
+        self.path = path
+        self.version = version
+        self.memory = memory  # its memory cap is enforced by the kernel (v2 memory.max, v1 limit)
         self.controllers = controllers  # v2: what the parent enables for its children
+        self.memory_path = memory_path  # v1: its folder in the memory hierarchy
+        self.budget = budget  # the parent memory cgroup of every kernel of its budget
         self._oom_kills = self._read_oom_kills()
+        self._own_limit_hits = self._read_own_limit_hits()
+
+    @property
+    def folders(self) -> list[Path]:
+        """Each folder a process joins (one per hierarchy)."""
+        return [self.path] if self.memory_path is None else [self.path, self.memory_path]
 
     @classmethod
     def create(cls, policy: Policy) -> Cgroup | None:
         name = f"vault-runner.{os.getpid()}.{next(_cgroup_counter)}"
         v2 = _own_cgroup(None)
         if v2 is not None:
-            parent = CGROUP_ROOT / v2.lstrip("/")
-            if not (parent / "cgroup.controllers").exists():
-                parent = CGROUP_ROOT / "unified" / v2.lstrip("/")
+            parent = _v2_parent(v2)
             try:
-                enabled = (parent / "cgroup.subtree_control").read_text().split()
+                enabled = tuple((parent / "cgroup.subtree_control").read_text().split())
             except OSError:
-                enabled = []
+                enabled = ()
+            budget = None
+            if "memory" in enabled and policy.budget:
+                budget = _budget(parent, 2, policy.budget, enabled)
+                if budget is not None:
+                    parent, enabled = budget.path, budget.controllers
             if "pids" in enabled or "memory" in enabled:
-                made = cls._make(parent / name, 2, "memory" in enabled, tuple(enabled))
+                made = cls._make(parent / name, 2, "memory" in enabled, enabled, budget=budget)
                 if made is not None:
                     made.limit(policy)  # without memory.max (`memory` False), the watchdog caps it
                     return made
-        v1 = _own_cgroup("pids")
-        if v1 is not None and (CGROUP_ROOT / "pids").is_dir():
-            parent = CGROUP_ROOT / "pids" / v1.lstrip("/")
-            _remove_stale(parent)
-            made = cls._make(parent / name, 1, False)
-            if made is not None and not made.limit(policy):
-                made.remove()
-                return None
-            return made
-        return None
+        pids = cls._v1_folder("pids", name, None)
+        budget = None
+        memory = None
+        if policy.memory or policy.budget:
+            memory_parent = _v1_parent("memory")
+            if memory_parent is not None and policy.budget:
+                budget = _budget(memory_parent, 1, policy.budget)
+            memory = cls._v1_folder("memory", name, budget)
+        if pids is None and memory is None:
+            return None
+        made = cls(
+            (pids or memory).path,  # type: ignore[union-attr]
+            1,
+            memory is not None,
+            memory_path=memory.path if pids is not None and memory is not None else None,
+            budget=budget if memory is not None else None,
+        )
+        if not made.limit(policy):
+            made.remove()
+            return None
+        return made
 
     @classmethod
-    def _make(cls, path: Path, version: int, memory: bool, controllers: tuple[str, ...] = ()) -> Cgroup | None:
+    def _v1_folder(cls, controller: str, name: str, budget: BudgetCgroup | None) -> Cgroup | None:
+        parent = budget.path if budget is not None else _v1_parent(controller)
+        if parent is None:
+            return None
+        if budget is None:
+            _remove_stale(parent)
+        return cls._make(parent / name, 1, controller == "memory")
+
+    @classmethod
+    def _make(
+        cls,
+        path: Path,
+        version: int,
+        memory: bool,
+        controllers: tuple[str, ...] = (),
+        budget: BudgetCgroup | None = None,
+    ) -> Cgroup | None:
         if not _joinable(path.parent):
             return None
         try:
@@ -87,23 +229,46 @@ class Cgroup:
         if not os.access(path / "cgroup.procs", os.W_OK):
             _rmdir(path)
             return None
-        return cls(path, version, memory, controllers)
+        return cls(path, version, memory, controllers, budget=budget)
+
+    def same_place(self, other: Cgroup) -> bool:
+        """Whether `other` holds a kernel as this one would: same version, the same memory
+        cap kind and the same budget."""
+        return (
+            other.version == self.version
+            and other.memory == self.memory
+            and (other.memory_path is None) == (self.memory_path is None)
+            and other.budget is self.budget
+        )
+
+    def join(self, pid: int) -> None:
+        """Move a process (and what it starts later) into every folder of this cgroup."""
+        for folder in self.folders:
+            _write(folder / "cgroup.procs", pid)
 
     def limit(self, policy: Policy) -> bool:
         """Put `policy`'s caps on this cgroup (again, for a spare's cgroup that a note takes);
         False where one could not be written. A new v2 cgroup then goes without memory.max
         (`memory` False: the watchdog caps it); a v1 one, or one to adopt, is not used."""
+        memory_folder = self.memory_path or self.path
         try:
-            if self.version == 1 or "pids" in self.controllers:
-                (self.path / "pids.max").write_text(str(policy.max_tasks or "max"))
+            if (self.path / "pids.max").exists():
+                _write(self.path / "pids.max", policy.max_tasks or "max")
+            if self.version == 1 and self.memory:
+                swap = memory_folder / "memory.memsw.limit_in_bytes"
+                if swap.exists():
+                    _write(swap, -1)  # never below memory.limit_in_bytes while that changes
+                _write(memory_folder / "memory.limit_in_bytes", policy.memory or -1)
+                if swap.exists():
+                    _write(swap, policy.memory or -1)
         except OSError:
             self.memory = False
             return False
         try:
             if self.version == 2 and self.memory and policy.memory:
-                (self.path / "memory.max").write_text(str(policy.memory))
-                (self.path / "memory.swap.max").write_text("0") if (self.path / "memory.swap.max").exists() else None
-                (self.path / "memory.oom.group").write_text("1")
+                _write(self.path / "memory.max", policy.memory)
+                _write(self.path / "memory.swap.max", 0) if (self.path / "memory.swap.max").exists() else None
+                _write(self.path / "memory.oom.group", 1)
         except OSError:
             self.memory = False
             return False
@@ -118,7 +283,7 @@ class Cgroup:
     def kill_all(self) -> None:
         if self.version == 2 and (self.path / "cgroup.kill").exists():
             try:
-                (self.path / "cgroup.kill").write_text("1")
+                _write(self.path / "cgroup.kill", 1)
             except OSError:
                 pass
         # A fork bomb forks while we kill: go round until nothing is left (the pids cap bounds it).
@@ -130,20 +295,39 @@ class Cgroup:
                 kill_pid(pid)
             time.sleep(0.005)
 
-    def _read_oom_kills(self) -> int:
+    def _memory_counter(self, v2_file: str, v2_key: str, v1_file: str, v1_key: str | None) -> int:
+        folder = self.memory_path or self.path
+        name, key = (v1_file, v1_key) if self.version == 1 else (v2_file, v2_key)
         try:
-            for line in (self.path / "memory.events").read_text().splitlines():
-                if line.startswith("oom_kill "):
+            text = (folder / name).read_text()
+            if key is None:
+                return int(text)
+            for line in text.splitlines():
+                if line.startswith(key + " "):
                     return int(line.split()[1])
         except (OSError, ValueError):
             pass
         return 0
+
+    def _read_oom_kills(self) -> int:
+        return self._memory_counter("memory.events", "oom_kill", "memory.oom_control", "oom_kill")
+
+    def _read_own_limit_hits(self) -> int:
+        # The counter of the cgroup whose limit was reached: a kill at the budget's limit
+        # counts on the budget's cgroup, not on this one.
+        return self._memory_counter("memory.events", "max", "memory.failcnt", None)
 
     def oom_killed(self) -> bool:
         """Whether the kernel's memory cap killed something since the last call."""
         count = self._read_oom_kills()
         killed, self._oom_kills = count > self._oom_kills, count
         return killed
+
+    def own_limit_reached(self) -> bool:
+        """Whether the kernel reached its own memory cap (not the budget's) since the last call."""
+        count = self._read_own_limit_hits()
+        reached, self._own_limit_hits = count > self._own_limit_hits, count
+        return reached
 
     def pids_peak(self) -> int | None:
         try:
@@ -153,10 +337,11 @@ class Cgroup:
 
     def remove(self) -> None:
         self.kill_all()
-        for _ in range(50):
-            if _rmdir(self.path):
-                return
-            time.sleep(0.02)
+        for folder in self.folders:
+            for _ in range(50):
+                if _rmdir(folder):
+                    break
+                time.sleep(0.02)
 
 
 _probe_lock = threading.Lock()
@@ -199,6 +384,21 @@ def _rmdir(path: Path) -> bool:
         return False
 
 
+def _v1_parent(controller: str) -> Path | None:
+    own = _own_cgroup(controller)
+    if own is None or not (CGROUP_ROOT / controller).is_dir():
+        return None
+    return CGROUP_ROOT / controller / own.lstrip("/")
+
+
+def _remove_tree(folder: Path) -> None:
+    """Kill what is in a cgroup and its children, then remove them, deepest first."""
+    for child in [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []:
+        _remove_tree(child)
+    stale = Cgroup(folder, 1, False)
+    stale.remove()
+
+
 def _remove_stale(parent: Path) -> None:
     """Cgroups left by a vault-runner process that died without cleaning up."""
     for child in parent.glob("vault-runner.*.*"):
@@ -208,8 +408,7 @@ def _remove_stale(parent: Path) -> None:
             continue
         if owner == os.getpid() or Path(f"/proc/{owner}").exists():
             continue
-        stale = Cgroup(child, 1, False)
-        stale.remove()
+        _remove_tree(child)
 
 
 def cgroup_support() -> str:
@@ -224,7 +423,9 @@ def cgroup_support() -> str:
                 continue
             if ("memory" in enabled or "pids" in enabled) and os.access(parent, os.W_OK):
                 return f"cgroup v2 ({' '.join(c for c in enabled if c in {'memory', 'pids'})}) at {parent}"
-    v1 = _own_cgroup("pids")
-    if v1 is not None and os.access(CGROUP_ROOT / "pids" / v1.lstrip("/"), os.W_OK):
-        return f"cgroup v1 pids at {CGROUP_ROOT / 'pids' / v1.lstrip('/')}"
-    return "none writable"
+    found = [
+        f"{controller} at {parent}"
+        for controller in ("pids", "memory")
+        if (parent := _v1_parent(controller)) is not None and os.access(parent, os.W_OK)
+    ]
+    return f"cgroup v1 {', '.join(found)}" if found else "none writable"

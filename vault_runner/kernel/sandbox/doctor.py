@@ -77,12 +77,17 @@ def doctor_report() -> Report:
     memory, origin = default_memory()
     report.add("memory cap", f"{format_size(memory)} for all running kernels together, and per kernel ({origin}; "
                "a note's `memory:` option sets its own kernel's)" if memory else "none")  # fmt: skip
-    how_memory = (
-        "cgroup v2 memory.max" if cgroup_support().startswith("cgroup v2 (memory") else "watchdog on resident memory"
-    )
-    report.add("memory enforcement", f"{how_memory} per kernel; all kernels together: a watchdog every 0.1 s")
-    tasks = default_max_tasks()
     support = cgroup_support()
+    if "memory" in support:
+        version = "v2 memory.max" if support.startswith("cgroup v2") else "v1 memory.limit_in_bytes"
+        how_memory = (
+            f"cgroup {version} per kernel; all kernels together: a cgroup over them all at the budget, "
+            "where a watchdog stops the kernel that asked for more"
+        )
+    else:
+        how_memory = "watchdog on resident memory per kernel; all kernels together: a watchdog every 0.1 s"
+    report.add("memory enforcement", how_memory)
+    tasks = default_max_tasks()
     if tasks and "pids" in support:
         report.add("process+thread cap", f"{tasks} per kernel (pids cgroup; {MAX_TASKS_ENV} overrides)")
     elif tasks and os.geteuid() != 0:

@@ -5,8 +5,8 @@ starts, so that everything the kernel later forks inherits the limits. Standard 
 only: it runs with ``-S`` to start fast, and also inside bubblewrap.
 
 SPEC is a JSON object:
-  cgroup     a cgroup folder to join (its ``cgroup.procs`` file), so a pids/memory limit
-             covers every process the kernel forks
+  cgroup     a cgroup folder, or a list of them (one per v1 hierarchy), to join (each
+             ``cgroup.procs`` file), so a pids/memory limit covers every process the kernel forks
   core       RLIMIT_CORE (0: no core dumps in the note's folder)
   nproc      RLIMIT_NPROC, only set where it counts per sandbox (not as root)
   landlock   {"read": [...], "write": [...], "files": [...], "network": bool}
@@ -243,9 +243,9 @@ def drop_capabilities() -> None:
 
 def apply(spec: dict) -> None:
     cgroup = spec.get("cgroup")
-    if cgroup:
+    for folder in [cgroup] if isinstance(cgroup, str) else cgroup or []:
         # Join before exec: every later fork is born inside the cgroup and counted.
-        with open(os.path.join(cgroup, "cgroup.procs"), "w") as handle:
+        with open(os.path.join(folder, "cgroup.procs"), "w") as handle:
             handle.write(str(os.getpid()))
     if "core" in spec:
         resource.setrlimit(resource.RLIMIT_CORE, (int(spec["core"]), int(spec["core"])))

@@ -191,12 +191,16 @@ class MemoryWatchdog:
         kill: Callable[[], None],
         extra: Callable[[list[int]], int] = lambda pids: 0,
         budget: MemoryBudget | None = None,
+        at_budget: Callable[[], bool] = lambda: False,
     ) -> None:
         self.limit = limit
         self.pids = pids
         self.kill = kill
         self.extra = extra  # memory held outside the processes (the sandbox's tmpfs files)
         self.budget = budget if budget is not None else MemoryBudget(None)
+        # Whether the machine's own accounting (a cgroup over all the kernels) holds the
+        # budget's kernels at its total now: they wait there for a choice.
+        self.at_budget = at_budget
         self.peak = 0
         self.last = 0  # what it held at the budget's previous look
         self.tripped: int | None = None  # the memory that tripped it, until taken
@@ -260,7 +264,8 @@ class MemoryBudget:
         # 0.2 s longer polled every 0.1 s), so it is only taken near a limit.
         extra = [member.extra(pids) for member, pids in seen]
         cheap = [resident_size(pids) + more for (_, pids), more in zip(seen, extra, strict=True)]
-        near_total = self.total is not None and sum(cheap) > self.total
+        held_at_total = self.total is not None and any(member.at_budget() for member, _ in seen)
+        near_total = self.total is not None and (held_at_total or sum(cheap) > self.total)
         within: list[tuple[MemoryWatchdog, int]] = []
         for (member, pids), more, held in zip(seen, extra, cheap, strict=True):
             if near_total or (member.limit is not None and held > member.limit):
@@ -276,7 +281,7 @@ class MemoryBudget:
         # wait for it rather than stop another one for memory that is about to be free.
         now = time.monotonic()
         releasing = any(m.killed_at is not None and now - m.killed_at < RELEASE_GRACE for m, _ in seen)
-        if self.total is not None and total > self.total and within and not releasing:
+        if self.total is not None and (total > self.total or held_at_total) and within and not releasing:
             member, held = max(within, key=lambda pair: (pair[1] - pair[0].last, pair[1]))
             member.trip(held, shared=True)
         for member, held in within:
