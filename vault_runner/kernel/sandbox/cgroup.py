@@ -75,6 +75,9 @@ class BudgetCgroup:
             return None
         try:
             if version == 1:
+                hierarchy = path / "memory.use_hierarchy"
+                if hierarchy.exists() and hierarchy.read_text().strip() != "1":
+                    _write(hierarchy, 1)  # else its kernels' memory is not counted in it (old kernels)
                 _write(path / "memory.limit_in_bytes", total)
                 if (path / "memory.memsw.limit_in_bytes").exists():
                     _write(path / "memory.memsw.limit_in_bytes", total)  # none of it in swap
