@@ -232,6 +232,9 @@ class ForkFactory:
                     "running": s.template is not None and s.template.is_alive(),
                     "started_in_s": None if s.started_in is None else round(s.started_in, 2),
                     "error": s.error,
+                    # True: each kernel has its own /dev/shm and IPC namespace; else why its
+                    # kernels share the template's (None: not isolated, or not started yet)
+                    "private_shm": s.template.info.get("private_shm") if s.template is not None else None,
                 }
                 for s in slots
             ],
@@ -272,7 +275,8 @@ def _kernel_grants(sandbox: Sandbox, runtime_dir: Path) -> tuple[list[str], list
     """What a forked kernel may write besides its own folder: the sandbox's own grants
     (Sandbox.landlock_spec) less the template's runtime folder, where every kernel has its
     folder; under bubblewrap the vault whole (its protected entries are read-only mounts)
-    and bubblewrap's own /dev/shm and /dev/pts."""
+    and /dev/shm and /dev/pts: the kernel's own where it could make them (child.py
+    `_private_shm`, before these grants are made), else bubblewrap's."""
     spec = sandbox.landlock_spec()
     files = [*spec["files"], "/dev/pts"]
     if sandbox.tier == "landlock":
