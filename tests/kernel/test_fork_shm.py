@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import available_tiers
-from vault_runner.kernel.fork.common import fork_disabled_reason
+from vault_runner.engine.machine import kernel_start
+from vault_runner.kernel.fork.common import fork_disabled_reason, shared_shm_reason
 from vault_runner.kernel.fork.factory import ForkFactory
 from vault_runner.kernel.fork.forked import ForkedKernelManager
 from vault_runner.kernel.fork.session import ForkedSession, finish_shutdowns
@@ -244,6 +245,10 @@ def test_the_template_says_whether_its_kernels_get_a_shm_of_their_own(any_notes:
         assert private is True, facts
     else:
         assert isinstance(private, str) and "cannot make its own /dev/shm" in private, facts
+    # `doctor` forecasts it from the same rules, without a template.
+    assert (shared_shm_reason(any_notes.tier, probe().bwrap_userns) is None) == (private is True)
+    if probe().tier == any_notes.tier:  # what `doctor` says of the tier notes get here
+        assert ("each with its own /dev/shm" in kernel_start()) == (private is True), kernel_start()
     assert [t["private_shm"] for t in described] == [private], described
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vault_runner.kernel.fork.common import FORK_ENV, fork_disabled_reason
+from vault_runner.kernel.fork.common import FORK_ENV, fork_disabled_reason, shared_shm_reason
 from vault_runner.kernel.sandbox.doctor import doctor_report
 from vault_runner.kernel.sandbox.gpu import nvidia_device_nodes, visible_gpus
 from vault_runner.kernel.sandbox.probe import probe
@@ -31,6 +31,13 @@ def gpus() -> list[str]:
 def kernel_start() -> str:
     """How a note's kernel is made here: forked from a warm template, or started, and why."""
     why = fork_disabled_reason()
-    if why is None:
-        return f"forked from a warm template per vault and sandbox policy ({FORK_ENV}=0: start each)"
-    return f"started for each note ({why})"
+    if why is not None:
+        return f"started for each note ({why})"
+    text = f"forked from a warm template per vault and sandbox policy ({FORK_ENV}=0: start each)"
+    found = probe()
+    if found.tier == "plain":
+        return text
+    shared = shared_shm_reason(found.tier, found.bwrap_userns)
+    if shared is None:
+        return f"{text}; each with its own /dev/shm, ptys and IPC namespace"
+    return f"{text}; kernels of one template share its /dev/shm, ptys and IPC namespace ({shared})"
