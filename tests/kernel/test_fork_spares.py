@@ -22,6 +22,7 @@ from vault_runner.kernel.fork.forked import ForkedKernelManager
 from vault_runner.kernel.fork.session import ForkedSession
 from vault_runner.kernel.sandbox import Policy, Sandbox
 from vault_runner.kernel.sandbox.cgroup import Cgroup
+from vault_runner.kernel.sandbox.policy import default_memory
 
 pytestmark = [
     pytest.mark.kernel,
@@ -62,7 +63,13 @@ def factory_and_policy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
         pytest.skip("this process cannot create a cgroup a kernel can join here")
     factory = ForkFactory(spares=1)
     try:
-        yield factory, Policy(vault=root, cwd=root / "N", network=True, device="cpu", max_tasks=CAP), request.param
+        # As a note's policy is (policy_from_options): its memory cap and the budget of all
+        # kernels are the default budget's size, unless it sets its own cap.
+        budget = default_memory()[0]
+        policy = Policy(
+            vault=root, cwd=root / "N", network=True, device="cpu", max_tasks=CAP, memory=budget, budget=budget
+        )
+        yield factory, policy, request.param
     finally:
         factory.close()
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +27,7 @@ from tests.conftest import available_tiers, copy_sample_vault
 from vault_runner import engine as engine_mod
 from vault_runner.core import note as notes
 from vault_runner.disk.vault import load_vault
-from vault_runner.kernel.sandbox import Policy, Sandbox, network
+from vault_runner.kernel.sandbox import Policy, Sandbox, network, processes
 from vault_runner.kernel.sandbox.cgroup import cgroup_support
 from vault_runner.kernel.sandbox.policy import MEMORY_ENV
 from vault_runner.kernel.sandbox.probe import SANDBOX_ENV
@@ -336,6 +337,44 @@ def test_the_budget_stops_the_process_that_asks_for_more() -> None:
                 process.wait()
 
 
+def test_the_kernel_stopped_at_the_limit_is_the_one_asking_not_the_biggest(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The choice alone, on sizes given to it: A holds 384 of 640 MiB; B fills the rest and is
+    # stopped; while B's memory is still going, C fills what B freed and waits at the limit.
+    # C grew no more since the look before (it waits): measured from before B's stop, C is
+    # the one asking, not A, the biggest.
+    mib = 2**20
+    sizes = {1: 384 * mib, 2: 0, 3: 0}
+    at_limit = [False]
+    monkeypatch.setattr(processes, "resident_size", lambda pids: sum(sizes[p] for p in pids))
+    monkeypatch.setattr(processes, "resident_memory", lambda pids: sum(sizes[p] for p in pids))
+    monkeypatch.setattr(processes, "waits_for_memory", lambda pids: False)
+    monkeypatch.setattr(processes, "RELEASE_GRACE", 0.2)
+    budget = MemoryBudget(640 * mib)
+    killed: list[str] = []
+    members = {
+        name: MemoryWatchdog(
+            None,
+            lambda pid=pid: [pid],
+            lambda name=name: killed.append(name),
+            budget=budget,
+            at_budget=lambda: at_limit[0],
+        )  # fmt: skip
+        for name, pid in (("A", 1), ("B", 2), ("C", 3))
+    }
+    group = list(members.values())
+    budget.look(group)  # A's 384 MiB is where everyone starts
+    sizes[2], at_limit[0] = 256 * mib, True
+    budget.look(group)
+    assert killed == ["B"]
+    sizes[3] = 200 * mib  # B's memory is not all back yet; C takes what is
+    budget.look(group)
+    assert killed == ["B"]  # nobody else while B's memory is going
+    sizes[2] = 0
+    time.sleep(0.25)
+    budget.look(group)
+    assert killed == ["B", "C"]
+
+
 def kernels_memory(folder: Path) -> int:
     """Memory held by every process working in `folder` (the two kernels and their children)."""
     total = 0
@@ -440,6 +479,39 @@ def test_a_note_that_fills_memory_fast_is_held_at_the_budget(
     # was filling (a watcher alone let it reach 384 and 448 MiB here, one look too late).
     reached = int((folder / "b-progreso").read_text())
     assert reached <= (BUDGET >> 20) - 384 + 64, f"B filled {reached} MiB"
+
+
+LONE_GROWER = """
+hoard = []
+for _ in range(64):  # 2 GiB
+    hoard.append(b"x" * (32 * 2**20))
+print("sin tope", 32 * len(hoard), "MiB")
+"""
+
+
+@pytest.mark.parametrize("own_cap", [None, "128M"])
+def test_a_lone_note_over_its_own_cap_is_told_of_its_own_cap(
+    vault_root: Path, tier: str, monkeypatch: pytest.MonkeyPatch, own_cap: str | None
+) -> None:
+    # Its cap is the budget's size when it sets none; below the budget with `memory:`. Either
+    # way it is stopped at once (a kernel's own cgroup kills, where the budget's waits) and
+    # told of its own cap, not of other kernels it did not run beside.
+    folder = (vault_root / f"Sola {tier} {own_cap}").resolve()
+    folder.mkdir()
+    text = note_text(LONE_GROWER, timeout=120, network_on=True)
+    if own_cap:
+        text = text.replace("  timeout: 120\n", f"  timeout: 120\n  memory: {own_cap}\n")
+    (folder / "Sola.md").write_text(text, encoding="utf-8")
+    monkeypatch.setenv(MEMORY_ENV, str(BUDGET))
+    monkeypatch.setenv(SANDBOX_ENV, tier)
+    started = time.monotonic()
+    report = engine_mod.Engine(load_vault(vault_root)).run_note(folder / "Sola.md")
+    assert [b.status for b in report.blocks] == ["dead"], report
+    written = (folder / "Sola.md").read_text(encoding="utf-8")
+    cap = "128.0 MiB" if own_cap else "640.0 MiB"
+    assert f"limit of {cap}" in written, written
+    assert "memory budget" not in written and "sin tope 2048" not in written
+    assert time.monotonic() - started < 100, "it waited at the limit until its timeout"
 
 
 def test_a_note_run_by_the_engine_gets_the_same_interrupt_and_network_rules(

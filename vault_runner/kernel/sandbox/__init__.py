@@ -428,18 +428,23 @@ class Sandbox:
         if self.guard is not None and self.guard.tripped is not None:
             reason, self.guard.tripped = self.guard.tripped, None
             return reason
-        if self.watchdog is not None and self.watchdog.tripped is not None and self.watchdog.shared:
-            used, self.watchdog.tripped = self.watchdog.tripped, None
-            return self._budget_message(used)
-        if self.watchdog is not None and self.watchdog.tripped is not None:
-            used, self.watchdog.tripped = self.watchdog.tripped, None
+        watchdog = self.watchdog
+        own_cap = self.policy.memory
+        if watchdog is not None and watchdog.tripped is not None and watchdog.shared:
+            # A kernel that alone holds its own cap's worth (by default the budget's size)
+            # is told of its cap: the others it was measured with hold next to nothing.
+            if own_cap is None or watchdog.tripped < own_cap:
+                used, watchdog.tripped = watchdog.tripped, None
+                return self._budget_message(used)
+        if watchdog is not None and watchdog.tripped is not None:
+            used, watchdog.tripped = watchdog.tripped, None
             return (
                 f"[vault-runner: the kernel used {format_size(used)} of memory, more than its limit of "
                 f"{format_size(self.policy.memory or 0)}, and was stopped; use less memory or raise the "
                 "note's `memory:` option]"
             )
         if self.cgroup is not None and self.cgroup.memory and self.cgroup.oom_killed():
-            if not self.cgroup.own_limit_reached() and self.cgroup.budget is not None:
+            if self.cgroup.budget is not None and self.cgroup.budget.killed_at_limit():
                 return self._budget_message(self.cgroup.budget.total)
             return (
                 f"[vault-runner: the kernel went over its memory limit of {format_size(self.policy.memory or 0)} "

@@ -58,17 +58,23 @@ def _write(path: Path, value: object) -> None:
 
 
 class BudgetCgroup:
-    """The parent memory cgroup of every kernel of one budget (see the module docstring)."""
+    """The parent memory cgroup of every kernel of one budget (see the module docstring).
+
+    Its limit is a little above the budget (`limit`): a note's own cap is the budget when it
+    sets none, and a lone note over it is to be told of its own cap, not of the others'."""
 
     def __init__(self, path: Path, version: int, total: int, controllers: tuple[str, ...] = ()) -> None:
         self.path = path
         self.version = version
         self.total = total
+        self.limit = total + max(64 * 2**20, total // 64)
         self.controllers = controllers  # v2: what its kernels' cgroups may use
+        self._ooms = self._read_ooms()
 
     @classmethod
     def make(cls, parent: Path, version: int, total: int, controllers: tuple[str, ...] = ()) -> BudgetCgroup | None:
-        path = parent / f"vault-runner.{os.getpid()}.budget{next(_cgroup_counter)}"
+        made = cls(parent / f"vault-runner.{os.getpid()}.budget{next(_cgroup_counter)}", version, total, controllers)
+        path, limit = made.path, made.limit
         try:
             path.mkdir()
         except OSError:
@@ -78,30 +84,49 @@ class BudgetCgroup:
                 hierarchy = path / "memory.use_hierarchy"
                 if hierarchy.exists() and hierarchy.read_text().strip() != "1":
                     _write(hierarchy, 1)  # else its kernels' memory is not counted in it (old kernels)
-                _write(path / "memory.limit_in_bytes", total)
+                _write(path / "memory.limit_in_bytes", limit)
                 if (path / "memory.memsw.limit_in_bytes").exists():
-                    _write(path / "memory.memsw.limit_in_bytes", total)  # none of it in swap
+                    _write(path / "memory.memsw.limit_in_bytes", limit)  # none of it in swap
                 _write(path / "memory.oom_control", 1)  # wait at the limit: the watchdog chooses
             else:
-                controllers = tuple(c for c in ("memory", "pids") if c in controllers)
-                _write(path / "cgroup.subtree_control", " ".join(f"+{c}" for c in controllers))
-                _write(path / "memory.high", total)  # throttled there: the watchdog chooses
-                _write(path / "memory.max", total + total // 8)
+                made.controllers = tuple(c for c in ("memory", "pids") if c in controllers)
+                _write(path / "cgroup.subtree_control", " ".join(f"+{c}" for c in made.controllers))
+                _write(path / "memory.high", limit)  # throttled there: the watchdog chooses
+                _write(path / "memory.max", limit + total // 8)
                 if (path / "memory.swap.max").exists():
                     _write(path / "memory.swap.max", 0)
         except OSError:
             _rmdir(path)
             return None
-        return cls(path, version, total, controllers)
+        return made
 
     def at_limit(self) -> bool:
-        """Whether its kernels are held at the budget now (waiting, or throttled)."""
+        """Whether its kernels are held at the budget now (waiting, or throttled). On v2 by
+        the memory no reclaim can give back (anonymous and shared): reading a big file fills
+        the page cache up to memory.high, and that is no reason to stop a note."""
         try:
             if self.version == 1:
                 return "under_oom 1" in (self.path / "memory.oom_control").read_text()
-            return int((self.path / "memory.current").read_text()) >= self.total
+            stat = dict(line.split() for line in (self.path / "memory.stat").read_text().splitlines())
+            return int(stat.get("anon", 0)) + int(stat.get("shmem", 0)) >= self.limit - self.limit // 16
         except (OSError, ValueError):
             return False
+
+    def _read_ooms(self) -> int:
+        try:  # v2: OOMs of this cgroup's own limit (memory.max), not of a kernel's own cap
+            for line in (self.path / "memory.events.local").read_text().splitlines():
+                if line.startswith("oom "):
+                    return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def killed_at_limit(self) -> bool:
+        """Whether its own limit killed a kernel since the last call (v2's memory.max, past
+        the throttle; v1's killer is off: never)."""
+        count = self._read_ooms()
+        killed, self._ooms = count > self._ooms, count
+        return killed
 
     def remove(self) -> None:
         _remove_tree(self.path)
@@ -156,7 +181,6 @@ class Cgroup:
         self.memory_path = memory_path  # v1: its folder in the memory hierarchy
         self.budget = budget  # the parent memory cgroup of every kernel of its budget
         self._oom_kills = self._read_oom_kills()
-        self._own_limit_hits = self._read_own_limit_hits()
 
     @property
     def folders(self) -> list[Path]:
@@ -258,6 +282,9 @@ class Cgroup:
             if (self.path / "pids.max").exists():
                 _write(self.path / "pids.max", policy.max_tasks or "max")
             if self.version == 1 and self.memory:
+                # Its own cap kills (the budget's folder above waits instead, and a child
+                # folder takes its parent's setting).
+                _write(memory_folder / "memory.oom_control", 0)
                 swap = memory_folder / "memory.memsw.limit_in_bytes"
                 if swap.exists():
                     _write(swap, -1)  # never below memory.limit_in_bytes while that changes
@@ -298,39 +325,21 @@ class Cgroup:
                 kill_pid(pid)
             time.sleep(0.005)
 
-    def _memory_counter(self, v2_file: str, v2_key: str, v1_file: str, v1_key: str | None) -> int:
-        folder = self.memory_path or self.path
-        name, key = (v1_file, v1_key) if self.version == 1 else (v2_file, v2_key)
+    def _read_oom_kills(self) -> int:
+        name = "memory.oom_control" if self.version == 1 else "memory.events"
         try:
-            text = (folder / name).read_text()
-            if key is None:
-                return int(text)
-            for line in text.splitlines():
-                if line.startswith(key + " "):
+            for line in ((self.memory_path or self.path) / name).read_text().splitlines():
+                if line.startswith("oom_kill "):
                     return int(line.split()[1])
         except (OSError, ValueError):
             pass
         return 0
-
-    def _read_oom_kills(self) -> int:
-        return self._memory_counter("memory.events", "oom_kill", "memory.oom_control", "oom_kill")
-
-    def _read_own_limit_hits(self) -> int:
-        # The counter of the cgroup whose limit was reached: a kill at the budget's limit
-        # counts on the budget's cgroup, not on this one.
-        return self._memory_counter("memory.events", "max", "memory.failcnt", None)
 
     def oom_killed(self) -> bool:
         """Whether the kernel's memory cap killed something since the last call."""
         count = self._read_oom_kills()
         killed, self._oom_kills = count > self._oom_kills, count
         return killed
-
-    def own_limit_reached(self) -> bool:
-        """Whether the kernel reached its own memory cap (not the budget's) since the last call."""
-        count = self._read_own_limit_hits()
-        reached, self._own_limit_hits = count > self._own_limit_hits, count
-        return reached
 
     def pids_peak(self) -> int | None:
         try:
@@ -395,11 +404,15 @@ def _v1_parent(controller: str) -> Path | None:
 
 
 def _remove_tree(folder: Path) -> None:
-    """Kill what is in a cgroup and its children, then remove them, deepest first."""
-    for child in [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []:
+    """Kill what is in a cgroup and its children, then remove them, deepest first (another
+    process may be removing the same stale tree)."""
+    try:
+        children = [p for p in folder.iterdir() if p.is_dir()]
+    except OSError:
+        children = []
+    for child in children:
         _remove_tree(child)
-    stale = Cgroup(folder, 1, False)
-    stale.remove()
+    Cgroup(folder, 1, False).remove()
 
 
 def _remove_stale(parent: Path) -> None:
