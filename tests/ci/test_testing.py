@@ -127,6 +127,32 @@ def test_unexpected_raise_fails_and_raises_option_is_honoured(
     assert "ValueError: inesperado" in data["notes"][0]["blocks"][1]["details"]
 
 
+HAMBRIENTA = """
+    ```python
+    hoard = b"x" * (600 * 2**20)
+    print("tengo", len(hoard) >> 20, "MiB")
+    ```
+"""
+
+
+@pytest.mark.kernel
+def test_notes_tested_in_worker_processes_share_one_memory_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `test -j 2` runs notes in two worker processes: each has its share of the budget, so two
+    # notes of 600 MiB at once cannot hold 1.2 GiB of a 1 GiB budget (each had all of it).
+    make_note_vault(tmp_path / "v", {"a.md": HAMBRIENTA, "b.md": HAMBRIENTA}, config='include = ["*.md"]\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VAULT_RUNNER_MEMORY", "1G")
+    code, out, _ = run(["test", "v", "-j", "2", "--json"], capsys)
+    data = json.loads(out)
+    assert code == 1
+    assert [[b["status"] for b in note["blocks"]] for note in data["notes"]] == [["dead"], ["dead"]]
+    assert all("limit of 512.0 MiB" in note["blocks"][0]["details"] for note in data["notes"]), data
+    code, out, _ = run(["test", "v/a.md", "--json"], capsys)  # alone, it has the whole budget
+    assert code == 0, out
+
+
 @pytest.mark.kernel
 def test_compare_catches_a_changed_value_and_ignores_addresses_and_timings(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch

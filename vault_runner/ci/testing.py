@@ -9,6 +9,7 @@ must also match the stored region after sanitizing (core/compare.py, compare_bod
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -28,6 +29,7 @@ from vault_runner.engine import (
     select,
 )
 from vault_runner.errors import SanitizerError, VaultError
+from vault_runner.kernel.sandbox.policy import MEMORY_ENV, default_memory
 from vault_runner.model import NOTE_FAILED, TEST_FAILED
 
 MISMATCH = "mismatch"
@@ -178,7 +180,9 @@ def run_notes(
         raise ValueError("a custom kernel_factory only works with jobs=1")
     slots: list[NoteResult | None] = [None] * len(notes)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(jobs, len(notes)), mp_context=context) as pool:
+    workers = min(jobs, len(notes))
+    share = _budget_share(workers)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_take_budget_share, initargs=(share,)) as pool:
         futures = {pool.submit(_guarded, vault, path, options): i for i, (vault, path) in enumerate(notes)}
         try:
             for future in as_completed(futures):
@@ -189,6 +193,18 @@ def run_notes(
             pool.shutdown(wait=True, cancel_futures=True)
             raise
     return [r for r in slots if r is not None]
+
+
+def _budget_share(workers: int) -> int | None:
+    """Each worker's part of the memory budget: the kernels of every worker together stay
+    within the one budget (each worker process holds a budget of its own)."""
+    total = default_memory()[0]
+    return None if total is None else total // workers
+
+
+def _take_budget_share(share: int | None) -> None:
+    if share is not None:
+        os.environ[MEMORY_ENV] = str(share)
 
 
 def _in_threads(
