@@ -46,11 +46,6 @@ PLAIN_SKIP = (
     "the plain tier contains nothing: a note there reads and writes all the user can (the host's "
     "/dev/shm, the home folder), so a /dev/shm of its own would keep nothing apart"
 )
-ROOT_GAP = (
-    "bubblewrap as root: its kernels run as uid 0 without capabilities, and Linux (5.12+) lets only a "
-    "process with CAP_SETFCAP map uid 0 into a new user namespace: forked kernels share the template's "
-    "/dev/shm, ptys and IPC namespace (run as a user; or give sandboxes an inner uid other than 0)"
-)
 LANDLOCK_GAP = (
     "Landlock tier: the template runs in a Landlock domain, which refuses mount(2), and its forks "
     "cannot map a user namespace's ids (/proc/self is not writable there): its kernels share the "
@@ -66,8 +61,6 @@ def _gap(tier: str) -> str | None:
         return LANDLOCK_GAP
     if tier == "bubblewrap" and not probe().bwrap_userns:
         return "bubblewrap cannot make user namespaces here"
-    if tier == "bubblewrap" and os.geteuid() == 0:
-        return ROOT_GAP
     return None
 
 

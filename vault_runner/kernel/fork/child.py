@@ -10,8 +10,8 @@ forked child reports its pid on that socket (SCM_CREDENTIALS, so the kernel tran
 into the pid namespace of whoever reads it: this process may live inside bubblewrap's),
 waits for "go" (the parent moves it into the note's cgroup meanwhile), and becomes an
 IPKernelApp on the request's connection file. In a sandbox each child first makes its own
-/dev/shm, ptys and IPC namespace where it can (`_private_shm`; the facts' "private_shm"
-says whether, or why not), then enters a Landlock domain of its own.
+/dev/shm, ptys and IPC namespace where it can (launch.py `enter_own_devices`; the facts'
+"private_shm" says whether), then enters a Landlock domain of its own.
 
 Messages (JSON, one per datagram):
   template -> parent  {"op": "ready", ...facts}   once, after the imports
@@ -52,8 +52,6 @@ if sys.path and os.path.dirname(os.path.abspath(__file__)) == os.path.abspath(sy
 
 _PR_SET_PDEATHSIG = 1
 _MAX_MESSAGE = 1 << 20
-_CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWUSER = 0x00020000, 0x08000000, 0x10000000
-_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
 
 
 def _send(sock: socket.socket, message: dict, fds: list[int] | None = None, creds: bool = False) -> None:
@@ -129,7 +127,7 @@ class Template:
         # True: each kernel makes a /dev/shm and IPC namespace of its own (and must); else
         # why it cannot here (its kernels share the template's, as the facts say). None:
         # kernels are not isolated (the plain tier), so nothing is claimed.
-        self.private_shm = _probe_private_shm() if self.isolate is not None else None
+        self.private_shm = self.isolate.own_devices_work() if self.isolate is not None else None
 
     # -- main loop -------------------------------------------------------------------------
     def serve(self) -> int:
@@ -226,79 +224,6 @@ class Template:
         os.close(report_fd)
 
 
-def _private_shm() -> None:
-    """Give this process (and what it starts) a /dev/shm, /dev/pts and IPC namespace of its own.
-
-    Forks of one template share its /dev/shm, ptys and IPC namespace (SysV shared memory):
-    what a note left there would reach a sibling running beside it, or a later note. Here:
-    a user namespace of its own, for the right to unshare the mount and IPC namespaces and
-    mount a fresh tmpfs and devpts instance; all of it goes with the kernel. Needs one
-    thread (right after fork) and no Landlock domain yet (Landlock refuses mounts): before
-    enter_nested_domain, which then grants the new /dev/shm by path."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-    fs = os.statvfs("/dev/shm")  # the template's, sized by the sandbox: as large (the watchdog counts it)
-    size = f",size={fs.f_blocks * fs.f_frsize}" if fs.f_blocks else ""
-    _own_user_namespace(libc, _CLONE_NEWNS | _CLONE_NEWIPC)
-    # New mounts propagate nowhere: a mount namespace owned by a new user namespace holds
-    # the others' shared mounts as slaves.
-    shm = f"mode=1777{size}".encode()
-    _check(libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", _MS_NOSUID | _MS_NODEV, shm), "mount /dev/shm")
-    if os.path.isdir("/dev/pts"):
-        # Its own pty instance (/dev/ptmx leads into it): a sibling could otherwise open the
-        # ptys of its `!cmd`s. Not nodev: its nodes are the ptys.
-        options = b"newinstance,ptmxmode=0666,mode=620"
-        _check(libc.mount(b"devpts", b"/dev/pts", b"devpts", _MS_NOSUID | _MS_NOEXEC, options), "mount /dev/pts")
-
-
-def _own_user_namespace(libc: ctypes.CDLL, also: int) -> None:
-    """Unshare a user namespace that maps only this process's own ids (files keep their
-    owner, credentials passed on sockets stay valid), and the namespaces in `also`."""
-    uid, gid = os.getuid(), os.getgid()
-    _check(libc.unshare(_CLONE_NEWUSER | also), "unshare")
-    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-        try:
-            with open(f"/proc/self/{name}", "w") as handle:
-                handle.write(text)
-        except OSError as exc:
-            hint = ""
-            if name == "uid_map" and uid == 0:
-                # Linux 5.12+: only a creator that had CAP_SETFCAP may map uid 0 (else it could
-                # write file capabilities that count outside); bubblewrap dropped them all.
-                hint = " (uid 0 may be mapped only by a process with CAP_SETFCAP)"
-            raise OSError(exc.errno, f"write /proc/self/{name}: {os.strerror(exc.errno or 0)}{hint}") from None
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"{what}: {os.strerror(errno)}")
-
-
-def _probe_private_shm() -> bool | str:
-    """True when a fork of this process can make its own /dev/shm (`_private_shm`), else
-    why not: tried for real, once, in a fork that then exits."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read)
-        try:
-            _private_shm()
-            os._exit(0)
-        except BaseException as exc:
-            os.write(write, str(exc).encode()[:1000])
-            os._exit(1)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        why = pipe.read().decode(errors="replace")
-    _, code = os.waitpid(pid, 0)
-    if code == 0:
-        return True
-    return (
-        f"a forked kernel cannot make its own /dev/shm here ({why or f'status {code}'}): kernels share the template's"
-    )
-
-
 def _launch_module() -> object:
     import importlib.util
 
@@ -352,7 +277,7 @@ def _child(template: Template, request: dict, report_fd: int, template_pid: int)
         return 1
     if template.private_shm is True:
         try:
-            _private_shm()
+            template.isolate.enter_own_devices()
             template.isolate.drop_capabilities()  # those of its new user namespace
         except OSError as exc:  # fail closed: the note's kernel is started instead
             _send(socket.socket(fileno=report_fd), {"error": f"the kernel's own /dev/shm could not be made: {exc}"})

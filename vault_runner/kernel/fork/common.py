@@ -81,16 +81,13 @@ def fork_unavailable_reason() -> str | None:
 
 def shared_shm_reason(tier: str, bwrap_userns: bool) -> str | None:
     """Why kernels forked in this sandbox tier share their template's /dev/shm, ptys and
-    IPC namespace; None where each makes its own (child.py `_private_shm`) or where nothing
+    IPC namespace; None where each makes its own (mounts.py `enter_own_devices`) or where nothing
     is isolated (plain). `doctor`'s forecast from the rules child.py meets there: a template
     finds out by trying (its facts' "private_shm")."""
     if tier == "landlock":
         return "the template runs in a Landlock domain, which refuses mounts"
     if tier == "bubblewrap" and not bwrap_userns:
         return "no user namespaces here"
-    if tier == "bubblewrap" and os.geteuid() == 0:
-        # Linux 5.12+: only a creator that had CAP_SETFCAP may map uid 0 into a new user namespace.
-        return "run as root, a kernel is uid 0 without capabilities, and may not map uid 0 into a user namespace"
     return None
 
 

@@ -275,8 +275,8 @@ def _kernel_grants(sandbox: Sandbox, runtime_dir: Path) -> tuple[list[str], list
     """What a forked kernel may write besides its own folder: the sandbox's own grants
     (Sandbox.landlock_spec) less the template's runtime folder, where every kernel has its
     folder; under bubblewrap the vault whole (its protected entries are read-only mounts)
-    and /dev/shm and /dev/pts: the kernel's own where it could make them (child.py
-    `_private_shm`, before these grants are made), else bubblewrap's."""
+    and /dev/shm and /dev/pts: the kernel's own where it could make them (mounts.py
+    `enter_own_devices`, before these grants are made), else bubblewrap's."""
     spec = sandbox.landlock_spec()
     files = [*spec["files"], "/dev/pts"]
     if sandbox.tier == "landlock":

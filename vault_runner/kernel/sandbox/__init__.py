@@ -4,8 +4,8 @@ Tiers, chosen once per process by actually trying them (``VAULT_RUNNER_SANDBOX``
 
 - ``bubblewrap``: the kernel runs in ``bwrap`` with the whole filesystem read-only, a
   private ``/tmp``, ``/run`` and ``/var/tmp``, the home folders hidden behind an empty
-  read-only tmpfs, its own pid (and, as a normal user, user) namespace, and ``--unshare-net``
-  when the note says ``network: false``. Writable: the whole vault (the kernel's cwd is the
+  read-only tmpfs, its own pid and user namespace (as root, uid 1000 inside: `kernel_ids`),
+  and ``--unshare-net`` when the note says ``network: false``. Writable: the whole vault (the kernel's cwd is the
   note's folder, and notes read and write data files anywhere in their vault), except the
   protected entries (protected.py: ``.obsidian`` and ``.git`` at any depth,
   ``vault-runner.toml``), read-only so a note cannot plant an Obsidian plugin or a git hook
@@ -91,6 +91,18 @@ from vault_runner.kernel.sandbox.protected import (
 )
 
 __all__ = ("Policy", "Probe", "Report", "Sandbox", "doctor_report", "policy_from_options")
+
+
+# The kernel's ids inside bubblewrap's user namespace when vault-runner runs as root: they
+# stand for root outside (files it makes are root's, as before). Not 0 inside: a forked kernel
+# maps its own uid into a user namespace of its own (its /dev/shm, mounts.py), and Linux 5.12+
+# lets only a process that had CAP_SETFCAP map uid 0; none in the sandbox has it.
+ROOT_KERNEL_IDS = (1000, 1000)
+
+
+def kernel_ids() -> tuple[int, int]:
+    """The uid and gid a bubblewrap kernel has inside its user namespace."""
+    return ROOT_KERNEL_IDS if os.getuid() == 0 else (os.getuid(), os.getgid())
 
 
 class Sandbox:
@@ -292,7 +304,8 @@ class Sandbox:
         # a parent pid of 1 turns that watch off; --die-with-parent ends the kernel instead.
         args += ["--setenv", "JPY_PARENT_PID", "1"]
         if self.probe.bwrap_userns:
-            args += ["--unshare-user", "--uid", str(os.getuid()), "--gid", str(os.getgid())]
+            uid, gid = kernel_ids()
+            args += ["--unshare-user", "--uid", str(uid), "--gid", str(gid)]
         args += ["--cap-drop", "ALL"]
         if not self.policy.network:
             args.append("--unshare-net")

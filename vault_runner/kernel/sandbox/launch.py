@@ -27,7 +27,16 @@ import stat
 import sys
 from types import ModuleType
 
-__all__ = ("apply", "apply_landlock", "drop_capabilities", "enter_nested_domain", "landlock_abi", "main")
+__all__ = (
+    "apply",
+    "apply_landlock",
+    "drop_capabilities",
+    "enter_nested_domain",
+    "enter_own_devices",
+    "landlock_abi",
+    "main",
+    "own_devices_work",
+)
 
 # Landlock (linux/landlock.h). Syscall numbers are the same on every architecture.
 _SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446
@@ -266,17 +275,36 @@ def apply(spec: dict) -> None:
         _sibling("seccomp").apply_no_network()
 
 
+def enter_own_devices() -> None:
+    """A /dev/shm, /dev/pts and IPC namespace of this process's own (mounts.py): a forked
+    kernel's first step, before enter_nested_domain; then drop_capabilities."""
+    _sibling("mounts").enter_own_devices()
+
+
+def own_devices_work() -> bool | str:
+    """Whether a fork of this process can `enter_own_devices` (True), else why not."""
+    return _sibling("mounts").own_devices_work()
+
+
 def _sibling(name: str) -> ModuleType:
     """A module next to this file, loaded by path: run as a script (-I -S), this launcher
-    cannot import the package, and it must not import anything from the note's folder."""
+    cannot import the package, and it must not import anything from the note's folder.
+    Loaded once (a fork template's kernels each use mounts.py, and forks share it)."""
     import importlib.util
+
+    if name in _siblings:
+        return _siblings[name]
 
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
     spec = importlib.util.spec_from_file_location(f"_vault_runner_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    _siblings[name] = module
     return module
+
+
+_siblings: dict[str, ModuleType] = {}
 
 
 def main(argv: list[str]) -> int:

@@ -16,6 +16,10 @@ namespaces are allowed), `enter` gives the kernel, before Landlock is applied:
   next to itself as under bubblewrap; and each folder holding one bound onto itself, so it
   cannot be renamed (protected.py, `pinned_folders`).
 
+A kernel forked from a template (kernel/fork/child.py) makes its own the same way, right
+after the fork (`enter_own_devices`): a /dev/shm, /dev/pts and IPC namespace of its own, so
+that nothing a note leaves there reaches a sibling forked beside it or after it.
+
 Standard library only: loaded by path by launch.py, before the kernel starts. Landlock then
 forbids any further mount, and the capabilities of the new namespace are dropped.
 """
@@ -25,9 +29,10 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ("enter",)
+__all__ = ("enter", "enter_own_devices", "own_devices_work")
 
 _CLONE_NEWNS = 0x00020000
+_CLONE_NEWIPC = 0x08000000
 _CLONE_NEWUSER = 0x10000000
 _MS_RDONLY = 1
 _MS_NOSUID = 2
@@ -57,15 +62,74 @@ def _mount(libc: ctypes.CDLL, source: str | None, target: str, fstype: str | Non
     _check(libc.mount(source_b, target.encode(), fstype_b, flags, data.encode() or None), f"mount {target}")
 
 
-def _unshare(libc: ctypes.CDLL) -> None:
-    if os.geteuid() == 0 and libc.unshare(_CLONE_NEWNS) == 0:
+def _unshare(libc: ctypes.CDLL, also: int = 0) -> None:
+    """A mount namespace of its own (and the namespaces in `also`): as root directly, else in a
+    user namespace that maps only this process's own ids (files keep their owner, credentials
+    passed on sockets stay valid)."""
+    if os.geteuid() == 0 and libc.unshare(_CLONE_NEWNS | also) == 0:
         return
     uid, gid = os.getuid(), os.getgid()
-    _check(libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS), "unshare")
-    # The same ids inside: files the kernel makes keep the user's owner.
+    _check(libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS | also), "unshare")
     for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-        with open(f"/proc/self/{name}", "w") as handle:
-            handle.write(text)
+        try:
+            with open(f"/proc/self/{name}", "w") as handle:
+                handle.write(text)
+        except OSError as exc:
+            # Linux 5.12+: only a creator that had CAP_SETFCAP may map uid 0 (it could write
+            # file capabilities that count outside), and a sandboxed uid 0 has none.
+            hint = " (uid 0 may be mapped only by a process with CAP_SETFCAP)" if uid == 0 else ""
+            raise OSError(exc.errno, f"write /proc/self/{name}: {os.strerror(exc.errno or 0)}{hint}") from None
+
+
+def _own_devices(libc: ctypes.CDLL, shm_size: int | None, ptmx: bool) -> None:
+    """A fresh /dev/shm (tmpfs) and /dev/pts instance; with `ptmx`, /dev/ptmx bound into it
+    (a host /dev, where it is a device node; bubblewrap's is a link into /dev/pts already)."""
+    size = f",size={int(shm_size)}" if shm_size else ""
+    if os.path.isdir("/dev/shm"):
+        _mount(libc, "tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777{size}")
+    if os.path.isdir("/dev/pts"):
+        # Not nodev: its nodes are the ptys.
+        _mount(libc, "devpts", "/dev/pts", "devpts", _MS_NOSUID | _MS_NOEXEC, "newinstance,ptmxmode=0666,mode=600")
+        if ptmx:
+            _mount(libc, "/dev/pts/ptmx", "/dev/ptmx", None, _MS_BIND)
+
+
+def enter_own_devices() -> None:
+    """This process (and what it starts) gets a /dev/shm, /dev/pts and IPC namespace of its
+    own, the /dev/shm as large as the one it had (sized by the sandbox; the watchdog counts
+    it). For a forked kernel, right after the fork: one thread, and no Landlock domain yet
+    (Landlock refuses mounts). All of it goes with the process."""
+    libc = _libc()
+    fs = os.statvfs("/dev/shm")
+    _unshare(libc, _CLONE_NEWIPC)
+    # Nothing propagates back: a mount namespace of a new user namespace holds the others'
+    # shared mounts as slaves already; as root, made private here.
+    _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE)
+    _own_devices(libc, fs.f_blocks * fs.f_frsize, ptmx=not os.path.islink("/dev/ptmx"))
+
+
+def own_devices_work() -> bool | str:
+    """True when a fork of this process can make its own devices (`enter_own_devices`), else
+    why not: tried for real, once, in a fork that then exits."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            enter_own_devices()
+            os._exit(0)
+        except BaseException as exc:
+            os.write(write, str(exc).encode()[:1000])
+            os._exit(1)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        why = pipe.read().decode(errors="replace")
+    _, code = os.waitpid(pid, 0)
+    if code == 0:
+        return True
+    return (
+        f"a forked kernel cannot make its own /dev/shm here ({why or f'status {code}'}): kernels share the template's"
+    )
 
 
 def enter(spec: dict) -> None:
@@ -77,11 +141,7 @@ def enter(spec: dict) -> None:
     libc = _libc()
     _unshare(libc)
     _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing propagates back to the host
-    size = f",size={int(spec['shm_size'])}" if spec.get("shm_size") else ""
-    if os.path.isdir("/dev/shm"):
-        _mount(libc, "tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777{size}")
-    _mount(libc, "devpts", "/dev/pts", "devpts", _MS_NOSUID | _MS_NOEXEC, "newinstance,ptmxmode=0666,mode=600")
-    _mount(libc, "/dev/pts/ptmx", "/dev/ptmx", None, _MS_BIND)
+    _own_devices(libc, spec.get("shm_size"), ptmx=True)
     for path in spec.get("pinned", []):
         # Each its own mount point: the note cannot rename it (EBUSY) to carry the user's
         # .git away and make its own at the old path. Its contents stay writable.
