@@ -9,8 +9,10 @@ is tried too, on a Sandbox whose probe says mounts do not work.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -378,6 +380,41 @@ def test_a_note_cannot_reach_the_hosts_dev_shm(sandbox_tier: str, host_shm_file:
     # with mounts); without mounts Landlock refuses /dev/shm and doctor says so.
     if sandbox_tier == "bubblewrap" or probe().landlock_mounts:
         assert "from a worker 42" in out, all_text(report)
+
+
+SYSV = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+found = libc.shmget({host_key}, 0, 0)
+print("host segment", "reached" if found >= 0 else "unseen")
+made = libc.shmget({note_key}, 4096, 0o1600)  # IPC_CREAT | rw for its owner
+print("note segment", "made" if made >= 0 else os.strerror(ctypes.get_errno()))
+"""
+
+
+def test_a_note_shares_no_sysv_shared_memory_with_the_host(sandbox_tier: str, tmp_path: Path) -> None:
+    # SysV segments live in an IPC namespace, not in /dev/shm: a kernel in the host's could
+    # read and write another program's (or leave its own to a later note).
+    contained(sandbox_tier)
+    if sandbox_tier == "landlock" and not probe().landlock_mounts:
+        pytest.skip("Landlock without namespaces here: SysV IPC is the host's (doctor says so)")
+    libc = ctypes.CDLL(None, use_errno=True)
+    host_key, note_key = (0x5652_0000 + secrets.randbelow(0xFFFF) for _ in range(2))
+    host = libc.shmget(host_key, 4096, 0o1600)
+    assert host >= 0, os.strerror(ctypes.get_errno())
+    try:
+        root = make_note_vault(
+            tmp_path / "vault", {"Notas/n.md": note(SYSV.format(host_key=host_key, note_key=note_key))}
+        )
+        report = Engine(load_vault(root)).run_note(root / "Notas" / "n.md")
+        out = stdout_of(report)
+        assert "host segment unseen" in out and "note segment made" in out, all_text(report)
+        assert libc.shmget(note_key, 0, 0) < 0  # nothing of the note's in the host's namespace
+    finally:
+        libc.shmctl(host, 0, None)  # IPC_RMID
+        leaked = libc.shmget(note_key, 0, 0)
+        if leaked >= 0:
+            libc.shmctl(leaked, 0, None)
 
 
 FILL_SHM = (

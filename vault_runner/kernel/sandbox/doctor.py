@@ -33,14 +33,15 @@ class Report:
 _PROTECTED = ".obsidian/ and .git/ at any depth and vault-runner.toml read-only, and never made (a kernel that makes one is stopped)"
 _FILESYSTEM = {
     "bubblewrap": f"root read-only; vault writable but {_PROTECTED}; homes hidden (read-only, empty); "
-    "private /tmp, /run, /var/tmp, /dev/shm, /dev/pts; caches per kernel",
+    "private /tmp, /run, /var/tmp, /dev/shm, /dev/pts and SysV IPC; caches per kernel",
     "landlock": f"read all but homes and /tmp; write the vault but {_PROTECTED}; a private temp folder; "
-    "caches per kernel; private /dev/shm and /dev/pts (own mount namespace)",
+    "caches per kernel; private /dev/shm, /dev/pts and SysV IPC (own mount and IPC namespaces)",
     "landlock-no-mounts": f"read all but homes and /tmp; write the vault but {_PROTECTED}, and nothing new "
     "directly in the vault root or in a folder holding .git/.obsidian (Landlock grants whole folders; "
     "a note is told why); a private temp folder; caches per kernel; /dev/shm and /dev/pts refused: "
-    "no multiprocessing locks or DataLoader workers, and `!cmd` gets its ptys from a helper (no mount "
-    "namespace here: run as a user allowed user namespaces, or install bubblewrap)",
+    "no multiprocessing locks or DataLoader workers, and `!cmd` gets its ptys from a helper; SysV shared "
+    "memory, semaphores and queues are the host's (no mount or IPC namespace here: run as a user allowed "
+    "user namespaces, or install bubblewrap)",
     "plain": "no isolation: kernels can read and write everything you can (only their temp and cache folders "
     "are their own)",
 }

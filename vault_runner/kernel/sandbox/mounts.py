@@ -11,6 +11,8 @@ namespaces are allowed), `enter` gives the kernel, before Landlock is applied:
   locks, DataLoader workers and torch shared memory work, and nothing of the host's is there;
 - a private ``/dev/pts`` instance (and ``/dev/ptmx`` into it): ``!cmd`` gets its pty, and no
   terminal of the user is reachable;
+- an IPC namespace of its own: the host's SysV shared memory, semaphores and message queues
+  are out of reach (they are not files: no Landlock rule covers them);
 - read-only bind mounts over the vault's protected entries (``.obsidian``, ``.git``,
   ``vault-runner.toml``), so the vault root itself can be granted: a root-level note writes
   next to itself as under bubblewrap; and each folder holding one bound onto itself, so it
@@ -139,7 +141,7 @@ def enter(spec: dict) -> None:
            "pinned": [the folders holding them, shallowest first]}
     """
     libc = _libc()
-    _unshare(libc)
+    _unshare(libc, _CLONE_NEWIPC)  # SysV shared memory, semaphores, queues: not the host's either
     _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing propagates back to the host
     _own_devices(libc, spec.get("shm_size"), ptmx=True)
     for path in spec.get("pinned", []):
