@@ -339,15 +339,13 @@ def test_the_budget_stops_the_process_that_asks_for_more() -> None:
 
 def test_the_kernel_stopped_at_the_limit_is_the_one_asking_not_the_biggest(monkeypatch: pytest.MonkeyPatch) -> None:
     # The choice alone, on sizes given to it: A holds 384 of 640 MiB; B fills the rest and is
-    # stopped; while B's memory is still going, C fills what B freed and waits at the limit.
-    # C grew no more since the look before (it waits): measured from before B's stop, C is
-    # the one asking, not A, the biggest.
+    # stopped; while B's memory is still going, C fills what B freed, then holds still. Its
+    # growth is measured from before B's stop: C is the one asking, not A, the biggest.
     mib = 2**20
     sizes = {1: 384 * mib, 2: 0, 3: 0}
     at_limit = [False]
     monkeypatch.setattr(processes, "resident_size", lambda pids: sum(sizes[p] for p in pids))
     monkeypatch.setattr(processes, "resident_memory", lambda pids: sum(sizes[p] for p in pids))
-    monkeypatch.setattr(processes, "waits_for_memory", lambda pids: False)
     monkeypatch.setattr(processes, "RELEASE_GRACE", 0.2)
     budget = MemoryBudget(640 * mib)
     killed: list[str] = []
@@ -457,8 +455,9 @@ def run_two_notes(engine: engine_mod.Engine, folder: Path) -> dict[str, engine_m
 def test_a_note_that_fills_memory_fast_is_held_at_the_budget(
     vault_root: Path, tier: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A watcher looks every 0.1 s, and memory fills at gigabytes a second: only the kernel's
-    # own accounting (a memory cgroup over all the kernels) holds a note at the budget itself.
+    # A watcher looks every 0.1 s, and memory fills at gigabytes a second: the watchdog still
+    # stops the one asking (not A, the biggest), and the machine's own accounting (a memory
+    # cgroup over all the kernels) never lets them past the budget and its margin meanwhile.
     if "memory" not in cgroup_support():
         pytest.skip(f"no writable memory cgroup here ({cgroup_support()}): the budget is a watcher's")
     folder = (vault_root / f"Deprisa {tier}").resolve()
@@ -475,10 +474,11 @@ def test_a_note_that_fills_memory_fast_is_held_at_the_budget(
         encoding="utf-8"
     )
     assert "A guarda 384 MiB" in (folder / "A.md").read_text(encoding="utf-8")
-    # A holds 384 MiB of the 640: B got no further than the rest, give or take the chunk it
-    # was filling (a watcher alone let it reach 384 and 448 MiB here, one look too late).
+    # A holds 384 MiB: B got no further than the cgroup's limit left it, give or take the
+    # chunk it was filling (here the watchdog stopped it first, at 128 to 448 MiB).
     reached = int((folder / "b-progreso").read_text())
-    assert reached <= (BUDGET >> 20) - 384 + 64, f"B filled {reached} MiB"
+    limit = BUDGET + max(256 * 2**20, BUDGET // 8)
+    assert reached <= (limit >> 20) - 384 + 64, f"B filled {reached} MiB"
 
 
 LONE_GROWER = """
@@ -494,7 +494,7 @@ def test_a_lone_note_over_its_own_cap_is_told_of_its_own_cap(
     vault_root: Path, tier: str, monkeypatch: pytest.MonkeyPatch, own_cap: str | None
 ) -> None:
     # Its cap is the budget's size when it sets none; below the budget with `memory:`. Either
-    # way it is stopped at once (a kernel's own cgroup kills, where the budget's waits) and
+    # way it is stopped at once, at its own cap, and
     # told of its own cap, not of other kernels it did not run beside.
     folder = (vault_root / f"Sola {tier} {own_cap}").resolve()
     folder.mkdir()

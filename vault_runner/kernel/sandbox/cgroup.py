@@ -2,12 +2,11 @@
 pids folder and a memory folder (two hierarchies).
 
 Every kernel of one memory budget (all the kernels of this process: `render -j 2`) sits
-in one parent memory cgroup, `BudgetCgroup`, whose limit is the budget: the machine's own
-accounting holds the kernels together at it, however fast a note fills memory. At that
-limit the parent does not pick a victim itself (v1: its OOM killer is off and tasks wait;
-v2: memory.high throttles them, memory.max a little above is the backstop); the memory
-watchdog stops the kernel that asked for more (processes.MemoryBudget), so that a note
-holding memory steadily keeps it.
+in one parent memory cgroup, `BudgetCgroup`: the memory watchdog stops the kernel that
+asks for more at the budget (processes.MemoryBudget), so that a note holding memory
+steadily keeps it, and the cgroup is the machine's own backstop a margin above it, however
+fast a note fills memory (v2: memory.high at the budget slows it down to the watchdog's
+pace first).
 
 A cgroup is only used where this process may create one that a child can really join
 (tried once per parent folder); otherwise the sandbox falls back to a memory watchdog
@@ -60,21 +59,26 @@ def _write(path: Path, value: object) -> None:
 class BudgetCgroup:
     """The parent memory cgroup of every kernel of one budget (see the module docstring).
 
-    Its limit is a little above the budget (`limit`): a note's own cap is the budget when it
-    sets none, and a lone note over it is to be told of its own cap, not of the others'."""
+    The watchdog stops a kernel at the budget itself; this cgroup holds them all at `limit`,
+    a margin above (max(256 MiB, 1/8)), should a note fill memory faster than the watchdog
+    looks: the machine's OOM killer then stops the biggest. Not at the budget itself: a
+    note's own cap is the budget's size when it sets none (a lone note over it is told of
+    its own cap), and a v1 cgroup whose OOM killer is off fails the innocent kernels'
+    allocations (a process started there died of SIGSEGV). On v2, memory.high at the budget
+    slows a fast note down to the watchdog's pace first (`at_limit`)."""
 
     def __init__(self, path: Path, version: int, total: int, controllers: tuple[str, ...] = ()) -> None:
         self.path = path
         self.version = version
         self.total = total
-        self.limit = total + max(64 * 2**20, total // 64)
+        self.limit = total + max(256 * 2**20, total // 8)
         self.controllers = controllers  # v2: what its kernels' cgroups may use
-        self._ooms = self._read_ooms()
+        self._hits = self._read_hits()
 
     @classmethod
     def make(cls, parent: Path, version: int, total: int, controllers: tuple[str, ...] = ()) -> BudgetCgroup | None:
         made = cls(parent / f"vault-runner.{os.getpid()}.budget{next(_cgroup_counter)}", version, total, controllers)
-        path, limit = made.path, made.limit
+        path = made.path
         try:
             path.mkdir()
         except OSError:
@@ -84,15 +88,14 @@ class BudgetCgroup:
                 hierarchy = path / "memory.use_hierarchy"
                 if hierarchy.exists() and hierarchy.read_text().strip() != "1":
                     _write(hierarchy, 1)  # else its kernels' memory is not counted in it (old kernels)
-                _write(path / "memory.limit_in_bytes", limit)
+                _write(path / "memory.limit_in_bytes", made.limit)
                 if (path / "memory.memsw.limit_in_bytes").exists():
-                    _write(path / "memory.memsw.limit_in_bytes", limit)  # none of it in swap
-                _write(path / "memory.oom_control", 1)  # wait at the limit: the watchdog chooses
+                    _write(path / "memory.memsw.limit_in_bytes", made.limit)  # none of it in swap
             else:
                 made.controllers = tuple(c for c in ("memory", "pids") if c in controllers)
                 _write(path / "cgroup.subtree_control", " ".join(f"+{c}" for c in made.controllers))
-                _write(path / "memory.high", limit)  # throttled there: the watchdog chooses
-                _write(path / "memory.max", limit + total // 8)
+                _write(path / "memory.high", total + max(64 * 2**20, total // 64))
+                _write(path / "memory.max", made.limit)
                 if (path / "memory.swap.max").exists():
                     _write(path / "memory.swap.max", 0)
         except OSError:
@@ -101,32 +104,44 @@ class BudgetCgroup:
         return made
 
     def at_limit(self) -> bool:
-        """Whether its kernels are held at the budget now (waiting, or throttled). On v2 by
-        the memory no reclaim can give back (anonymous and shared): reading a big file fills
-        the page cache up to memory.high, and that is no reason to stop a note."""
+        """Whether its kernels are throttled at the budget now (v2's memory.high; v1 has no
+        such limit). By the memory no reclaim can give back (anonymous and shared): reading
+        a big file fills the page cache up to memory.high, no reason to stop a note."""
+        if self.version == 1:
+            return False
         try:
-            if self.version == 1:
-                return "under_oom 1" in (self.path / "memory.oom_control").read_text()
             stat = dict(line.split() for line in (self.path / "memory.stat").read_text().splitlines())
-            return int(stat.get("anon", 0)) + int(stat.get("shmem", 0)) >= self.limit - self.limit // 16
+            return int(stat.get("anon", 0)) + int(stat.get("shmem", 0)) >= self.total
         except (OSError, ValueError):
             return False
 
-    def _read_ooms(self) -> int:
-        try:  # v2: OOMs of this cgroup's own limit (memory.max), not of a kernel's own cap
-            for line in (self.path / "memory.events.local").read_text().splitlines():
-                if line.startswith("oom "):
-                    return int(line.split()[1])
+    def _read_hits(self) -> int:
+        """v2: OOMs at this cgroup's own memory.max (memory.events.local). v1: 1 when its
+        usage reached its limit since the high-water mark was last reset (its failcnt
+        stayed 0 through an OOM kill here), else 0."""
+        try:
+            if self.version == 2:
+                for line in (self.path / "memory.events.local").read_text().splitlines():
+                    if line.startswith("oom "):
+                        return int(line.split()[1])
+                return 0
+            peak = int((self.path / "memory.max_usage_in_bytes").read_text())
+            return int(peak >= self.limit - 2 * 2**20)
         except (OSError, ValueError):
-            pass
-        return 0
+            return 0
 
     def killed_at_limit(self) -> bool:
-        """Whether its own limit killed a kernel since the last call (v2's memory.max, past
-        the throttle; v1's killer is off: never)."""
-        count = self._read_ooms()
-        killed, self._ooms = count > self._ooms, count
-        return killed
+        """Whether its own limit was reached since the last call (where a kernel was then
+        killed by the machine, it was the budget's doing, not the kernel's own cap)."""
+        count = self._read_hits()
+        if self.version == 1:
+            try:
+                _write(self.path / "memory.max_usage_in_bytes", 0)  # the next call sees what comes after
+            except OSError:
+                pass
+            return count > 0
+        hit, self._hits = count > self._hits, count
+        return hit
 
     def remove(self) -> None:
         _remove_tree(self.path)
@@ -282,9 +297,6 @@ class Cgroup:
             if (self.path / "pids.max").exists():
                 _write(self.path / "pids.max", policy.max_tasks or "max")
             if self.version == 1 and self.memory:
-                # Its own cap kills (the budget's folder above waits instead, and a child
-                # folder takes its parent's setting).
-                _write(memory_folder / "memory.oom_control", 0)
                 swap = memory_folder / "memory.memsw.limit_in_bytes"
                 if swap.exists():
                     _write(swap, -1)  # never below memory.limit_in_bytes while that changes

@@ -82,8 +82,8 @@ def doctor_report() -> Report:
     if "memory" in support:
         version = "v2 memory.max" if support.startswith("cgroup v2") else "v1 memory.limit_in_bytes"
         how_memory = (
-            f"cgroup {version} per kernel; all kernels together: a cgroup over them all at the budget, "
-            "where a watchdog stops the kernel that asked for more"
+            f"cgroup {version} per kernel; all kernels together: a watchdog every 0.1 s stops the kernel "
+            "that asked for more, and a cgroup over them all holds them a margin above the budget"
         )
     else:
         how_memory = "watchdog on resident memory per kernel; all kernels together: a watchdog every 0.1 s"

@@ -199,7 +199,7 @@ class MemoryWatchdog:
         self.extra = extra  # memory held outside the processes (the sandbox's tmpfs files)
         self.budget = budget if budget is not None else MemoryBudget(None)
         # Whether the machine's own accounting (a cgroup over all the kernels) holds the
-        # budget's kernels at its total now: they wait there for a choice.
+        # budget's kernels at its total now (v2: throttled there): time to choose.
         self.at_budget = at_budget
         self.peak = 0
         self.last = 0  # what it held at the budget's previous look
@@ -266,7 +266,7 @@ class MemoryBudget:
         cheap = [resident_size(pids) + more for (_, pids), more in zip(seen, extra, strict=True)]
         held_at_total = self.total is not None and any(member.at_budget() for member, _ in seen)
         near_total = self.total is not None and (held_at_total or sum(cheap) > self.total)
-        within: list[tuple[MemoryWatchdog, int, list[int]]] = []
+        within: list[tuple[MemoryWatchdog, int]] = []
         for (member, pids), more, held in zip(seen, extra, cheap, strict=True):
             if near_total or (member.limit is not None and held > member.limit):
                 held = resident_memory(pids) + more
@@ -274,8 +274,8 @@ class MemoryBudget:
             if member.limit is not None and held > member.limit:
                 member.trip(held, shared=False)
             else:
-                within.append((member, held, pids))
-        total = sum(held for _, held, _ in within)
+                within.append((member, held))
+        total = sum(held for _, held in within)
         self.peak = max(self.peak, total)
         # A kernel just killed may still be giving its memory back (a big exit takes a while):
         # wait for it rather than stop another one for memory that is about to be free.
@@ -283,31 +283,11 @@ class MemoryBudget:
         if any(m.killed_at is not None and now - m.killed_at < RELEASE_GRACE for m, _ in seen):
             return  # and growth is measured from before the kill: a kernel waiting now grew then
         if self.total is not None and (total > self.total or held_at_total) and within:
-            # The one asking for more: waiting at the cgroup's limit (a kernel that waits
-            # grows no more), else the one that grew most since the previous look.
-            asking = [entry for entry in within if held_at_total and waits_for_memory(entry[2])] or within
-            member, held, _ = max(asking, key=lambda entry: (entry[1] - entry[0].last, entry[1]))
+            # The one asking for more: the one that grew most since the previous look.
+            member, held = max(within, key=lambda pair: (pair[1] - pair[0].last, pair[1]))
             member.trip(held, shared=True)
-        for member, held, _ in within:
+        for member, held in within:
             member.last = held
-
-
-def waits_for_memory(pids: Iterable[int]) -> bool:
-    """Whether a thread of these processes waits at a memory cgroup's limit (v1 with its OOM
-    killer off: the kernel function it sleeps in, e.g. mem_cgroup_oom_synchronize)."""
-    for pid in pids:
-        try:
-            tasks = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                with open(f"/proc/{pid}/task/{task}/wchan") as handle:
-                    if "oom" in handle.read():
-                        return True
-            except OSError:
-                continue
-    return False
 
 
 _budgets: dict[int, MemoryBudget] = {}
