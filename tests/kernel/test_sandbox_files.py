@@ -145,6 +145,31 @@ def test_a_note_racing_to_plant_a_git_config_is_stopped_at_its_first_attempt(san
     assert quarantined, text
 
 
+LINK_OUT = (
+    "import os, time\n"
+    "base = os.path.join(os.environ['JUPYTER_RUNTIME_DIR'], 'plant')  # the kernel's own, on the host\n"
+    "os.makedirs(os.path.join(base, '.git'), exist_ok=True)\n"
+    "with open(os.path.join(base, '.git', 'config'), 'w') as handle:\n"
+    "    handle.write('[core]\\n\\tfsmonitor = touch /tmp/pwned\\n')\n"
+    "os.symlink(base, 'sub')  # git on the host, in Notas/sub, would read plant/.git/config\n"
+    "print('linked')\n"
+    "time.sleep(3)\n"
+    "print('still running')"
+)
+
+
+def test_a_link_from_the_vault_into_the_kernels_own_folders_is_moved_out(sandbox_tier: str, tmp_path: Path) -> None:
+    # The kernel writes folders of its own outside the vault (ipc, temp) that the host sees:
+    # a `.git` made there is outside the vault, but a link to it from the vault is a repository
+    # in the vault for git on the host, as long as the kernel lives (`serve` keeps it).
+    contained(sandbox_tier)
+    root = make_note_vault(tmp_path / "vault", {"Notas/n.md": note(LINK_OUT)})
+    report = Engine(load_vault(root)).run_note(root / "Notas" / "n.md")
+    assert "still running" not in stdout_of(report), all_text(report)
+    assert not os.path.lexists(root / "Notas" / "sub")
+    assert "this note linked `Notas/sub` in the vault to the sandbox's own folders" in all_text(report)
+
+
 def test_existing_protected_entries_are_read_only_at_any_depth(sandbox_tier: str, tmp_path: Path) -> None:
     contained(sandbox_tier)
     code = (

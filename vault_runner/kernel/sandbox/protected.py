@@ -73,6 +73,22 @@ def _protected_name(name: str, at_root: bool) -> bool:
     return name in PROTECTED_ANYWHERE or (at_root and name in PROTECTED_AT_ROOT)
 
 
+# Every folder of vault-runner's own that a kernel may write outside the vault (its ipc and
+# runtime folder, the Landlock tier's private temp folder) is in a temp folder named so.
+RUNTIME_PREFIX = "vr-"
+
+
+def links_into_runtime(path: str) -> bool:
+    """Whether `path` is a symlink into vault-runner's runtime folders. A kernel can make a
+    `.git` there (outside the vault, allowed) and link to it from the vault: git on the host
+    follows the link, while the kernel lives, into a repository of the note's."""
+    if not os.path.islink(path):
+        return False
+    temp = os.path.realpath(tempfile.gettempdir())
+    relative = os.path.relpath(os.path.realpath(path), temp)
+    return not relative.startswith(os.pardir) and relative.split(os.sep)[0].startswith(RUNTIME_PREFIX)
+
+
 def _entries(folder: Path) -> list[os.DirEntry[str]]:
     try:
         with os.scandir(folder) as it:
@@ -88,16 +104,17 @@ def _is_folder(entry: os.DirEntry[str]) -> bool:
         return False
 
 
-def existing_protected(vault: Path) -> list[Path]:
+def existing_protected(vault: Path, links: bool = False) -> list[Path]:
     """Every protected entry in the vault now (symlinks included: their names count), found
-    without following a symlink or descending into a protected folder."""
+    without following a symlink or descending into a protected folder; with `links`, also
+    every symlink into vault-runner's runtime folders (`links_into_runtime`)."""
     found: list[Path] = []
     stack = [vault]
     while stack:
         folder = stack.pop()
         for entry in _entries(folder):
             path = Path(entry.path)
-            if _protected_name(entry.name, folder == vault):
+            if _protected_name(entry.name, folder == vault) or (links and links_into_runtime(entry.path)):
                 found.append(path)
             elif _is_folder(entry):
                 stack.append(path)
@@ -221,7 +238,7 @@ class ProtectedGuard:
                     self._watched.pop(wd, None)
                 elif folder is not None and name:
                     path = os.path.join(folder, name)
-                    if _protected_name(name, folder == str(self.vault)):
+                    if _protected_name(name, folder == str(self.vault)) or links_into_runtime(path):
                         found.append(Path(path))
                     elif mask & IN_ISDIR:
                         self._seen.pop(path, None)  # a path seen before may be a new folder now
@@ -233,7 +250,7 @@ class ProtectedGuard:
         """One look (`everywhere`: a walk of the whole vault); returns the protected entries
         it found made (and moved out)."""
         with self._lock:
-            found: list[Path] = existing_protected(self.vault) if everywhere else []
+            found: list[Path] = existing_protected(self.vault, links=True) if everywhere else []
             for folder, stamp in [] if everywhere else list(self._seen.items()):
                 if folder in self._seen and (stamp[1] < 0 or self._stamp(folder) != stamp):
                     self._look(folder, found)
@@ -277,10 +294,20 @@ class ProtectedGuard:
         def rel(path: Path) -> str:
             return f"`{path.relative_to(self.vault).as_posix()}`"
 
-        out = [
-            f"[vault-runner: this note made {', '.join(rel(p) for p in made)} in the vault, which no note may "
-            "create or change: git and Obsidian run what they find there outside the sandbox. The kernel was stopped"
-        ]
+        named = [rel(p) for p in made if _protected_name(p.name, p.parent == self.vault)]
+        linked = [rel(p) for p in made if not _protected_name(p.name, p.parent == self.vault)]
+        what = []
+        if named:
+            what.append(
+                f"made {', '.join(named)} in the vault, which no note may create or change: git and Obsidian run "
+                "what they find there outside the sandbox"
+            )
+        if linked:
+            what.append(
+                f"linked {', '.join(linked)} in the vault to the sandbox's own folders outside it: git on your "
+                "machine would follow the link into what the note put there"
+            )
+        out = [f"[vault-runner: this note {'; it also '.join(what)}. The kernel was stopped"]
         done = [str(m) for m in moved_to if m is not None]
         if done:
             out.append(f", and what it made was moved where nothing reads it: {', '.join(done)}")
@@ -331,7 +358,7 @@ class ProtectedGuard:
                 if wd is not None:
                     self._watched[wd] = current
             for entry in _entries(Path(current)):
-                if _protected_name(entry.name, current == root):
+                if _protected_name(entry.name, current == root) or links_into_runtime(entry.path):
                     made.append(Path(entry.path))
                 elif entry.path not in self._seen and _is_folder(entry):
                     stack.append(entry.path)
