@@ -170,6 +170,50 @@ def test_a_link_from_the_vault_into_the_kernels_own_folders_is_moved_out(sandbox
     assert "this note linked `Notas/sub` in the vault to the sandbox's own folders" in all_text(report)
 
 
+LINK_REPOINTED = (
+    "import os, shutil, time\n"
+    "repo = os.path.join(os.environ['JUPYTER_RUNTIME_DIR'], 'repo')\n"
+    "os.makedirs(os.path.join(repo, '.git'), exist_ok=True)\n"
+    "vault = os.environ['VAULT_RUNNER_VAULT']\n"
+    "inner = os.path.join(vault, 'd') + repo  # the same path, below a real folder of the vault\n"
+    "os.makedirs(inner, exist_ok=True)\n"
+    "os.makedirs('sub', exist_ok=True)\n"
+    "os.symlink(os.path.relpath(inner, os.path.abspath('sub')), 'sub/x')  # leads inside the vault\n"
+    "time.sleep(2.5)  # looked at, and let be (past the guard's second of doubt about fresh times)\n"
+    "shutil.rmtree(os.path.join(vault, 'd'))\n"
+    "os.symlink('/', os.path.join(vault, 'd'))  # now sub/x leads to the kernel's repo\n"
+    "time.sleep(3)\n"
+    "print('still running')"
+)
+
+
+def test_a_link_that_comes_to_lead_into_the_kernels_folders_is_moved_out(sandbox_tier: str, tmp_path: Path) -> None:
+    # Where a relative link leads depends on the entries it goes through: re-pointing one of
+    # them, far from the link's own folder, must not make the link a way out unseen.
+    contained(sandbox_tier)
+    root = make_note_vault(tmp_path / "vault", {"Notas/n.md": note(LINK_REPOINTED)})
+    report = Engine(load_vault(root)).run_note(root / "Notas" / "n.md")
+    assert "still running" not in stdout_of(report), all_text(report)
+    assert not os.path.lexists(root / "Notas" / "sub" / "x")
+    assert "this note linked `Notas/sub/x` in the vault" in all_text(report)
+
+
+def test_a_link_to_a_file_in_the_kernels_temp_folder_is_left_alone(sandbox_tier: str, tmp_path: Path) -> None:
+    # A file is no repository: a note may link its latest plot from its temp folder.
+    code = (
+        "import os, tempfile, time\n"
+        "plot = os.path.join(tempfile.gettempdir(), 'plot.png')\n"
+        "open(plot, 'w').close()\n"
+        "os.symlink(plot, 'latest.png')\n"
+        "time.sleep(1)\n"
+        "print('still running')"
+    )
+    root = make_note_vault(tmp_path / "vault", {"Notas/n.md": note(code)})
+    report = Engine(load_vault(root)).run_note(root / "Notas" / "n.md")
+    assert "still running" in stdout_of(report), all_text(report)
+    assert os.path.islink(root / "Notas" / "latest.png")
+
+
 def test_existing_protected_entries_are_read_only_at_any_depth(sandbox_tier: str, tmp_path: Path) -> None:
     contained(sandbox_tier)
     code = (

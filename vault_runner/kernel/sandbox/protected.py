@@ -79,14 +79,16 @@ RUNTIME_PREFIX = "vr-"
 
 
 def links_into_runtime(path: str) -> bool:
-    """Whether `path` is a symlink into vault-runner's runtime folders. A kernel can make a
-    `.git` there (outside the vault, allowed) and link to it from the vault: git on the host
-    follows the link, while the kernel lives, into a repository of the note's."""
+    """Whether `path` is a symlink to a folder in vault-runner's runtime folders. A kernel can
+    make a `.git` there (outside the vault, allowed) and link to it from the vault: git on
+    the host follows the link, while the kernel lives, into a repository of the note's. (A
+    link to a file there is no repository: a note may link its temp plot.)"""
     if not os.path.islink(path):
         return False
-    temp = os.path.realpath(tempfile.gettempdir())
-    relative = os.path.relpath(os.path.realpath(path), temp)
-    return not relative.startswith(os.pardir) and relative.split(os.sep)[0].startswith(RUNTIME_PREFIX)
+    target = os.path.realpath(path)
+    relative = os.path.relpath(target, os.path.realpath(tempfile.gettempdir()))
+    inside = not relative.startswith(os.pardir) and relative.split(os.sep)[0].startswith(RUNTIME_PREFIX)
+    return inside and os.path.isdir(target)
 
 
 def _entries(folder: Path) -> list[os.DirEntry[str]]:
@@ -175,6 +177,9 @@ class ProtectedGuard:
         self._thread: threading.Thread | None = None
         self._inotify = Inotify.open()
         self._watched: dict[int, str] = {}  # watch descriptor -> folder
+        # Every symlink seen in the vault, looked at again at each look: where a relative
+        # link leads changes with the entries it goes through, which are not its own folder.
+        self._links: set[str] = set()
         found: list[Path] = []
         self._look(str(vault), found)
         self.allowed = frozenset(found)  # there before the kernel: the user's own
@@ -238,6 +243,8 @@ class ProtectedGuard:
                     self._watched.pop(wd, None)
                 elif folder is not None and name:
                     path = os.path.join(folder, name)
+                    if os.path.islink(path):
+                        self._links.add(path)
                     if _protected_name(name, folder == str(self.vault)) or links_into_runtime(path):
                         found.append(Path(path))
                     elif mask & IN_ISDIR:
@@ -254,6 +261,11 @@ class ProtectedGuard:
             for folder, stamp in [] if everywhere else list(self._seen.items()):
                 if folder in self._seen and (stamp[1] < 0 or self._stamp(folder) != stamp):
                     self._look(folder, found)
+            for link in list(self._links):
+                if not os.path.islink(link):
+                    self._links.discard(link)
+                elif links_into_runtime(link):
+                    found.append(Path(link))
             return self._judge(found)
 
     def _judge(self, found: list[Path]) -> list[Path]:
@@ -323,7 +335,10 @@ class ProtectedGuard:
                 + ", ".join(f"{rel(old)} to {rel(new)}" for new, old in self.moved.items())
                 + " (left there, untouched)"
             )
-        return "".join(out) + "; write such files outside the vault (e.g. in /tmp)]"
+        advice = (
+            "; write such files outside the vault (e.g. in /tmp)" if named else "; link to nothing outside the vault"
+        )
+        return "".join(out) + advice + "]"
 
     def _stamp(self, folder: str) -> tuple[int, int] | None:
         try:
@@ -358,6 +373,8 @@ class ProtectedGuard:
                 if wd is not None:
                     self._watched[wd] = current
             for entry in _entries(Path(current)):
+                if entry.is_symlink():
+                    self._links.add(entry.path)
                 if _protected_name(entry.name, current == root) or links_into_runtime(entry.path):
                     made.append(Path(entry.path))
                 elif entry.path not in self._seen and _is_folder(entry):
