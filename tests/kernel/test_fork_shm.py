@@ -9,11 +9,11 @@ run except through the vault. These tests run notes in kernels of one ForkFactor
 sandbox tier this machine has, with a real template and no mocks; and check that shared
 memory as notes use it (torch, multiprocessing, DataLoader workers) still works.
 
-Where a forked kernel cannot get its own (the Landlock tier: the template is in a Landlock
-domain, which refuses every mount; bubblewrap as root: uid 0 cannot be mapped into a new
-user namespace without CAP_SETFCAP), the template says so in its facts, and the isolation
-tests are expected failures there (strict: they fail the day it is done, to be updated).
-Run them as a user (not root) to see the bubblewrap tier's kernels kept apart.
+In the Landlock tier with a mount namespace the template runs outside Landlock (which refuses
+every mount) and each fork applies the tier's ruleset after making its own. Where a forked
+kernel cannot get its own (Landlock without a mount namespace; bubblewrap without user
+namespaces), the template says so in its facts, and the isolation tests are expected failures
+there (strict: they fail the day it is done, to be updated).
 """
 
 from __future__ import annotations
@@ -47,17 +47,14 @@ PLAIN_SKIP = (
     "/dev/shm, the home folder), so a /dev/shm of its own would keep nothing apart"
 )
 LANDLOCK_GAP = (
-    "Landlock tier: the template runs in a Landlock domain, which refuses mount(2), and its forks "
-    "cannot map a user namespace's ids (/proc/self is not writable there): its kernels share the "
-    "template's /dev/shm and ptys, and the host's IPC namespace (a tmpfs mounted later over /dev/shm "
-    "is not covered by the template's grant of /dev/shm: each fork would have to apply the tier's "
-    "ruleset itself, after making its own mounts)"
+    "Landlock tier without a mount namespace (no user namespaces, not root): there is no /dev/shm "
+    "or IPC namespace of a kernel's own to make, and the template's kernels share the host's"
 )
 
 
 def _gap(tier: str) -> str | None:
     """Why forked kernels of this tier share the template's /dev/shm here (None: they do not)."""
-    if tier == "landlock":
+    if tier == "landlock" and not probe().landlock_mounts:
         return LANDLOCK_GAP
     if tier == "bubblewrap" and not probe().bwrap_userns:
         return "bubblewrap cannot make user namespaces here"
@@ -239,7 +236,8 @@ def test_the_template_says_whether_its_kernels_get_a_shm_of_their_own(any_notes:
     else:
         assert isinstance(private, str) and "cannot make its own /dev/shm" in private, facts
     # `doctor` forecasts it from the same rules, without a template.
-    assert (shared_shm_reason(any_notes.tier, probe().bwrap_userns) is None) == (private is True)
+    forecast = shared_shm_reason(any_notes.tier, probe().bwrap_userns, probe().landlock_mounts)
+    assert (forecast is None) == (private is True), forecast
     if probe().tier == any_notes.tier:  # what `doctor` says of the tier notes get here
         assert ("each with its own /dev/shm" in kernel_start()) == (private is True), kernel_start()
     assert [t["private_shm"] for t in described] == [private], described

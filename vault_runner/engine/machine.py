@@ -37,7 +37,7 @@ def kernel_start() -> str:
     found = probe()
     if found.tier == "plain":
         return text
-    shared = shared_shm_reason(found.tier, found.bwrap_userns)
+    shared = shared_shm_reason(found.tier, found.bwrap_userns, found.landlock_mounts)
     if shared is None:
         return f"{text}; each with its own /dev/shm, ptys and IPC namespace"
     return f"{text}; kernels of one template share its /dev/shm, ptys and IPC namespace ({shared})"

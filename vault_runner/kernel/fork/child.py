@@ -11,7 +11,9 @@ into the pid namespace of whoever reads it: this process may live inside bubblew
 waits for "go" (the parent moves it into the note's cgroup meanwhile), and becomes an
 IPKernelApp on the request's connection file. In a sandbox each child first makes its own
 /dev/shm, ptys and IPC namespace where it can (launch.py `enter_own_devices`; the facts'
-"private_shm" says whether), then enters a Landlock domain of its own.
+"private_shm" says whether), then enters a Landlock domain of its own: nested in the
+template's, or, where the template runs outside Landlock (the SPEC's "landlock": the Landlock
+tier with mounts), the tier's whole ruleset (launch.py `enter_kernel_domain`).
 
 Messages (JSON, one per datagram):
   template -> parent  {"op": "ready", ...facts}   once, after the imports
@@ -128,6 +130,8 @@ class Template:
         # why it cannot here (its kernels share the template's, as the facts say). None:
         # kernels are not isolated (the plain tier), so nothing is claimed.
         self.private_shm = self.isolate.own_devices_work() if self.isolate is not None else None
+        if self.isolate is not None and spec.get("landlock") is not None:
+            self.isolate.set_non_dumpable()  # outside Landlock: its forks' domains keep them out too
 
     # -- main loop -------------------------------------------------------------------------
     def serve(self) -> int:
@@ -275,7 +279,19 @@ def _child(template: Template, request: dict, report_fd: int, template_pid: int)
         pass
     if os.getppid() != template_pid:  # the template died between fork and prctl
         return 1
-    if template.private_shm is True:
+    ruleset = template.spec.get("landlock")
+    if ruleset is not None:
+        # The template runs outside Landlock, in a namespace of its own: this kernel makes
+        # its own devices, drops every capability, then applies the tier's ruleset, writing
+        # its own folder (launch.py, enter_kernel_domain). Fail closed.
+        try:
+            ruleset = {**ruleset, "write": [*ruleset["write"], request["folder"], "/proc/self"]}
+            template.isolate.enter_kernel_domain(ruleset, template.private_shm is True)
+        except (OSError, KeyError) as exc:
+            _send(socket.socket(fileno=report_fd), {"error": f"the kernel could not be isolated: {exc}"})
+            return 1
+        _trace("own domain")
+    elif template.private_shm is True:
         try:
             template.isolate.enter_own_devices()
             template.isolate.drop_capabilities()  # those of its new user namespace
@@ -283,7 +299,7 @@ def _child(template: Template, request: dict, report_fd: int, template_pid: int)
             _send(socket.socket(fileno=report_fd), {"error": f"the kernel's own /dev/shm could not be made: {exc}"})
             return 1
         _trace("private shm")
-    if template.isolate is not None:
+    if template.isolate is not None and ruleset is None:
         # Before anything else, while single-threaded: a Landlock domain of its own, so the
         # note's code can neither write the template's or a sibling's memory (/proc/PID/mem,
         # ptrace) nor signal them (launch.py, enter_nested_domain). Fail closed.

@@ -79,13 +79,14 @@ def fork_unavailable_reason() -> str | None:
     return None
 
 
-def shared_shm_reason(tier: str, bwrap_userns: bool) -> str | None:
+def shared_shm_reason(tier: str, bwrap_userns: bool, landlock_mounts: bool = False) -> str | None:
     """Why kernels forked in this sandbox tier share their template's /dev/shm, ptys and
     IPC namespace; None where each makes its own (mounts.py `enter_own_devices`) or where nothing
     is isolated (plain). `doctor`'s forecast from the rules child.py meets there: a template
-    finds out by trying (its facts' "private_shm")."""
-    if tier == "landlock":
-        return "the template runs in a Landlock domain, which refuses mounts"
+    finds out by trying (its facts' "private_shm"). Landlock with mounts: the template runs
+    outside Landlock and each fork applies the ruleset after its mounts (factory.py)."""
+    if tier == "landlock" and not landlock_mounts:
+        return "no mount namespace here, and Landlock refuses mounts"
     if tier == "bubblewrap" and not bwrap_userns:
         return "no user namespaces here"
     return None

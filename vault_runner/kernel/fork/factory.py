@@ -88,7 +88,8 @@ class _Slot:
             self.sandbox.setup(self.runtime_dir, lambda: template.pid)
             if template.isolate:
                 template.writable, template.device_files = _kernel_grants(self.sandbox, self.runtime_dir)
-            template.launch_prefix = self.sandbox.wrap([])
+                template.landlock = _kernel_ruleset(self.sandbox, self.runtime_dir)
+            template.launch_prefix = self.sandbox.wrap([], fork_template=template.landlock is not None)
             template.env = {**self.env, **self.sandbox.env()}
             template.env.setdefault("MPLBACKEND", DEFAULT_MPLBACKEND)
             template.env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
@@ -283,6 +284,20 @@ def _kernel_grants(sandbox: Sandbox, runtime_dir: Path) -> tuple[list[str], list
         return [p for p in spec["write"] if not Path(p).is_relative_to(runtime_dir)], files
     policy = sandbox.policy
     return [str(p) for p in dict.fromkeys([policy.vault or policy.cwd, policy.cwd])] + ["/dev/shm"], files
+
+
+def _kernel_ruleset(sandbox: Sandbox, runtime_dir: Path) -> dict[str, Any] | None:
+    """The Landlock ruleset each forked kernel applies itself, where its template runs outside
+    Landlock (`Sandbox.forks_apply_landlock`), else None: a started kernel's
+    (Sandbox.landlock_spec), narrowed as `_kernel_grants`: it writes its own folder (child.py
+    adds it) instead of the template's runtime folder, which it may still read, as under a
+    nested domain (the IPython profile the template initialised is there)."""
+    if not sandbox.forks_apply_landlock:
+        return None
+    spec = sandbox.landlock_spec()
+    write, files = _kernel_grants(sandbox, runtime_dir)
+    read = [*spec["read"], *(p for p in spec["write"] if p not in write)]
+    return {**spec, "read": read, "write": write, "files": list(dict.fromkeys(files))}
 
 
 def _template_env(env: Mapping[str, str], key: TemplateKey) -> dict[str, str]:

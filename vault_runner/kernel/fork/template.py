@@ -101,6 +101,7 @@ class KernelTemplate:
         # top of its own folder; None: writes are left to the sandbox.
         self.writable = None if writable is None else list(writable)
         self.device_files = list(device_files)
+        self.landlock: dict[str, Any] | None = None  # the tier's ruleset, applied by each fork (factory.py)
         self.process: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
         self._control: socket.socket | None = None
@@ -134,6 +135,7 @@ class KernelTemplate:
             "isolate": self.isolate,
             "writable": self.writable,
             "device_files": self.device_files,
+            "landlock": self.landlock,
         }
         argv = [*self.launch_prefix, self.python, str(CHILD_SCRIPT), str(theirs.fileno()), json.dumps(spec)]
         try:

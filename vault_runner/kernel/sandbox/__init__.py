@@ -19,6 +19,8 @@ Tiers, chosen once per process by actually trying them (``VAULT_RUNNER_SANDBOX``
   as under bubblewrap; elsewhere Landlock grants write only around the protected entries
   (so nothing new directly in the vault root: the note is told why), and /dev/shm and
   /dev/pts are refused. With ``network: false`` TCP connect/bind are refused (ABI 4+).
+  A fork template with mounts is launched without the ruleset (`forks_apply_landlock`):
+  Landlock refuses mounts, and each forked kernel makes its own devices, then applies it.
 - ``plain``: an ordinary process, with a visible warning in the note and in ``doctor``; it
   gets only its own temp, cache and matplotlib folders.
 
@@ -261,18 +263,28 @@ class Sandbox:
         """SIGINT to the process `interrupt_target` found, if it is still that process."""
         return signal_process(pid, start, signal.SIGINT)
 
-    def wrap(self, argv: list[str]) -> list[str]:
-        """The full launch command for a kernel command line."""
+    def wrap(self, argv: list[str], *, fork_template: bool = False) -> list[str]:
+        """The full launch command for a kernel command line. `fork_template`: a fork
+        template's (`forks_apply_landlock`): its namespace but no Landlock ruleset."""
         outer: dict[str, Any] = {"core": 0}
         if self.cgroup is not None:
             outer["cgroup"] = [str(folder) for folder in self.cgroup.folders]
         if self.tier == "landlock":
-            outer["landlock"] = self.landlock_spec()
-            outer["drop_caps"] = os.geteuid() == 0
+            forks_apply = fork_template and self.forks_apply_landlock
+            if forks_apply:
+                # Each fork makes its mounts in this namespace, then applies the ruleset
+                # (launch.py enter_kernel_domain): the template keeps the capabilities of a
+                # user namespace of its own for that, none of the host's.
+                outer.update(no_new_privs=True, keep_caps=True)
+            else:
+                outer["landlock"] = self.landlock_spec()
+                outer["drop_caps"] = os.geteuid() == 0
             if self.probe.landlock_mounts:
                 readonly = [str(p) for p in self.protected]
                 pinned = [str(p) for p in self._pinned()]
                 outer["namespace"] = {"shm_size": self._tmpfs_size(), "readonly": readonly, "pinned": pinned}
+                if forks_apply:
+                    outer["namespace"]["user"] = True
             else:
                 outer["pty_broker"] = True  # `!cmd` without /dev/pts (ptys.py)
             if self.nproc:
@@ -292,6 +304,14 @@ class Sandbox:
                 command = [*launcher, json.dumps(inner), "--", *command]
             command = [*self.bwrap_args(), "--", *command]
         return [*launcher, json.dumps(outer), "--", *command]
+
+    @property
+    def forks_apply_landlock(self) -> bool:
+        """Whether kernels forked from a template of this sandbox each apply the Landlock
+        tier's ruleset themselves: with its own mounts, so that each can make its own
+        /dev/shm, ptys and IPC namespace first (Landlock refuses mounts to a process in a
+        domain, which the template then is not)."""
+        return self.tier == "landlock" and self.probe.landlock_mounts
 
     def bwrap_args(self) -> list[str]:
         assert self.probe.bwrap is not None and self.runtime_dir is not None
@@ -374,6 +394,7 @@ class Sandbox:
         files = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty", "/dev/ptmx"]
         if mounts:
             files.append("/dev/pts")  # its own instance: `!cmd` needs a pty
+            read.append("/dev/pts")  # listed too: nothing in it is another's
         if self.policy.device != "cpu":
             files += [n for n in nvidia_device_nodes() if not os.path.isdir(n)]
             # cuInit writes into the process's own /proc entry (error 304 without it, seen on an

@@ -13,6 +13,8 @@ SPEC is a JSON object:
   drop_caps  drop every capability (root in the Landlock tier)
   no_new_privs  set PR_SET_NO_NEW_PRIVS (always with landlock)
   namespace  {"shm_size": ..., "readonly": [...], "pinned": [...]}: a mount namespace first (mounts.py)
+  keep_caps  a fork template's (no landlock): keep the capabilities of its namespace's own
+             user namespace ("user" in namespace), for its forks' mounts (enter_kernel_domain)
   pty_broker  fork the pty helper of ptys.py before Landlock (Landlock without mounts)
   no_network    the seccomp filter of `network: false` (seccomp.py, loaded by path), last
 """
@@ -31,11 +33,13 @@ __all__ = (
     "apply",
     "apply_landlock",
     "drop_capabilities",
+    "enter_kernel_domain",
     "enter_nested_domain",
     "enter_own_devices",
     "landlock_abi",
     "main",
     "own_devices_work",
+    "set_non_dumpable",
 )
 
 # Landlock (linux/landlock.h). Syscall numbers are the same on every architecture.
@@ -260,10 +264,14 @@ def apply(spec: dict) -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (int(spec["core"]), int(spec["core"])))
     if spec.get("nproc"):
         resource.setrlimit(resource.RLIMIT_NPROC, (int(spec["nproc"]), int(spec["nproc"])))
-    if spec.get("namespace") is not None:
+    namespace = spec.get("namespace")
+    if namespace is not None:
         # Private /dev/shm and /dev/pts, protected vault entries read-only (mounts.py).
-        _sibling("mounts").enter(spec["namespace"])
-    if spec.get("drop_caps") or spec.get("namespace") is not None:
+        _sibling("mounts").enter(namespace)
+    # Only a user namespace's own capabilities are kept (they reach its mount and IPC
+    # namespaces, nothing of the host's): a fork template's, whose forks mount and drop them.
+    keep = namespace is not None and namespace.get("user") and spec.get("keep_caps")
+    if (spec.get("drop_caps") or namespace is not None) and not keep:
         drop_capabilities()  # also the new namespace's: no mount can be undone
     if spec.get("pty_broker"):
         _sibling("ptys").start_broker()  # no /dev/pts of its own: ptys come from a helper (ptys.py)
@@ -279,6 +287,30 @@ def enter_own_devices() -> None:
     """A /dev/shm, /dev/pts and IPC namespace of this process's own (mounts.py): a forked
     kernel's first step, before enter_nested_domain; then drop_capabilities."""
     _sibling("mounts").enter_own_devices()
+
+
+def enter_kernel_domain(ruleset: dict, own_devices: bool) -> str:
+    """A forked kernel of a template that runs outside Landlock (the Landlock tier with its
+    own mounts: Landlock refuses mount(2) to a process in a domain): with `own_devices` its
+    own /dev/shm, /dev/pts and IPC namespace first, then no capabilities, then the tier's
+    whole `ruleset` (apply_landlock, with no_new_privs), as the launcher gives a started
+    kernel. Its domain is its own: the template and its siblings are outside it (no ptrace,
+    no /proc/PID/mem; no signal from ABI 6). Call it while single-threaded, right after fork."""
+    libc = _libc()
+    # The template is non-dumpable; a kernel is as a started one (and, as a user, must be
+    # dumpable to write its own /proc/self/uid_map).
+    if libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE) failed")
+    if own_devices:
+        enter_own_devices()
+    drop_capabilities()
+    return f"landlock ABI {apply_landlock(ruleset)}"
+
+
+def set_non_dumpable() -> None:
+    """ptrace and /proc/PID/mem of this process then need CAP_SYS_PTRACE (a template outside Landlock)."""
+    if _libc().prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE) failed")
 
 
 def own_devices_work() -> bool | str:

@@ -20,7 +20,9 @@ namespaces are allowed), `enter` gives the kernel, before Landlock is applied:
 
 A kernel forked from a template (kernel/fork/child.py) makes its own the same way, right
 after the fork (`enter_own_devices`): a /dev/shm, /dev/pts and IPC namespace of its own, so
-that nothing a note leaves there reaches a sibling forked beside it or after it.
+that nothing a note leaves there reaches a sibling forked beside it or after it. In the
+Landlock tier the template therefore runs outside Landlock (which refuses mounts), in a user
+namespace of its own ("user"), and each fork applies the tier's ruleset after its mounts.
 
 Standard library only: loaded by path by launch.py, before the kernel starts. Landlock then
 forbids any further mount, and the capabilities of the new namespace are dropped.
@@ -64,11 +66,11 @@ def _mount(libc: ctypes.CDLL, source: str | None, target: str, fstype: str | Non
     _check(libc.mount(source_b, target.encode(), fstype_b, flags, data.encode() or None), f"mount {target}")
 
 
-def _unshare(libc: ctypes.CDLL, also: int = 0) -> None:
-    """A mount namespace of its own (and the namespaces in `also`): as root directly, else in a
-    user namespace that maps only this process's own ids (files keep their owner, credentials
-    passed on sockets stay valid)."""
-    if os.geteuid() == 0 and libc.unshare(_CLONE_NEWNS | also) == 0:
+def _unshare(libc: ctypes.CDLL, also: int = 0, user: bool = False) -> None:
+    """A mount namespace of its own (and the namespaces in `also`): as root directly (unless
+    `user`), else in a user namespace that maps only this process's own ids (files keep their
+    owner, credentials passed on sockets stay valid)."""
+    if os.geteuid() == 0 and not user and libc.unshare(_CLONE_NEWNS | also) == 0:
         return
     uid, gid = os.getuid(), os.getgid()
     _check(libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS | also), "unshare")
@@ -138,10 +140,16 @@ def enter(spec: dict) -> None:
     """Make this process's mounts private and mount what the module docstring says.
 
     spec: {"shm_size": bytes, "readonly": [paths that exist, never symlinks],
-           "pinned": [the folders holding them, shallowest first]}
+           "pinned": [the folders holding them, shallowest first], "user": bool}
+
+    With "user" (a fork template of the Landlock tier) the namespaces are those of a user
+    namespace of its own, also as root: the capabilities the template keeps for its forks'
+    own mounts (launch.py) are then over these namespaces only, none over the host's.
     """
     libc = _libc()
-    _unshare(libc, _CLONE_NEWIPC)  # SysV shared memory, semaphores, queues: not the host's either
+    _unshare(
+        libc, _CLONE_NEWIPC, bool(spec.get("user"))
+    )  # SysV shared memory, semaphores, queues: not the host's either
     _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing propagates back to the host
     _own_devices(libc, spec.get("shm_size"), ptmx=True)
     for path in spec.get("pinned", []):
