@@ -428,8 +428,9 @@ while not os.path.exists("a-tiene") and time.monotonic() < deadline:
 hoard = []
 for _ in range(32):  # 2 GiB, faulted in by the kernel at gigabytes a second
     hoard.append(mmap.mmap(-1, 64 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE))
-    with open("b-progreso", "w") as progress:
+    with open("b-progreso.tmp", "w") as progress:
         progress.write(str(64 * len(hoard)))
+    os.replace("b-progreso.tmp", "b-progreso")  # whole, even if it is stopped meanwhile
 print("B consiguio", 64 * len(hoard), "MiB")
 """
 

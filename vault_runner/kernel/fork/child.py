@@ -310,6 +310,12 @@ def _child(template: Template, request: dict, report_fd: int, template_pid: int)
         except (OSError, KeyError) as exc:
             _send(socket.socket(fileno=report_fd), {"error": f"the kernel could not be isolated: {exc}"})
             return 1
+    if template.spec.get("harden") and template.isolate is not None:
+        try:  # no setuid files, no user namespace of its own (seccomp.py): as a started kernel
+            template.isolate.apply_hardening()
+        except OSError as exc:
+            _send(socket.socket(fileno=report_fd), {"error": f"the kernel could not be hardened: {exc}"})
+            return 1
     # Nothing of the template's loop survives into the kernel.
     signal.set_wakeup_fd(-1)
     for number in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):

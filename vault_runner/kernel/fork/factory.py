@@ -37,7 +37,7 @@ from vault_runner.kernel.fork.common import (
 )
 from vault_runner.kernel.fork.session import ForkedSession, finish_shutdowns
 from vault_runner.kernel.fork.template import KernelTemplate
-from vault_runner.kernel.sandbox import Policy, Sandbox, policy_from_options
+from vault_runner.kernel.sandbox import Policy, Sandbox, network, policy_from_options
 from vault_runner.kernel.sandbox.cgroup import Cgroup
 from vault_runner.kernel.sandbox.filesystem import PROTECTED_IN_VAULT
 from vault_runner.kernel.sandbox.gpu import nvidia_device_nodes
@@ -89,7 +89,8 @@ class _Slot:
             if template.isolate:
                 template.writable, template.device_files = _kernel_grants(self.sandbox, self.runtime_dir)
                 template.landlock = _kernel_ruleset(self.sandbox, self.runtime_dir)
-            template.launch_prefix = self.sandbox.wrap([], fork_template=template.landlock is not None)
+            template.launch_prefix = self.sandbox.wrap([], fork_template=True)
+            template.harden = template.isolate and network.hardening_works()  # after its own namespaces
             template.env = {**self.env, **self.sandbox.env()}
             template.env.setdefault("MPLBACKEND", DEFAULT_MPLBACKEND)
             template.env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"

@@ -102,6 +102,7 @@ class KernelTemplate:
         self.writable = None if writable is None else list(writable)
         self.device_files = list(device_files)
         self.landlock: dict[str, Any] | None = None  # the tier's ruleset, applied by each fork (factory.py)
+        self.harden = False  # each fork applies seccomp.py's hardening filter (factory.py)
         self.process: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
         self._control: socket.socket | None = None
@@ -133,6 +134,7 @@ class KernelTemplate:
             "preinitialize": self.preinitialize,
             "startup_code": self.startup_code,
             "isolate": self.isolate,
+            "harden": self.harden,
             "writable": self.writable,
             "device_files": self.device_files,
             "landlock": self.landlock,

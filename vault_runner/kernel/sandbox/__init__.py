@@ -233,6 +233,9 @@ class Sandbox:
             env["MPLCONFIGDIR"] = str(self.mpl_dir)  # the kernel's own: nothing in it reaches another
         if self.tier == "bubblewrap":
             env.update(TMPDIR="/tmp", IPYTHONDIR="/tmp/.ipython", XDG_CACHE_HOME="/tmp/.cache")
+            if os.getuid() == 0:
+                # uid 1000 inside (kernel_ids) may have no name there: getpass asks these first.
+                env.update(USER="root", LOGNAME="root")
         elif self.private_tmp is not None:  # the kernel's own, also in the plain tier
             tmp = str(self.private_tmp)
             if self.tier == "landlock":
@@ -265,7 +268,8 @@ class Sandbox:
 
     def wrap(self, argv: list[str], *, fork_template: bool = False) -> list[str]:
         """The full launch command for a kernel command line. `fork_template`: a fork
-        template's (`forks_apply_landlock`): its namespace but no Landlock ruleset."""
+        template's: no hardening filter (each fork applies it), and where
+        `forks_apply_landlock`, its namespace but no Landlock ruleset."""
         outer: dict[str, Any] = {"core": 0}
         if self.cgroup is not None:
             outer["cgroup"] = [str(folder) for folder in self.cgroup.folders]
@@ -296,10 +300,15 @@ class Sandbox:
         no_network = not self.policy.network and network.seccomp_works()
         if no_network and self.tier != "bubblewrap":
             outer["no_network"] = True
+        # A template's forks each apply it themselves, once their own user namespace is made.
+        harden = self.tier != "plain" and not fork_template and network.hardening_works()
+        if harden and self.tier != "bubblewrap":
+            outer["harden"] = True
         launcher = launcher_command()
         command = list(argv)
         if self.tier == "bubblewrap":
             inner = {**({"nproc": self.nproc} if self.nproc else {}), **({"no_network": True} if no_network else {})}
+            inner.update({"harden": True} if harden else {})
             if inner:
                 command = [*launcher, json.dumps(inner), "--", *command]
             command = [*self.bwrap_args(), "--", *command]
@@ -465,9 +474,11 @@ class Sandbox:
         watchdog = self.watchdog
         own_cap = self.policy.memory
         if watchdog is not None and watchdog.tripped is not None and watchdog.shared:
-            # A kernel that alone holds its own cap's worth (by default the budget's size)
-            # is told of its cap: the others it was measured with hold next to nothing.
-            if own_cap is None or watchdog.tripped < own_cap:
+            # A kernel that alone holds nearly its own cap's worth, a cap no larger than the
+            # budget (by default its size), is told of its cap: the kernels it was measured
+            # with hold next to nothing.
+            budget = self.policy.budget or 0
+            if own_cap is None or own_cap > budget or watchdog.tripped < 0.9 * own_cap:
                 used, watchdog.tripped = watchdog.tripped, None
                 return self._budget_message(used)
         if watchdog is not None and watchdog.tripped is not None:
@@ -478,8 +489,9 @@ class Sandbox:
                 "note's `memory:` option]"
             )
         if self.cgroup is not None and self.cgroup.memory and self.cgroup.oom_killed():
-            if self.cgroup.budget is not None and self.cgroup.budget.killed_at_limit():
-                return self._budget_message(self.cgroup.budget.total)
+            budget_kill = self.cgroup.budget is not None and self.cgroup.budget.killed_at_limit()
+            if budget_kill and not self.cgroup.reached_own_limit():
+                return self._budget_message(self.cgroup.budget.total)  # type: ignore[union-attr]
             return (
                 f"[vault-runner: the kernel went over its memory limit of {format_size(self.policy.memory or 0)} "
                 "and was stopped; use less memory or raise the note's `memory:` option]"

@@ -353,6 +353,22 @@ class Cgroup:
         killed, self._oom_kills = count > self._oom_kills, count
         return killed
 
+    def reached_own_limit(self) -> bool:
+        """Whether the kernel's memory ever reached its own cap (v1 max_usage_in_bytes, v2
+        memory.peak, against the cap): an OOM kill then was its own cap's, whatever the
+        budget's cgroup above saw meanwhile."""
+        folder = self.memory_path or self.path
+        names = (
+            ("memory.max_usage_in_bytes", "memory.limit_in_bytes")
+            if self.version == 1
+            else ("memory.peak", "memory.max")
+        )
+        try:
+            peak, limit = (int((folder / name).read_text()) for name in names)
+        except (OSError, ValueError):
+            return False
+        return peak >= limit - 2 * 2**20
+
     def pids_peak(self) -> int | None:
         try:
             return int((self.path / "pids.peak").read_text())

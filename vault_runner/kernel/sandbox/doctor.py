@@ -9,7 +9,7 @@ from vault_runner.errors import SandboxError
 from vault_runner.kernel.limits import INTERRUPT_GRACE, MAX_IMAGE_BYTES, MAX_IMAGES, MAX_OUTPUT_BYTES
 from vault_runner.kernel.sandbox.cgroup import cgroup_support
 from vault_runner.kernel.sandbox.gpu import nvidia_device_nodes
-from vault_runner.kernel.sandbox.network import coverage
+from vault_runner.kernel.sandbox.network import coverage, hardening_works
 from vault_runner.kernel.sandbox.policy import (
     MAX_TASKS_ENV,
     NO_NETWORK_ENV,
@@ -103,6 +103,13 @@ def doctor_report() -> Report:
     )
     report.add("network", network)
     report.add("network: false", coverage(found.tier, found))
+    if found.tier != "plain":
+        hardening = (
+            "seccomp: no setuid/setgid files, no user namespaces of a kernel's own, no io_uring"
+            if hardening_works()
+            else "none: no seccomp filter here (a note could leave a setuid file in the vault)"
+        )
+        report.add("hardening", hardening)
     report.add("output cap", f"{format_size(MAX_OUTPUT_BYTES)} per block; {MAX_IMAGES} images of at most "
                f"{format_size(MAX_IMAGE_BYTES)} each")  # fmt: skip
     report.add("timeout", f"per block (option `timeout`); interrupt, then restart after {INTERRUPT_GRACE:g} s")

@@ -17,6 +17,7 @@ SPEC is a JSON object:
              user namespace ("user" in namespace), for its forks' mounts (enter_kernel_domain)
   pty_broker  fork the pty helper of ptys.py before Landlock (Landlock without mounts)
   no_network    the seccomp filter of `network: false` (seccomp.py, loaded by path), last
+  harden     seccomp.py's hardening filter (no setuid files, no user namespaces), last
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = (
     "enter_kernel_domain",
     "enter_nested_domain",
     "enter_own_devices",
+    "apply_hardening",
     "landlock_abi",
     "main",
     "own_devices_work",
@@ -281,6 +283,14 @@ def apply(spec: dict) -> None:
         _libc().prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     if spec.get("no_network"):
         _sibling("seccomp").apply_no_network()
+    if spec.get("harden"):
+        apply_hardening()
+
+
+def apply_hardening() -> None:
+    """seccomp.py's hardening filter: no setuid/setgid file, no user namespace of the
+    kernel's own. Last, right before the kernel (a forked one: once its domain is set)."""
+    _sibling("seccomp").apply_hardening()
 
 
 def enter_own_devices() -> None:

@@ -12,13 +12,19 @@ from vault_runner.kernel.sandbox import seccomp
 from vault_runner.kernel.sandbox.probe import Probe
 from vault_runner.kernel.sandbox.processes import launcher_runs
 
-__all__ = ("coverage", "not_covered", "seccomp_works")
+__all__ = ("coverage", "hardening_works", "not_covered", "seccomp_works")
 
 
 @functools.cache
 def seccomp_works() -> bool:
     """Whether the launcher can apply the filter here, tried once with a child process."""
     return seccomp.supported() and launcher_runs({"no_network": True})
+
+
+@functools.cache
+def hardening_works() -> bool:
+    """Whether the launcher can apply seccomp.py's hardening filter here (tried once)."""
+    return seccomp.supported() and launcher_runs({"harden": True})
 
 
 def _refused(tier: str, probe: Probe) -> list[str]:

@@ -1,4 +1,5 @@
-"""The seccomp filter behind `network: false`: no connection out of the sandbox, by any socket.
+"""The seccomp filters of a sandboxed kernel: `network: false` (no connection out of the
+sandbox, by any socket), and the hardening every sandboxed kernel gets (below).
 
 Standard library only: the launcher (launch.py, run by path with ``-I -S``) loads this file
 and applies the filter just before it execs the kernel, so nothing of the note's runs
@@ -23,6 +24,20 @@ where a ``connect`` goes. It therefore refuses, with EACCES:
 - io_uring, whose socket and connect operations are not syscalls and pass any filter;
 - syscalls of another ABI than the launcher's (x32, or 32-bit ``int 0x80`` on x86-64).
 
+The hardening filter (`apply_hardening`, every sandboxed kernel, `network` or not) keeps a
+note from leaving anything on the host that runs with more rights than the note had. The
+files a kernel makes are its user's on the host, root's when vault-runner runs as root, so
+with EPERM it refuses:
+
+- setuid and setgid bits, in every call that sets a mode (chmod family, open/creat with a
+  mode, mknod): a setuid-root binary in a vault is root for any local user;
+- new user namespaces (``unshare``/``clone`` with CLONE_NEWUSER; ``clone3``, whose flags the
+  filter cannot read, gets ENOSYS and libc falls back to ``clone``): as root's stand-in in a
+  namespace of its own, a kernel could set file capabilities the host honours, and mount
+  over what the sandbox made read-only;
+- io_uring (ENOSYS: its operations pass any filter) and ``openat2`` (ENOSYS: its mode is in
+  memory; libc's ``open`` does not use it), and syscalls of another ABI.
+
 What it costs a note with `network: false`: Python code that hands data between processes
 over a *connected* unix socket (multiprocessing managers and the forkserver, DataLoader
 workers that pass tensors as file descriptors) gets PermissionError, and ipykernel cannot
@@ -37,8 +52,12 @@ import ctypes
 import errno
 import os
 import struct
+from typing import TYPE_CHECKING
 
-__all__ = ("ARCHES", "apply_no_network", "no_network_program", "supported")
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ("ARCHES", "apply_hardening", "apply_no_network", "hardening_program", "no_network_program", "supported")
 
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_SECCOMP = 22
@@ -82,6 +101,17 @@ ARCHES: dict[str, tuple[int, dict[str, int]]] = {
     ),
 }
 _IO_URING = (425, 426, 427)  # io_uring_setup, io_uring_enter, io_uring_register
+_CLONE3, _OPENAT2, _FCHMODAT2 = 435, 437, 452  # the same everywhere too
+CLONE_NEWUSER = 0x10000000
+S_ISUID_ISGID = 0o6000
+
+# Per machine: the calls that set a file's mode, with the index of their mode argument, and
+# those that can make a user namespace (flags in argument 0). aarch64 has only the *at forms.
+_MODE_CALLS: dict[str, dict[int, int]] = {
+    "x86_64": {2: 2, 257: 3, 85: 1, 90: 1, 91: 1, 268: 2, _FCHMODAT2: 2, 133: 1, 259: 2},
+    "aarch64": {56: 3, 52: 1, 53: 2, _FCHMODAT2: 2, 33: 2},
+}
+_NAMESPACE_CALLS = {"x86_64": (272, 56), "aarch64": (97, 220)}  # unshare, clone
 
 
 def _machine() -> str:
@@ -172,15 +202,60 @@ def no_network_program(machine: str | None = None) -> bytes:
     return p.assemble()
 
 
+def hardening_program(machine: str | None = None) -> bytes:
+    """The hardening filter for `machine` (this one by default); see the module docstring."""
+    name = machine or _machine()
+    arch = ARCHES[name][0]
+    p = _Program()
+    p.op(_LD_ABS, _ARCH)
+    p.op(_JEQ, arch, 0, "nosys")  # another ABI: nothing of it is allowed
+    p.op(_LD_ABS, _NR)
+    if arch == ARCHES["x86_64"][0]:
+        p.op(_JGE, _X32_SYSCALL_BIT, "nosys", 0)
+    for number in (*_IO_URING, _CLONE3, _OPENAT2):
+        p.op(_JEQ, number, "nosys", 0)
+    for number in _NAMESPACE_CALLS[name]:
+        p.op(_JEQ, number, "flags0", 0)
+    modes = sorted(_MODE_CALLS[name].items())
+    for number, index in modes:
+        p.op(_JEQ, number, f"mode{index}", 0)
+    p.op(_RET, _RET_ALLOW)
+
+    p.label("flags0")
+    p.op(_LD_ABS, _arg(0))
+    p.op(_JSET, CLONE_NEWUSER, "deny", "allow")
+    for index in sorted({index for _, index in modes}):
+        p.label(f"mode{index}")
+        p.op(_LD_ABS, _arg(index))
+        p.op(_JSET, S_ISUID_ISGID, "deny", "allow")
+
+    p.label("allow")
+    p.op(_RET, _RET_ALLOW)
+    p.label("deny")
+    p.op(_RET, _RET_ERRNO | errno.EPERM)
+    p.label("nosys")
+    p.op(_RET, _RET_ERRNO | errno.ENOSYS)
+    return p.assemble()
+
+
 class _Fprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
 def apply_no_network() -> None:
     """Filter this process (and all it later forks or execs); raises OSError if it cannot."""
+    _apply(no_network_program)
+
+
+def apply_hardening() -> None:
+    """The hardening filter on this process (and all it later forks or execs); OSError if not."""
+    _apply(hardening_program)
+
+
+def _apply(make: Callable[[], bytes]) -> None:
     if not supported():
         raise OSError(errno.ENOSYS, f"no seccomp filter for this machine ({os.uname().machine})")
-    program = no_network_program()
+    program = make()
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = _Fprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
     libc = ctypes.CDLL(None, use_errno=True)
