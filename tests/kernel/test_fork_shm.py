@@ -201,6 +201,43 @@ def test_a_sibling_running_beside_a_note_sees_nothing_it_left_in_shared_memory(n
     assert _seen(seen_b) == NOTHING, seen_b
 
 
+REACH = r"""
+import json, os, socket
+own = os.environ["JUPYTER_RUNTIME_DIR"]
+runtime = os.path.dirname(own)
+rows = [line.split() for line in open("/proc/net/unix").read().splitlines()[1:]]
+others = sorted({r[-1] for r in rows if len(r) >= 8 and r[-1].startswith(runtime + "/") and not r[-1].startswith(own + "/")})
+reached = []
+for path in others:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        reached.append(path)
+    except OSError:
+        pass
+    finally:
+        s.close()
+print(json.dumps({"others": len(others), "reached": reached}))
+"""
+
+
+def test_a_note_cannot_reach_a_siblings_kernel_sockets(notes: Notes) -> None:
+    """Every kernel's ipc sockets are in the template's runtime folder, and /proc/net/unix
+    names them: a note connected to a sibling's (its output channel has no signature to
+    check) and read what the sibling ran and printed. Each kernel sees only its own folder."""
+    a = notes.session()
+    try:
+        b = notes.session()  # a sibling running beside it (and the spare the filler makes)
+        try:
+            found = notes.run(a, REACH)
+        finally:
+            b.shutdown()
+    finally:
+        a.shutdown()
+    assert found["others"] >= 5, found  # b's five sockets at least
+    assert found["reached"] == [], found
+
+
 def test_a_later_note_sees_nothing_an_earlier_one_left_in_shared_memory(notes: Notes) -> None:
     """What note A left behind when it ended is not there for the next note (it went with A's kernel)."""
     a = notes.session()

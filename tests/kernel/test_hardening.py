@@ -47,6 +47,13 @@ libc = ctypes.CDLL(None, use_errno=True)
 print("own user namespace", libc.unshare(0x10000000), ctypes.get_errno())
 print("unshare -Ur", subprocess.run(["unshare", "-U", "-r", "true"], capture_output=True).returncode)
 print("still works:", subprocess.run(["sh", "-c", "echo sh"], capture_output=True, text=True).stdout.strip())
+import resource
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # its own: allowed
+try:
+    resource.prlimit(os.getppid(), resource.RLIMIT_FSIZE, (4096, 4096))
+    print("lowered its parent's limit")
+except OSError as exc:
+    print("parent's limit refused", exc.errno)
 """
 
 
@@ -74,6 +81,7 @@ def test_a_note_can_make_no_setuid_file_nor_a_user_namespace(
     assert "own user namespace -1 1" in out, out
     assert "unshare -Ur 0" not in out, out
     assert "still works: sh" in out, out
+    assert "parent's limit refused 1" in out, out
     for name in ("py", "made"):
         path = root / "Notas" / name
         if path.exists():

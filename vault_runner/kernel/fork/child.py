@@ -10,10 +10,8 @@ forked child reports its pid on that socket (SCM_CREDENTIALS, so the kernel tran
 into the pid namespace of whoever reads it: this process may live inside bubblewrap's),
 waits for "go" (the parent moves it into the note's cgroup meanwhile), and becomes an
 IPKernelApp on the request's connection file. In a sandbox each child first makes its own
-/dev/shm, ptys and IPC namespace where it can (launch.py `enter_own_devices`; the facts'
-"private_shm" says whether), then enters a Landlock domain of its own: nested in the
-template's, or, where the template runs outside Landlock (the SPEC's "landlock": the Landlock
-tier with mounts), the tier's whole ruleset (launch.py `enter_kernel_domain`).
+/dev/shm, ptys and IPC namespace where it can (facts: "private_shm"), then enters a Landlock
+domain of its own (launch.py `enter_own_devices`, `enter_nested_domain`, `enter_kernel_domain`).
 
 Messages (JSON, one per datagram):
   template -> parent  {"op": "ready", ...facts}   once, after the imports
@@ -269,6 +267,11 @@ def _exit_child(code: int) -> int:
     return code if 0 <= code < 256 else 1
 
 
+def _refuse(report_fd: int, error: str) -> int:  # why this kernel cannot be made: the note's is started
+    _send(socket.socket(fileno=report_fd), {"error": error})
+    return 1
+
+
 def _child(template: Template, request: dict, report_fd: int, template_pid: int) -> int:
     _T0[0] = time.monotonic()
     os.setsid()  # own session and process group: SIGINT/SIGKILL to the group reach only this kernel
@@ -280,24 +283,24 @@ def _child(template: Template, request: dict, report_fd: int, template_pid: int)
     if os.getppid() != template_pid:  # the template died between fork and prctl
         return 1
     ruleset = template.spec.get("landlock")
+    hide = template.spec.get("hide")  # of the runtime folder, only this kernel's own stays in sight
+    hide = hide and {**hide, "keep": [*hide["keep"], request["folder"]]}
     if ruleset is not None:
         # The template runs outside Landlock, in a namespace of its own: this kernel makes
         # its own devices, drops every capability, then applies the tier's ruleset, writing
         # its own folder (launch.py, enter_kernel_domain). Fail closed.
         try:
             ruleset = {**ruleset, "write": [*ruleset["write"], request["folder"], "/proc/self"]}
-            template.isolate.enter_kernel_domain(ruleset, template.private_shm is True)
+            template.isolate.enter_kernel_domain(ruleset, template.private_shm is True, hide)
         except (OSError, KeyError) as exc:
-            _send(socket.socket(fileno=report_fd), {"error": f"the kernel could not be isolated: {exc}"})
-            return 1
+            return _refuse(report_fd, f"the kernel could not be isolated: {exc}")
         _trace("own domain")
     elif template.private_shm is True:
         try:
-            template.isolate.enter_own_devices()
+            template.isolate.enter_own_devices(hide)
             template.isolate.drop_capabilities()  # those of its new user namespace
         except OSError as exc:  # fail closed: the note's kernel is started instead
-            _send(socket.socket(fileno=report_fd), {"error": f"the kernel's own /dev/shm could not be made: {exc}"})
-            return 1
+            return _refuse(report_fd, f"the kernel's own /dev/shm could not be made: {exc}")
         _trace("private shm")
     if template.isolate is not None and ruleset is None:
         # Before anything else, while single-threaded: a Landlock domain of its own, so the
@@ -308,14 +311,12 @@ def _child(template: Template, request: dict, report_fd: int, template_pid: int)
             writable = None if grants is None else [*grants, request["folder"], "/proc/self"]
             template.isolate.enter_nested_domain(writable, template.spec.get("device_files"))
         except (OSError, KeyError) as exc:
-            _send(socket.socket(fileno=report_fd), {"error": f"the kernel could not be isolated: {exc}"})
-            return 1
+            return _refuse(report_fd, f"the kernel could not be isolated: {exc}")
     if template.spec.get("harden") and template.isolate is not None:
         try:  # no setuid files, no user namespace of its own (seccomp.py): as a started kernel
             template.isolate.apply_hardening()
         except OSError as exc:
-            _send(socket.socket(fileno=report_fd), {"error": f"the kernel could not be hardened: {exc}"})
-            return 1
+            return _refuse(report_fd, f"the kernel could not be hardened: {exc}")
     # Nothing of the template's loop survives into the kernel.
     signal.set_wakeup_fd(-1)
     for number in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):

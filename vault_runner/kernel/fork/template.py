@@ -103,6 +103,9 @@ class KernelTemplate:
         self.device_files = list(device_files)
         self.landlock: dict[str, Any] | None = None  # the tier's ruleset, applied by each fork (factory.py)
         self.harden = False  # each fork applies seccomp.py's hardening filter (factory.py)
+        # What of the runtime folder each fork may still see besides its own folder, which
+        # hides the rest (its siblings' ipc sockets) where it has a mount namespace.
+        self.keep_visible: list[Path] = []
         self.process: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
         self._control: socket.socket | None = None
@@ -135,6 +138,7 @@ class KernelTemplate:
             "startup_code": self.startup_code,
             "isolate": self.isolate,
             "harden": self.harden,
+            "hide": {"folder": str(self.runtime_dir), "keep": [str(p) for p in self.keep_visible]},
             "writable": self.writable,
             "device_files": self.device_files,
             "landlock": self.landlock,

@@ -293,13 +293,14 @@ def apply_hardening() -> None:
     _sibling("seccomp").apply_hardening()
 
 
-def enter_own_devices() -> None:
-    """A /dev/shm, /dev/pts and IPC namespace of this process's own (mounts.py): a forked
-    kernel's first step, before enter_nested_domain; then drop_capabilities."""
-    _sibling("mounts").enter_own_devices()
+def enter_own_devices(hide: dict | None = None) -> None:
+    """A /dev/shm, /dev/pts and IPC namespace of this process's own, its siblings' runtime
+    folders out of sight (`hide`, mounts.py): a forked kernel's first step, before
+    enter_nested_domain; then drop_capabilities."""
+    _sibling("mounts").enter_own_devices(hide)
 
 
-def enter_kernel_domain(ruleset: dict, own_devices: bool) -> str:
+def enter_kernel_domain(ruleset: dict, own_devices: bool, hide: dict | None = None) -> str:
     """A forked kernel of a template that runs outside Landlock (the Landlock tier with its
     own mounts: Landlock refuses mount(2) to a process in a domain): with `own_devices` its
     own /dev/shm, /dev/pts and IPC namespace first, then no capabilities, then the tier's
@@ -312,7 +313,7 @@ def enter_kernel_domain(ruleset: dict, own_devices: bool) -> str:
     if libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE) failed")
     if own_devices:
-        enter_own_devices()
+        enter_own_devices(hide)
     drop_capabilities()
     return f"landlock ABI {apply_landlock(ruleset)}"
 

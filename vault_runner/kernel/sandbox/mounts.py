@@ -98,11 +98,16 @@ def _own_devices(libc: ctypes.CDLL, shm_size: int | None, ptmx: bool) -> None:
             _mount(libc, "/dev/pts/ptmx", "/dev/ptmx", None, _MS_BIND)
 
 
-def enter_own_devices() -> None:
+def enter_own_devices(hide: dict | None = None) -> None:
     """This process (and what it starts) gets a /dev/shm, /dev/pts and IPC namespace of its
     own, the /dev/shm as large as the one it had (sized by the sandbox; the watchdog counts
     it). For a forked kernel, right after the fork: one thread, and no Landlock domain yet
-    (Landlock refuses mounts). All of it goes with the process."""
+    (Landlock refuses mounts). All of it goes with the process.
+
+    hide: {"folder": F, "keep": [folders below F]}: F (the template's runtime folder, with
+    every sibling kernel's ipc sockets) is covered by an empty read-only tmpfs, and only the
+    `keep` folders are bound back. A unix socket is reached by its path, which no Landlock
+    rule refuses and /proc/net/unix lists: a sibling's path must lead nowhere here."""
     libc = _libc()
     fs = os.statvfs("/dev/shm")
     _unshare(libc, _CLONE_NEWIPC)
@@ -110,6 +115,21 @@ def enter_own_devices() -> None:
     # shared mounts as slaves already; as root, made private here.
     _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE)
     _own_devices(libc, fs.f_blocks * fs.f_frsize, ptmx=not os.path.islink("/dev/ptmx"))
+    if hide:
+        _hide_except(libc, hide["folder"], hide.get("keep", []))
+
+
+def _hide_except(libc: ctypes.CDLL, folder: str, keep: list[str]) -> None:
+    held = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in keep]  # before it is covered
+    try:
+        _mount(libc, "tmpfs", folder, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=700")
+        for path, fd in held:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            _mount(libc, f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC)
+        _mount(libc, None, folder, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+    finally:
+        for _, fd in held:
+            os.close(fd)
 
 
 def own_devices_work() -> bool | str:

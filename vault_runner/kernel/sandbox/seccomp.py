@@ -35,6 +35,9 @@ with EPERM it refuses:
   filter cannot read, gets ENOSYS and libc falls back to ``clone``): as root's stand-in in a
   namespace of its own, a kernel could set file capabilities the host honours, and mount
   over what the sandbox made read-only;
+- ``prlimit64`` on another process (without a pid namespace, in the Landlock tier, a note
+  could lower the limits of the fork template, and so of every later note, or of any host
+  process of its user); its own limits stay its to set;
 - io_uring (ENOSYS: its operations pass any filter) and ``openat2`` (ENOSYS: its mode is in
   memory; libc's ``open`` does not use it), and syscalls of another ABI.
 
@@ -112,6 +115,7 @@ _MODE_CALLS: dict[str, dict[int, int]] = {
     "aarch64": {56: 3, 52: 1, 53: 2, _FCHMODAT2: 2, 33: 2},
 }
 _NAMESPACE_CALLS = {"x86_64": (272, 56), "aarch64": (97, 220)}  # unshare, clone
+_PRLIMIT64 = {"x86_64": 302, "aarch64": 261}
 
 
 def _machine() -> str:
@@ -216,11 +220,15 @@ def hardening_program(machine: str | None = None) -> bytes:
         p.op(_JEQ, number, "nosys", 0)
     for number in _NAMESPACE_CALLS[name]:
         p.op(_JEQ, number, "flags0", 0)
+    p.op(_JEQ, _PRLIMIT64[name], "pid0", 0)
     modes = sorted(_MODE_CALLS[name].items())
     for number, index in modes:
         p.op(_JEQ, number, f"mode{index}", 0)
     p.op(_RET, _RET_ALLOW)
 
+    p.label("pid0")  # its own limits only (libc's setrlimit is prlimit64 with pid 0)
+    p.op(_LD_ABS, _arg(0))
+    p.op(_JEQ, 0, "allow", "deny")
     p.label("flags0")
     p.op(_LD_ABS, _arg(0))
     p.op(_JSET, CLONE_NEWUSER, "deny", "allow")
