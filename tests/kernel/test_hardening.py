@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -106,3 +109,36 @@ def test_the_launcher_hardens_what_it_starts(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["refused"]
     assert os.stat(tmp_path / "f").st_mode & 0o7777 == 0o755
+
+
+def test_a_note_reaches_no_other_kernels_socket_by_its_path(
+    sandbox_tier: str, kernel_kind: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Another kernel's ipc sockets are in a runtime folder of the shared temp folder, and
+    # /proc/net/unix names them: no Landlock rule refuses connecting to a unix socket by path.
+    if sandbox_tier == "plain":
+        pytest.skip("the plain tier is uncontained by design (doctor and README say so)")
+    other = Path(tempfile.mkdtemp(prefix="vr-other-kernel-"))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(other / "k-1"))
+        listener.listen()
+        code = (
+            "import socket\n"
+            "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+            "try:\n"
+            f"    s.connect({str(other / 'k-1')!r})\n"
+            "    print('reached')\n"
+            "except OSError as exc:\n"
+            "    print('unreached', type(exc).__name__)\n"
+        )
+        root = make_note_vault(
+            tmp_path_factory.mktemp("vault"), {"Notas/n.md": f"---\nvault-runner: true\n---\n```python\n{code}```\n"}
+        )
+        report = Engine(load_vault(root)).run_note(root / "Notas" / "n.md")
+        out = "".join(o.get("text", "") for o in report.blocks[0].outputs if o.get("name") == "stdout")
+        assert report.kernel == kernel_kind, report
+        assert "unreached" in out, out
+    finally:
+        listener.close()
+        shutil.rmtree(other, ignore_errors=True)

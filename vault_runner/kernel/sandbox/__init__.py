@@ -286,7 +286,12 @@ class Sandbox:
             if self.probe.landlock_mounts:
                 readonly = [str(p) for p in self.protected]
                 pinned = [str(p) for p in self._pinned()]
-                outer["namespace"] = {"shm_size": self._tmpfs_size(), "readonly": readonly, "pinned": pinned}
+                outer["namespace"] = {
+                    "shm_size": self._tmpfs_size(),
+                    "readonly": readonly,
+                    "pinned": pinned,
+                    "hide": self._temp_hidden(),
+                }
                 if forks_apply:
                     outer["namespace"]["user"] = True
             else:
@@ -423,6 +428,20 @@ class Sandbox:
         memory, so never more than the note's cap or the budget of all kernels (a fork
         template's own policy has neither: the default budget)."""
         return self.policy.memory or self.policy.budget or default_memory()[0]
+
+    def _temp_hidden(self) -> dict[str, Any]:
+        """The shared temp folder, to be covered in the kernel's mount namespace but for the
+        folders it is granted there (its runtime folder; the vault, where it lies there):
+        what other kernels bind in it is then out of reach by path (mounts.py)."""
+        temp = Path(tempfile.gettempdir()).resolve()
+        spec = self.landlock_spec()
+        granted = {
+            Path(p).resolve()
+            for p in [*spec["read"], *spec["write"], self.policy.cwd, self.policy.vault or self.policy.cwd]
+            if Path(p).is_dir() and Path(p).resolve().is_relative_to(temp) and Path(p).resolve() != temp
+        }
+        outermost = sorted(p for p in granted if not any(q in p.parents for q in granted))
+        return {"folder": str(temp), "keep": [str(p) for p in outermost]}
 
     def _pinned(self) -> list[Path]:
         """Folders holding protected entries, bound onto themselves (protected.py); never one

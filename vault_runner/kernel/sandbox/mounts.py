@@ -160,7 +160,8 @@ def enter(spec: dict) -> None:
     """Make this process's mounts private and mount what the module docstring says.
 
     spec: {"shm_size": bytes, "readonly": [paths that exist, never symlinks],
-           "pinned": [the folders holding them, shallowest first], "user": bool}
+           "pinned": [the folders holding them, shallowest first], "user": bool,
+           "hide": {"folder": the shared temp folder, "keep": [the folders granted in it]}}
 
     With "user" (a fork template of the Landlock tier) the namespaces are those of a user
     namespace of its own, also as root: the capabilities the template keeps for its forks'
@@ -183,6 +184,11 @@ def enter(spec: dict) -> None:
             continue  # made after the launch was planned: nothing to cover (the guard watches)
         _mount(libc, path, path, None, _MS_BIND | _MS_REC)
         _mount(libc, None, path, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _kept_flags(path))
+    if spec.get("hide"):
+        # The shared temp folder but what the kernel is granted there: other kernels' ipc
+        # sockets are in it, reachable by path whatever Landlock grants (/proc/net/unix
+        # names them). After the binds above, which the folders kept carry along.
+        _hide_except(libc, spec["hide"]["folder"], spec["hide"]["keep"])
 
 
 def _kept_flags(path: str) -> int:
