@@ -18,11 +18,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import available_tiers
+from tests.kernel.forked_notes import ForkedNotes, forked_notes
 from vault_runner.kernel.fork.common import fork_disabled_reason
-from vault_runner.kernel.fork.factory import ForkFactory
 from vault_runner.kernel.fork.forked import ForkedKernelManager
 from vault_runner.kernel.fork.session import ForkedSession
-from vault_runner.kernel.sandbox import Policy, Sandbox
 from vault_runner.kernel.sandbox.launch import landlock_abi
 
 pytestmark = [
@@ -35,19 +34,11 @@ pytestmark = [
 SANDBOXED = [tier for tier in available_tiers() if tier != "plain"]
 
 
-class Notes:
+class Notes(ForkedNotes):
     """Notes of one vault, each run in its own kernel from one factory (2 spares)."""
 
     def __init__(self, root: Path, tier: str) -> None:
-        self.root, self.tier = root, tier
-        self.factory = ForkFactory(spares=2)
-
-    def session(self) -> ForkedSession:
-        policy = Policy(vault=self.root, cwd=self.root / "N", network=True, device="cpu")
-        session = self.factory.session(Sandbox(policy, self.tier), policy.cwd, {"VAULT_RUNNER_VAULT": str(self.root)})
-        session.start()
-        assert session.origin == "forked", session.fallback
-        return session
+        super().__init__(root, tier, spares=2)
 
     def spares_ready(self, session: ForkedSession, count: int) -> None:
         assert isinstance(session.manager, ForkedKernelManager)
@@ -57,23 +48,10 @@ class Notes:
             time.sleep(0.1)
         assert template.spares_ready() >= count, "the template made no spares"
 
-    def run(self, session: ForkedSession, code: str) -> dict:
-        """Run `code`, which ends by printing one JSON object; that object."""
-        done = session.execute(code, timeout=120)
-        text = "".join(o.get("text", "") for o in done.outputs if o.get("name") == "stdout")
-        assert done.status == "ok", done.outputs
-        return json.loads(text.strip().splitlines()[-1])
-
 
 @pytest.fixture(scope="module", params=SANDBOXED)
 def notes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Notes]:
-    root = tmp_path_factory.mktemp(f"vault-{request.param}").resolve()
-    (root / "N").mkdir()
-    made = Notes(root, request.param)
-    try:
-        yield made
-    finally:
-        made.factory.close()
+    yield from forked_notes(Notes, request, tmp_path_factory)  # type: ignore[misc]
 
 
 # Note A's attack on the template (its parent) and on the spares (its siblings).

@@ -18,7 +18,6 @@ there (strict: they fail the day it is done, to be updated).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -27,12 +26,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import available_tiers
+from tests.kernel.forked_notes import ForkedNotes, forked_notes
 from vault_runner.engine.machine import kernel_start
 from vault_runner.kernel.fork.common import fork_disabled_reason, shared_shm_reason
-from vault_runner.kernel.fork.factory import ForkFactory
 from vault_runner.kernel.fork.forked import ForkedKernelManager
 from vault_runner.kernel.fork.session import ForkedSession, finish_shutdowns
-from vault_runner.kernel.sandbox import Policy, Sandbox
 from vault_runner.kernel.sandbox.probe import probe
 
 pytestmark = [
@@ -74,36 +72,12 @@ def _tier_params(isolation: bool) -> list:
     return out
 
 
-class Notes:
+class Notes(ForkedNotes):
     """Notes of one vault, each run in its own kernel forked from one template."""
-
-    def __init__(self, root: Path, tier: str) -> None:
-        self.root, self.tier = root, tier
-        self.factory = ForkFactory(spares=1)
-
-    def session(self) -> ForkedSession:
-        policy = Policy(vault=self.root, cwd=self.root / "N", network=True, device="cpu")
-        session = self.factory.session(Sandbox(policy, self.tier), policy.cwd, {"VAULT_RUNNER_VAULT": str(self.root)})
-        session.start()
-        assert session.origin == "forked", session.fallback
-        return session
-
-    def run(self, session: ForkedSession, code: str) -> dict:
-        """Run `code`, which ends by printing one JSON object; that object."""
-        done = session.execute(code, timeout=120)
-        text = "".join(o.get("text", "") for o in done.outputs if o.get("name") == "stdout")
-        assert done.status == "ok", done.outputs
-        return json.loads(text.strip().splitlines()[-1])
 
 
 def _notes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Notes]:
-    root = tmp_path_factory.mktemp(f"vault-{request.param}").resolve()
-    (root / "N").mkdir()
-    made = Notes(root, request.param)
-    try:
-        yield made
-    finally:
-        made.factory.close()
+    yield from forked_notes(Notes, request, tmp_path_factory)  # type: ignore[misc]
 
 
 @pytest.fixture(scope="module", params=_tier_params(isolation=True))
