@@ -347,16 +347,10 @@ def test_the_kernel_stopped_at_the_limit_is_the_one_asking_not_the_biggest(monke
     monkeypatch.setattr(processes, "resident_size", lambda pids: sum(sizes[p] for p in pids))
     monkeypatch.setattr(processes, "resident_memory", lambda pids: sum(sizes[p] for p in pids))
     monkeypatch.setattr(processes, "RELEASE_GRACE", 0.2)
-    budget = MemoryBudget(640 * mib)
+    budget = MemoryBudget(640 * mib, at_limit=lambda: at_limit[0])
     killed: list[str] = []
     members = {
-        name: MemoryWatchdog(
-            None,
-            lambda pid=pid: [pid],
-            lambda name=name: killed.append(name),
-            budget=budget,
-            at_budget=lambda: at_limit[0],
-        )  # fmt: skip
+        name: MemoryWatchdog(None, lambda pid=pid: [pid], lambda name=name: killed.append(name), budget=budget)
         for name, pid in (("A", 1), ("B", 2), ("C", 3))
     }
     group = list(members.values())

@@ -208,8 +208,9 @@ class Sandbox:
             self.protected = existing_protected(self.policy.vault)
         own = self.policy.memory if not (self.cgroup and self.cgroup.memory) else None  # else memory.max
         if own or self.policy.budget:
-            budget = memory_budget(self.policy.budget)
-            self.watchdog = MemoryWatchdog(own, self.pids, self.kill_all, self._tmpfs_used, budget, self._at_budget)
+            shared = self.cgroup.budget if self.cgroup is not None else None  # the cgroup over all its kernels
+            budget = memory_budget(self.policy.budget, shared.at_limit if shared is not None else None)
+            self.watchdog = MemoryWatchdog(own, self.pids, self.kill_all, self._tmpfs_used, budget)
             self.watchdog.start()
 
     def adopt_cgroup(self, cgroup: Cgroup) -> bool:
@@ -524,11 +525,6 @@ class Sandbox:
             f"all kernels share ({MEMORY_ENV}, default 80% of RAM); use less memory, run fewer notes at "
             "a time (-j), or raise the budget]"
         )
-
-    def _at_budget(self) -> bool:
-        """Whether the cgroup over every kernel of the budget holds them at it now."""
-        budget = self.cgroup.budget if self.cgroup is not None else None
-        return budget is not None and budget.at_limit()
 
     def reset(self) -> None:
         """Undo what `setup` made to hold a kernel (memory watchdog, cgroup, process cap),

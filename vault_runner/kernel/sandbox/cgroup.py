@@ -106,7 +106,8 @@ class BudgetCgroup:
     def at_limit(self) -> bool:
         """Whether its kernels are throttled at the budget now (v2's memory.high; v1 has no
         such limit). By the memory no reclaim can give back (anonymous and shared): reading
-        a big file fills the page cache up to memory.high, no reason to stop a note."""
+        a big file fills the page cache up to memory.high, no reason to stop a note. Read
+        once a look by the budget's watchdog (processes.MemoryBudget), for all its kernels."""
         if self.version == 1:
             return False
         try:

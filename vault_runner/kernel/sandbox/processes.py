@@ -191,16 +191,12 @@ class MemoryWatchdog:
         kill: Callable[[], None],
         extra: Callable[[list[int]], int] = lambda pids: 0,
         budget: MemoryBudget | None = None,
-        at_budget: Callable[[], bool] = lambda: False,
     ) -> None:
         self.limit = limit
         self.pids = pids
         self.kill = kill
         self.extra = extra  # memory held outside the processes (the sandbox's tmpfs files)
         self.budget = budget if budget is not None else MemoryBudget(None)
-        # Whether the machine's own accounting (a cgroup over all the kernels) holds the
-        # budget's kernels at its total now (v2: throttled there): time to choose.
-        self.at_budget = at_budget
         self.peak = 0
         self.last = 0  # what it held at the budget's previous look
         self.tripped: int | None = None  # the memory that tripped it, until taken
@@ -225,8 +221,12 @@ class MemoryBudget:
     members. Past the total, the kernel stopped is the one that grew most since the previous
     look (the one asking for more); what the others already hold, they keep."""
 
-    def __init__(self, total: int | None) -> None:
+    def __init__(self, total: int | None, at_limit: Callable[[], bool] | None = None) -> None:
         self.total = total
+        # Whether the machine's own accounting (the one cgroup over all the budget's kernels,
+        # cgroup.BudgetCgroup.at_limit) holds them at the total now (v2: throttled there):
+        # time to choose. Read once a look; None: no such cgroup.
+        self.at_limit = at_limit
         self.peak = 0  # the most all members held together at one look
         self._members: list[MemoryWatchdog] = []
         self._lock = threading.Lock()
@@ -264,7 +264,8 @@ class MemoryBudget:
         # 0.2 s longer polled every 0.1 s), so it is only taken near a limit.
         extra = [member.extra(pids) for member, pids in seen]
         cheap = [resident_size(pids) + more for (_, pids), more in zip(seen, extra, strict=True)]
-        held_at_total = self.total is not None and any(member.at_budget() for member, _ in seen)
+        at_limit = self.at_limit
+        held_at_total = self.total is not None and bool(seen) and at_limit is not None and at_limit()
         near_total = self.total is not None and (held_at_total or sum(cheap) > self.total)
         within: list[tuple[MemoryWatchdog, int]] = []
         for (member, pids), more, held in zip(seen, extra, cheap, strict=True):
@@ -294,13 +295,17 @@ _budgets: dict[int, MemoryBudget] = {}
 _budgets_lock = threading.Lock()
 
 
-def memory_budget(total: int | None) -> MemoryBudget:
+def memory_budget(total: int | None, at_limit: Callable[[], bool] | None = None) -> MemoryBudget:
     """The budget shared by every kernel of this process with this total (None: a new one
-    without a total)."""
+    without a total). `at_limit`: the budget cgroup's (one per budget, shared by its
+    kernels), kept from the first kernel that has one."""
     if total is None:
-        return MemoryBudget(None)
+        return MemoryBudget(None, at_limit)
     with _budgets_lock:
-        return _budgets.setdefault(total, MemoryBudget(total))
+        budget = _budgets.setdefault(total, MemoryBudget(total))
+        if budget.at_limit is None:
+            budget.at_limit = at_limit
+        return budget
 
 
 def user_tasks() -> int:
