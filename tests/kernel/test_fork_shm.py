@@ -72,21 +72,18 @@ def _tier_params(isolation: bool) -> list:
     return out
 
 
-class Notes(ForkedNotes):
-    """Notes of one vault, each run in its own kernel forked from one template."""
-
-
-def _notes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Notes]:
-    yield from forked_notes(Notes, request, tmp_path_factory)  # type: ignore[misc]
+def _notes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkedNotes]:
+    # Notes of one vault, each run in its own kernel forked from one template.
+    yield from forked_notes(ForkedNotes, request, tmp_path_factory)
 
 
 @pytest.fixture(scope="module", params=_tier_params(isolation=True))
-def notes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Notes]:
+def notes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkedNotes]:
     yield from _notes(request, tmp_path_factory)
 
 
 @pytest.fixture(scope="module", params=_tier_params(isolation=False))
-def any_notes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Notes]:
+def any_notes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkedNotes]:
     yield from _notes(request, tmp_path_factory)
 
 
@@ -152,7 +149,7 @@ def _seen(look: dict) -> dict:
     return {k: look[k] for k in NOTHING}
 
 
-def test_a_sibling_running_beside_a_note_sees_nothing_it_left_in_shared_memory(notes: Notes) -> None:
+def test_a_sibling_running_beside_a_note_sees_nothing_it_left_in_shared_memory(notes: ForkedNotes) -> None:
     """Note A and note B run at the same time (render -j 2): nothing A put in /dev/shm or
     its IPC namespace is there for B; A still sees its own."""
     a = notes.session()
@@ -195,7 +192,7 @@ print(json.dumps({"others": len(others), "reached": reached}))
 """
 
 
-def test_a_note_cannot_reach_a_siblings_kernel_sockets(notes: Notes) -> None:
+def test_a_note_cannot_reach_a_siblings_kernel_sockets(notes: ForkedNotes) -> None:
     """Every kernel's ipc sockets are in the template's runtime folder, and /proc/net/unix
     names them: a note connected to a sibling's (its output channel has no signature to
     check) and read what the sibling ran and printed. Each kernel sees only its own folder."""
@@ -212,7 +209,7 @@ def test_a_note_cannot_reach_a_siblings_kernel_sockets(notes: Notes) -> None:
     assert found["reached"] == [], found
 
 
-def test_a_later_note_sees_nothing_an_earlier_one_left_in_shared_memory(notes: Notes) -> None:
+def test_a_later_note_sees_nothing_an_earlier_one_left_in_shared_memory(notes: ForkedNotes) -> None:
     """What note A left behind when it ended is not there for the next note (it went with A's kernel)."""
     a = notes.session()
     try:
@@ -229,7 +226,7 @@ def test_a_later_note_sees_nothing_an_earlier_one_left_in_shared_memory(notes: N
     assert _seen(seen) == NOTHING, seen
 
 
-def test_the_template_says_whether_its_kernels_get_a_shm_of_their_own(any_notes: Notes) -> None:
+def test_the_template_says_whether_its_kernels_get_a_shm_of_their_own(any_notes: ForkedNotes) -> None:
     """Honest facts: private in the bubblewrap tier where user namespaces nest, else a reason."""
     session = any_notes.session()
     try:
@@ -254,7 +251,7 @@ def test_the_template_says_whether_its_kernels_get_a_shm_of_their_own(any_notes:
     assert [t["private_shm"] for t in described] == [private], described
 
 
-def test_each_kernel_has_its_own_mount_and_ipc_namespace_and_its_shm_is_counted_as_its_own(notes: Notes) -> None:
+def test_each_kernel_has_its_own_mount_and_ipc_namespace_and_its_shm_is_counted_as_its_own(notes: ForkedNotes) -> None:
     """The watchdog counts the tmpfs memory of each kernel (Sandbox._tmpfs_used): a note's
     /dev/shm files count for it, and for no sibling."""
     a = notes.session()
@@ -307,7 +304,7 @@ print(json.dumps({"shared": t.is_shared(), "queue": got.tolist(), "shm": same, "
 """
 
 
-def test_torch_and_multiprocessing_shared_memory_still_work(any_notes: Notes) -> None:
+def test_torch_and_multiprocessing_shared_memory_still_work(any_notes: ForkedNotes) -> None:
     session = any_notes.session()
     try:
         seen = any_notes.run(session, SHARED)
@@ -316,7 +313,7 @@ def test_torch_and_multiprocessing_shared_memory_still_work(any_notes: Notes) ->
     assert seen == {"shared": True, "queue": [7.0] * 4, "shm": "ok", "loader": 28.0, "shell": 3, "pdeathsig": 9}, seen
 
 
-def test_a_kernel_of_its_own_namespaces_is_still_interrupted_and_killed(any_notes: Notes) -> None:
+def test_a_kernel_of_its_own_namespaces_is_still_interrupted_and_killed(any_notes: ForkedNotes) -> None:
     """The parent signals it (SIGINT for a timeout, SIGKILL at shutdown) across its user namespace."""
     session = any_notes.session()
     try:
