@@ -58,15 +58,29 @@ import struct
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
-__all__ = ("ARCHES", "apply_hardening", "apply_no_network", "hardening_program", "no_network_program", "supported")
+__all__ = (
+    "ARCHES",
+    "apply_hardening",
+    "apply_no_network",
+    "hardening_program",
+    "install_names_filter",
+    "names_program",
+    "no_network_program",
+    "supported",
+)
 
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
 _RET_ALLOW = 0x7FFF0000
 _RET_ERRNO = 0x00050000
+_RET_USER_NOTIF = 0x7FC00000
+# seccomp(2) itself: its number per machine, the operation, and the flags of a listener.
+_SECCOMP_SYSCALL = {"x86_64": 317, "aarch64": 277}
+_SECCOMP_SET_MODE_FILTER = 1
+_FILTER_FLAG_NEW_LISTENER, _FILTER_FLAG_WAIT_KILLABLE_RECV = 1 << 3, 1 << 5
 _DENY = _RET_ERRNO | errno.EACCES
 
 # Classic BPF opcodes (linux/filter.h).
@@ -141,6 +155,15 @@ class _Program:
     def op(self, code: int, k: int, jt: str | int = 0, jf: str | int = 0) -> None:
         self.code.append((code, jt, jf, k))
 
+    def prologue(self, arch: int, other_abi: str) -> None:
+        """Load the syscall number; a syscall of another ABI (x32, or 32-bit on x86-64) jumps
+        to `other_abi`: its numbers mean other calls, so nothing of it is let through."""
+        self.op(_LD_ABS, _ARCH)
+        self.op(_JEQ, arch, 0, other_abi)
+        self.op(_LD_ABS, _NR)
+        if arch == ARCHES["x86_64"][0]:
+            self.op(_JGE, _X32_SYSCALL_BIT, other_abi, 0)
+
     def assemble(self) -> bytes:
         out = b""
         for index, (code, jt, jf, k) in enumerate(self.code):
@@ -155,11 +178,7 @@ def no_network_program(machine: str | None = None) -> bytes:
     """The filter for `machine` (this one by default) as packed `struct sock_filter`s."""
     arch, nr = ARCHES[machine or _machine()]
     p = _Program()
-    p.op(_LD_ABS, _ARCH)
-    p.op(_JEQ, arch, 0, "deny")  # another ABI: nothing of it is allowed
-    p.op(_LD_ABS, _NR)
-    if arch == ARCHES["x86_64"][0]:
-        p.op(_JGE, _X32_SYSCALL_BIT, "deny", 0)
+    p.prologue(arch, "deny")
     p.op(_JEQ, nr["socket"], "socket", 0)
     p.op(_JEQ, nr["socketpair"], "socket", 0)  # same arguments (family, type, protocol)
     p.op(_JEQ, nr["connect"], "deny", 0)
@@ -209,13 +228,8 @@ def no_network_program(machine: str | None = None) -> bytes:
 def hardening_program(machine: str | None = None) -> bytes:
     """The hardening filter for `machine` (this one by default); see the module docstring."""
     name = machine or _machine()
-    arch = ARCHES[name][0]
     p = _Program()
-    p.op(_LD_ABS, _ARCH)
-    p.op(_JEQ, arch, 0, "nosys")  # another ABI: nothing of it is allowed
-    p.op(_LD_ABS, _NR)
-    if arch == ARCHES["x86_64"][0]:
-        p.op(_JGE, _X32_SYSCALL_BIT, "nosys", 0)
+    p.prologue(ARCHES[name][0], "nosys")
     for number in (*_IO_URING, _CLONE3, _OPENAT2):
         p.op(_JEQ, number, "nosys", 0)
     for number in _NAMESPACE_CALLS[name]:
@@ -246,6 +260,28 @@ def hardening_program(machine: str | None = None) -> bytes:
     return p.assemble()
 
 
+def names_program(trapped: Mapping[int, int | None], machine: str | None = None) -> bytes:
+    """The filter that hands every call making a name to the supervisor (name_supervisor.py):
+    `trapped` maps a syscall number to the index of its flags argument when only calls with
+    O_CREAT there make one (open, openat), else to None."""
+    p = _Program()
+    p.prologue(ARCHES[machine or _machine()][0], "nosys")
+    for number, flags in sorted(trapped.items()):
+        p.op(_JEQ, number, "notify" if flags is None else f"create{flags}", 0)
+    p.op(_RET, _RET_ALLOW)
+    for index in sorted({flags for flags in trapped.values() if flags is not None}):
+        p.label(f"create{index}")
+        p.op(_LD_ABS, _arg(index))
+        p.op(_JSET, os.O_CREAT, "notify", "allow")
+    p.label("allow")
+    p.op(_RET, _RET_ALLOW)
+    p.label("notify")
+    p.op(_RET, _RET_USER_NOTIF)
+    p.label("nosys")
+    p.op(_RET, _RET_ERRNO | errno.ENOSYS)
+    return p.assemble()
+
+
 class _Fprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
@@ -258,6 +294,26 @@ def apply_no_network() -> None:
 def apply_hardening() -> None:
     """The hardening filter on this process (and all it later forks or execs); OSError if not."""
     _apply(hardening_program)
+
+
+def install_names_filter(trapped: Mapping[int, int | None]) -> int:
+    """`names_program` on this process (and all it later forks or execs); the descriptor of
+    its listener, from which the supervisor takes each trapped call. WAIT_KILLABLE_RECV: once
+    the supervisor holds a call, no signal can restart it (a folder made twice, EEXIST)."""
+    if not supported():
+        raise OSError(errno.ENOSYS, f"no seccomp filter for this machine ({os.uname().machine})")
+    program = names_program(trapped)
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = _Fprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+    flags = _FILTER_FLAG_NEW_LISTENER | _FILTER_FLAG_WAIT_KILLABLE_RECV
+    listener = libc.syscall(_SECCOMP_SYSCALL[_machine()], _SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(fprog))
+    if listener < 0:
+        raise OSError(ctypes.get_errno(), "seccomp(SECCOMP_FILTER_FLAG_NEW_LISTENER) failed")
+    return int(listener)
 
 
 def _apply(make: Callable[[], bytes]) -> None:
