@@ -129,3 +129,15 @@ def sandbox_tier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     """Each sandbox tier the machine has in turn, forced with VAULT_RUNNER_SANDBOX."""
     monkeypatch.setenv("VAULT_RUNNER_SANDBOX", request.param)
     return request.param
+
+
+@pytest.fixture(params=["forked", "started"])
+def kernel_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A note's kernel forked from a template, then started on its own (VAULT_RUNNER_FORK)."""
+    from vault_runner.kernel.factory import close_default_kernels
+    from vault_runner.kernel.fork.common import FORK_ENV
+
+    monkeypatch.setenv(FORK_ENV, "1" if request.param == "forked" else "0")
+    close_default_kernels()  # no template of another setting is reused
+    yield request.param
+    close_default_kernels()

@@ -13,6 +13,7 @@ from tests.conftest import make_note_vault
 from vault_runner.disk.vault import load_vault
 from vault_runner.engine import Engine
 from vault_runner.engine.machine import sandbox_tier as sandbox_tier_of_engine
+from vault_runner.kernel.sandbox.protected import names_supervised
 
 pytestmark = pytest.mark.kernel
 
@@ -80,14 +81,20 @@ def test_an_image_whose_bytes_are_not_its_type_is_not_written(tier: str, tmp_pat
     assert "its bytes are not that kind of image" in (root / "n.md").read_text(encoding="utf-8")
 
 
-def test_a_block_that_makes_a_git_repository_in_the_vault_is_stopped(tier: str, tmp_path: Path) -> None:
+def test_a_block_that_makes_a_git_repository_in_the_vault_gets_none(tier: str, tmp_path: Path) -> None:
     # `git init` writes .git/config, whose core.fsmonitor git would run on the host at the
     # user's next `git status` in that folder (issue 9.3).
     code = "!git init -q datos\nimport time\ntime.sleep(3)\nprint('still running')"
     root = make_note_vault(tmp_path / "vault", {"Notas/n.md": hostile(code)})
     report = Engine(load_vault(root)).run_note(root / "Notas" / "n.md")
     assert not list(root.rglob(".git")), report
-    assert report.blocks[0].failed, report
     region = (root / "Notas" / "n.md").read_text(encoding="utf-8").split("vault-runner:output", 1)[1]
+    if tier != "plain" and names_supervised():
+        # Refused as it was made (name_supervisor.py): git says so, the note goes on.
+        assert "Operation not permitted" in region and "still running" in region, region
+        assert "which no note may create or change" not in region
+        return
+    # Made, then moved out by the guard, which stops the kernel and says so.
+    assert report.blocks[0].failed, report
     assert "still running" not in region
     assert "`Notas/datos/.git`" in region and "which no note may create or change" in region

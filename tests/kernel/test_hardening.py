@@ -22,8 +22,6 @@ import pytest
 from tests.conftest import make_note_vault
 from vault_runner.disk.vault import load_vault
 from vault_runner.engine import Engine
-from vault_runner.kernel.factory import close_default_kernels
-from vault_runner.kernel.fork.common import FORK_ENV
 from vault_runner.kernel.sandbox import launch as launch_script
 from vault_runner.kernel.sandbox import seccomp
 
@@ -58,14 +56,6 @@ try:
 except OSError as exc:
     print("parent's limit refused", exc.errno)
 """
-
-
-@pytest.fixture(params=["forked", "started"])
-def kernel_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv(FORK_ENV, "1" if request.param == "forked" else "0")
-    close_default_kernels()  # no template of another setting is reused
-    yield request.param
-    close_default_kernels()
 
 
 def test_a_note_can_make_no_setuid_file_nor_a_user_namespace(

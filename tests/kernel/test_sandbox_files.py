@@ -26,11 +26,18 @@ import pytest
 from tests.conftest import make_note_vault
 from vault_runner.disk.vault import load_vault
 from vault_runner.engine import Engine
+from vault_runner.kernel import sandbox as sandbox_module
 from vault_runner.kernel.factory import close_default_kernels
 from vault_runner.kernel.sandbox import Policy, Sandbox
 from vault_runner.kernel.sandbox.inotify import Inotify
 from vault_runner.kernel.sandbox.probe import probe
-from vault_runner.kernel.sandbox.protected import ROOT_REFUSED, ProtectedGuard, existing_protected, write_grants
+from vault_runner.kernel.sandbox.protected import (
+    ROOT_REFUSED,
+    ProtectedGuard,
+    existing_protected,
+    names_supervised,
+    write_grants,
+)
 from vault_runner.kernel.session import KernelSession
 
 pytestmark = pytest.mark.kernel
@@ -105,7 +112,10 @@ def test_no_note_creates_a_protected_entry_in_any_tier(sandbox_tier: str, where:
     assert (root / ".obsidian" / "app.json").read_bytes() == before[root / ".obsidian" / "app.json"]
     assert not (root / ".obsidian" / "plugins").exists()
     text = all_text(report)
-    if "made" in stdout_of(report):
+    if names_supervised():  # refused as they were made (name_supervisor.py): nothing for the guard
+        assert stdout_of(report).count("refused") == len(PROTECTED_ATTEMPTS), text
+        assert "still running" in text and "which no note may create or change" not in text
+    elif "made" in stdout_of(report):
         # The tier let it make a name (no mount can refuse one in a writable folder): the
         # guard stopped the kernel, moved what it made out, and the note says so.
         assert "still running" not in text
@@ -127,10 +137,37 @@ RACE = (
 )
 
 
-def test_a_note_racing_to_plant_a_git_config_is_stopped_at_its_first_attempt(sandbox_tier: str, tmp_path: Path) -> None:
-    """The hostile note makes `sub/.git/config` over and over as fast as it can: the guard
-    hears the folder made (inotify), moves it out and stops the kernel at once, so the loop
-    never gets through. (The host can still read the config for the instant between its
+def test_a_note_racing_to_plant_a_git_config_is_refused_every_time(sandbox_tier: str, tmp_path: Path) -> None:
+    """The hostile note makes `sub/.git/config` over and over as fast as it can: every
+    attempt is refused as it is made (name_supervisor.py), and nothing reaches the guard."""
+    contained(sandbox_tier)
+    if not names_supervised():
+        pytest.skip("no seccomp user notification here: the guard alone keeps the names (the test below)")
+    root = make_note_vault(tmp_path / "vault", {"Notas/n.md": note(RACE)})
+    (root / "sub").mkdir()
+    report = Engine(load_vault(root)).run_note(root / "Notas" / "n.md")
+    text = all_text(report)
+    assert "still running after 2000 attempts" in text and not report.blocks[0].failed, text
+    assert not (root / "sub" / ".git").exists()
+    assert not (Path(os.environ["XDG_STATE_HOME"]) / "vault-runner" / "quarantine").exists(), text
+
+
+@pytest.fixture
+def unsupervised(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Kernels started and forked as where there is no name supervisor."""
+    monkeypatch.setattr(sandbox_module, "names_supervised", lambda: False)
+    close_default_kernels()  # no template of the supervised kind is reused, nor one of these after
+    yield
+    close_default_kernels()
+
+
+@pytest.mark.usefixtures("unsupervised")
+def test_without_the_supervisor_a_racing_note_is_stopped_at_its_first_attempt(
+    sandbox_tier: str, tmp_path: Path
+) -> None:
+    """The guard, the backstop where there is no supervisor (no seccomp user notification):
+    it hears the folder made (inotify), moves it out and stops the kernel at once, so the
+    loop never gets through. (The host can still read the config for the instant between its
     making and the move: inotify reports a name, it cannot refuse one.)"""
     contained(sandbox_tier)
     root = make_note_vault(tmp_path / "vault", {"Notas/n.md": note(RACE)})

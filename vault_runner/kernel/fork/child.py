@@ -313,8 +313,8 @@ def _child(template: Template, request: dict, report_fd: int, template_pid: int)
         except (OSError, KeyError) as exc:
             return _refuse(report_fd, f"the kernel could not be isolated: {exc}")
     if template.spec.get("harden") and template.isolate is not None:
-        try:  # no setuid files, no user namespace of its own (seccomp.py): as a started kernel
-            template.isolate.apply_hardening()
+        try:  # no setuid files, no user namespace of its own, no protected name: as a started kernel
+            template.isolate.apply_hardening(template.spec.get("names"))
         except OSError as exc:
             return _refuse(report_fd, f"the kernel could not be hardened: {exc}")
     # Nothing of the template's loop survives into the kernel.

@@ -91,6 +91,7 @@ class _Slot:
                 template.landlock = _kernel_ruleset(self.sandbox, self.runtime_dir)
             template.launch_prefix = self.sandbox.wrap([], fork_template=True)
             template.harden = template.isolate and network.hardening_works()  # after its own namespaces
+            template.names = self.sandbox.names_spec() if template.harden else None
             if self.sandbox.private_tmp is not None:  # the template's IPython profile is there
                 template.keep_visible = [self.sandbox.private_tmp]
             template.env = {**self.env, **self.sandbox.env()}

@@ -103,6 +103,7 @@ class KernelTemplate:
         self.device_files = list(device_files)
         self.landlock: dict[str, Any] | None = None  # the tier's ruleset, applied by each fork (factory.py)
         self.harden = False  # each fork applies seccomp.py's hardening filter (factory.py)
+        self.names: dict[str, object] | None = None  # and then starts its name supervisor
         # What of the runtime folder each fork may still see besides its own folder, which
         # hides the rest (its siblings' ipc sockets) where it has a mount namespace.
         self.keep_visible: list[Path] = []
@@ -138,6 +139,7 @@ class KernelTemplate:
             "startup_code": self.startup_code,
             "isolate": self.isolate,
             "harden": self.harden,
+            "names": self.names,
             "hide": {"folder": str(self.runtime_dir), "keep": [str(p) for p in self.keep_visible]},
             "writable": self.writable,
             "device_files": self.device_files,

@@ -86,6 +86,8 @@ from vault_runner.kernel.sandbox.processes import (
 from vault_runner.kernel.sandbox.protected import (
     ProtectedGuard,
     existing_protected,
+    names_spec,
+    names_supervised,
     pinned_folders,
     quarantine_dir,
     write_grants,
@@ -281,8 +283,9 @@ class Sandbox:
                 # (launch.py enter_kernel_domain): the template keeps the capabilities of a
                 # user namespace of its own for that, none of the host's.
                 outer.update(no_new_privs=True, keep_caps=True)
-            else:
-                outer["landlock"] = self.landlock_spec()
+            ruleset = self.landlock_spec()
+            if not forks_apply:
+                outer["landlock"] = ruleset
                 outer["drop_caps"] = os.geteuid() == 0
             if self.probe.landlock_mounts:
                 readonly = [str(p) for p in self.protected]
@@ -291,7 +294,7 @@ class Sandbox:
                     "shm_size": self._tmpfs_size(),
                     "readonly": readonly,
                     "pinned": pinned,
-                    "hide": self._temp_hidden(),
+                    "hide": self._temp_hidden(ruleset),
                 }
                 if forks_apply:
                     outer["namespace"]["user"] = True
@@ -308,17 +311,26 @@ class Sandbox:
             outer["no_network"] = True
         # A template's forks each apply it themselves, once their own user namespace is made.
         harden = self.tier != "plain" and not fork_template and network.hardening_works()
+        # Then the supervisor that refuses protected names as they are made (protected.py).
+        names = self.names_spec() if harden else None
         if harden and self.tier != "bubblewrap":
-            outer["harden"] = True
+            outer.update(harden=True, **({"names": names} if names else {}))
         launcher = launcher_command()
         command = list(argv)
         if self.tier == "bubblewrap":
             inner = {**({"nproc": self.nproc} if self.nproc else {}), **({"no_network": True} if no_network else {})}
             inner.update({"harden": True} if harden else {})
+            inner.update({"names": names} if names else {})
             if inner:
                 command = [*launcher, json.dumps(inner), "--", *command]
             command = [*self.bwrap_args(), "--", *command]
         return [*launcher, json.dumps(outer), "--", *command]
+
+    def names_spec(self) -> dict[str, object] | None:
+        """The names spec of name_supervisor.py for this sandbox's kernels, where it works."""
+        if self.tier == "plain" or self.policy.vault is None or not names_supervised():
+            return None
+        return names_spec(self.policy.vault)
 
     @property
     def forks_apply_landlock(self) -> bool:
@@ -430,12 +442,11 @@ class Sandbox:
         template's own policy has neither: the default budget)."""
         return self.policy.memory or self.policy.budget or default_memory()[0]
 
-    def _temp_hidden(self) -> dict[str, Any]:
+    def _temp_hidden(self, spec: dict[str, Any]) -> dict[str, Any]:
         """The shared temp folder, to be covered in the kernel's mount namespace but for the
         folders it is granted there (its runtime folder; the vault, where it lies there):
         what other kernels bind in it is then out of reach by path (mounts.py)."""
         temp = Path(tempfile.gettempdir()).resolve()
-        spec = self.landlock_spec()
         granted = {
             Path(p).resolve()
             for p in [*spec["read"], *spec["write"], self.policy.cwd, self.policy.vault or self.policy.cwd]

@@ -18,6 +18,7 @@ from vault_runner.kernel.sandbox.policy import (
     format_size,
 )
 from vault_runner.kernel.sandbox.probe import PLAIN_WARNING, probe
+from vault_runner.kernel.sandbox.protected import names_supervised
 
 __all__ = ("Report", "doctor_report")
 
@@ -110,6 +111,12 @@ def doctor_report() -> Report:
             else "none: no seccomp filter here (a note could leave a setuid file in the vault)"
         )
         report.add("hardening", hardening)
+        names = (
+            "refused as they are made (a seccomp supervisor makes every name a kernel makes)"
+            if hardening_works() and names_supervised()
+            else "the guard moves one out when it appears and stops the kernel (no seccomp user notification here)"
+        )
+        report.add("protected names", f".git, .obsidian, vault-runner.toml: {names}")
     report.add("output cap", f"{format_size(MAX_OUTPUT_BYTES)} per block; {MAX_IMAGES} images of at most "
                f"{format_size(MAX_IMAGE_BYTES)} each")  # fmt: skip
     report.add("timeout", f"per block (option `timeout`); interrupt, then restart after {INTERRUPT_GRACE:g} s")

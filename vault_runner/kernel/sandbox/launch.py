@@ -18,6 +18,8 @@ SPEC is a JSON object:
   pty_broker  fork the pty helper of ptys.py before Landlock (Landlock without mounts)
   no_network    the seccomp filter of `network: false` (seccomp.py, loaded by path), last
   harden     seccomp.py's hardening filter (no setuid files, no user namespaces), last
+  names      {"vault": ..., "anywhere": [...], "at_root": [...]}: after `harden`, the
+             supervisor that refuses protected names as they are made (name_supervisor.py)
 """
 
 from __future__ import annotations
@@ -284,13 +286,17 @@ def apply(spec: dict) -> None:
     if spec.get("no_network"):
         _sibling("seccomp").apply_no_network()
     if spec.get("harden"):
-        apply_hardening()
+        apply_hardening(spec.get("names"))
 
 
-def apply_hardening() -> None:
+def apply_hardening(names: dict | None = None) -> None:
     """seccomp.py's hardening filter: no setuid/setgid file, no user namespace of the
-    kernel's own. Last, right before the kernel (a forked one: once its domain is set)."""
-    _sibling("seccomp").apply_hardening()
+    kernel's own; then, with `names`, the supervisor of the names it makes
+    (name_supervisor.py). Last, right before the kernel (a forked one: once its domain is set)."""
+    seccomp = _sibling("seccomp")
+    seccomp.apply_hardening()
+    if names is not None:
+        _sibling("name_supervisor").supervise(names, seccomp.install_names_filter)
 
 
 def enter_own_devices(hide: dict | None = None) -> None:

@@ -30,9 +30,12 @@ How each tier keeps them, whether or not they exist yet:
 from __future__ import annotations
 
 import errno
+import functools
+import json
 import os
 import select
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -41,7 +44,9 @@ from pathlib import Path
 
 from vault_runner.disk.atomic import Folder
 from vault_runner.errors import VaultError
+from vault_runner.kernel.sandbox import seccomp
 from vault_runner.kernel.sandbox.inotify import IN_IGNORED, IN_ISDIR, IN_Q_OVERFLOW, Inotify
+from vault_runner.kernel.sandbox.processes import launcher_command, run_quiet, succeeded
 
 __all__ = (
     "PROTECTED_ANYWHERE",
@@ -50,6 +55,8 @@ __all__ = (
     "ROOT_REFUSED",
     "existing_protected",
     "is_protected",
+    "names_spec",
+    "names_supervised",
     "pinned_folders",
     "quarantine_dir",
     "write_grants",
@@ -67,6 +74,32 @@ def is_protected(relative: Path) -> bool:
     if parts and parts[0] in PROTECTED_AT_ROOT:
         return True
     return any(part in PROTECTED_ANYWHERE for part in parts)
+
+
+def names_spec(vault: Path) -> dict[str, object]:
+    """What the supervisor of the names a kernel makes refuses in `vault` (launch.py `names`)."""
+    return {"vault": str(vault), "anywhere": list(PROTECTED_ANYWHERE), "at_root": list(PROTECTED_AT_ROOT)}
+
+
+_SUPERVISOR_CHECK = (
+    "import os, sys\n"
+    "try:\n    os.mkdir(os.path.join(sys.argv[1], 'sub', '.git'))\nexcept PermissionError:\n"
+    "    open(os.path.join(sys.argv[1], 'sub', 'made'), 'w').close()\n"
+)
+
+
+@functools.cache
+def names_supervised() -> bool:
+    """Whether the launcher can start name_supervisor.py here: tried once, for real (a
+    protected name refused, another file made, in a child process)."""
+    if not seccomp.supported():
+        return False
+    with tempfile.TemporaryDirectory() as vault:
+        os.mkdir(os.path.join(vault, "sub"))
+        spec = {"harden": True, "names": names_spec(Path(vault))}
+        command = [*launcher_command(), json.dumps(spec), "--", sys.executable, "-I", "-S", "-c", _SUPERVISOR_CHECK]
+        ran = succeeded(run_quiet([*command, vault]))
+        return ran and os.path.exists(os.path.join(vault, "sub", "made"))
 
 
 def _protected_name(name: str, at_root: bool) -> bool:

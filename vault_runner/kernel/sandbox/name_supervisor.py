@@ -1,0 +1,482 @@
+"""Protected vault names refused as they are made: a seccomp user-notification supervisor.
+
+No mount or Landlock rule can refuse a *name* in a folder the kernel may write, so every
+call of the kernel's that makes a name (open/openat/creat with O_CREAT, mkdir, mknod,
+symlink, link, rename, bind) goes to this supervisor (seccomp.py `install_names_filter`),
+which refuses protected.py's names with EPERM: ``.git`` and ``.obsidian`` anywhere in the
+vault, ``vault-runner.toml`` at its root. Case and trailing dots or spaces do not count (on
+a case-insensitive filesystem ``.GIT`` *is* ``.git``).
+
+It *emulates* every call it allows and never lets the kernel go on with one
+(SECCOMP_USER_NOTIF_FLAG_CONTINUE): the kernel would read the path again after the
+decision, and another thread of the note can change it in between. The path is read once
+(/proc/TID/mem); the supervisor opens the parent folder itself (O_PATH, from /proc/TID/cwd,
+/proc/TID/fd/N or /proc/TID/root), decides on that folder and its own copy of the name, and
+makes the call with ``*at()`` on that folder; a new descriptor goes into the kernel with
+NOTIF_ADDFD + ADDFD_FLAG_SEND (installed and returned in one step). "In the vault" is the
+folder's inode, walked up by ``..`` to the vault root's, never a path. A rename of a folder
+across the vault's edge gets EXDEV (as under bubblewrap, where the vault is a mount of its
+own): no folder made outside carries a ``.git`` in, and ``mv`` and ``shutil.move`` copy
+instead. It serves one call at a time, so no rename can move a folder across the edge while
+a decision about it is made.
+
+The supervisor is a process of its own, started by the kernel process right before it
+filters itself (`supervise`, last step of the launcher or of a forked kernel), so it has the
+kernel's mounts, Landlock domain, credentials, capabilities and hardening filter: emulating
+a call can do nothing the kernel could not. Only the name filter is not its. It is
+non-dumpable (the kernel can neither trace it nor open its /proc files), in a session of its
+own (no signal to the kernel's group reaches it), and holds nothing of the kernel's but the
+listener. With Yama (ptrace_scope 1) the kernel names it as its tracer
+(PR_SET_PTRACER): reading /proc/TID/mem needs ptrace access. If it dies, every call it would
+have served fails with ENOSYS: the kernel can stop it, never get past it. It ends when no
+filtered process is left (the listener hangs up).
+
+Standard library only: the launcher loads it by path (launch.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+import threading
+from collections.abc import Callable, Mapping
+
+__all__ = ("Supervisor", "refused", "supervise", "trapped")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_PR_SET_DUMPABLE, _PR_SET_PTRACER = 4, 0x59616D61
+_NOTIF = struct.Struct("=QIIiIQ6Q")  # struct seccomp_notif: id, pid, flags, seccomp_data
+_RESP = struct.Struct("=QqiI")  # struct seccomp_notif_resp: id, val, error, flags
+_ADDFD = struct.Struct("=QIIII")  # struct seccomp_notif_addfd: id, flags, srcfd, newfd, newfd_flags
+_ADDFD_FLAG_SEND, _FD_SYNC_WAKE_UP = 2, 1
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:  # _IOC of asm-generic (x86-64, arm64)
+    return direction << 30 | size << 16 | ord("!") << 8 | nr
+
+
+_RECV, _SEND, _ID_VALID = _ioc(3, 0, _NOTIF.size), _ioc(3, 1, _RESP.size), _ioc(1, 2, 8)
+_ADDFD_IOC, _SET_FLAGS = _ioc(1, 3, _ADDFD.size), _ioc(1, 4, 8)
+AT_FDCWD, AT_EMPTY_PATH, RENAME_EXCHANGE = -100, 0x1000, 2
+_PATH = os.O_PATH | os.O_CLOEXEC
+_PIDFD_OPEN, _PIDFD_GETFD = 434, 438  # the same on every architecture
+
+# The syscalls that make a name: numbers (x86_64, aarch64; "-": none there), the operation,
+# its arguments ("F" AT_FDCWD, "Z" 0, "C" creat's flags, a digit the syscall's argument).
+_MACHINES = ("x86_64", "aarch64")
+_SYSCALLS = """
+open      2   -   open    F012
+creat     85  -   open    F0C1
+openat    257 56  open    0123
+mkdir     83  -   mkdir   F01
+mkdirat   258 34  mkdir   012
+mknod     133 -   mknod   F012
+mknodat   259 33  mknod   0123
+symlink   88  -   symlink 0F1
+symlinkat 266 36  symlink 012
+link      86  -   link    F0F1Z
+linkat    265 37  link    01234
+rename    82  -   rename  F0F1Z
+renameat  264 38  rename  0123Z
+renameat2 316 276 rename  01234
+bind      49  200 bind    012
+"""
+_TABLE = [line.split() for line in _SYSCALLS.strip().splitlines()]
+_CONSTANTS = {"F": AT_FDCWD, "Z": 0, "C": os.O_CREAT | os.O_WRONLY | os.O_TRUNC}
+
+
+def _machine() -> str:
+    machine = os.uname().machine.lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def _syscalls(machine: str | None = None) -> dict[int, tuple[str, str, str]]:
+    """Syscall number -> (name, operation, arguments) on `machine` (this one by default)."""
+    column = 1 + _MACHINES.index(machine or _machine())
+    return {int(row[column]): (row[0], row[3], row[4]) for row in _TABLE if row[column] != "-"}
+
+
+def trapped(machine: str | None = None) -> dict[int, int | None]:
+    """For seccomp.py `names_program`: each syscall number to trap, with the index of the
+    flags argument that makes it a creation (O_CREAT: open, openat), else None (always)."""
+    return {nr: {"open": 1, "openat": 2}.get(name) for nr, (name, _, _) in _syscalls(machine).items()}
+
+
+def _bare(name: bytes) -> bytes:
+    return name.rstrip(b". ").lower()
+
+
+def refused(name: bytes, where: int, names: Mapping[str, list[str]]) -> bool:
+    """Whether `name` may not be made in a folder `where` (2 the vault root, 1 in the vault,
+    0 outside). `names`: protected.py's, {"anywhere": [...], "at_root": [...]}."""
+    bare = _bare(name)
+    anywhere = {_bare(n.encode()) for n in names["anywhere"]}
+    at_root = {_bare(n.encode()) for n in names["at_root"]}
+    return (where > 0 and bare in anywhere) or (where == 2 and bare in at_root)
+
+
+def supervise(spec: Mapping[str, object], install: Callable[[Mapping[int, int | None]], int]) -> int:
+    """Start this process's supervisor, then filter this process with `install` (seccomp.py
+    `install_names_filter`): from then on every name it, or anything it forks or execs,
+    makes is the supervisor's to make or refuse. `spec`: {"vault": path, "anywhere": [...],
+    "at_root": [...]}. Call it single-threaded, after every other limit (mounts,
+    capabilities, Landlock, hardening). Returns the supervisor's pid; OSError if it cannot
+    be set up (fail closed: the kernel must not start)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    middle = os.fork()
+    if middle == 0:  # a grandchild serves: no child of the kernel's waits to be reaped by it
+        code = 1
+        try:
+            ours.close()
+            os.setsid()
+            if os.fork() == 0:
+                _serve(theirs, spec)
+            code = 0
+        finally:
+            os._exit(code)
+    theirs.close()
+    try:
+        os.waitpid(middle, 0)
+        reply = ours.recv(32)
+        if not reply.isdigit():
+            raise OSError(errno.ECHILD, "the name supervisor did not start")
+        pid = int(reply)
+        # Yama (ptrace_scope 1) lets only ancestors read /proc/PID/mem, unless named here.
+        _libc.prctl(_PR_SET_PTRACER, pid, 0, 0, 0)  # EINVAL without Yama: nothing to do
+        listener = install(trapped())
+        try:
+            socket.send_fds(ours, [b"L"], [listener])
+        finally:
+            os.close(listener)  # only the supervisor may hold it: whoever has it answers
+        if ours.recv(1) != b"K":
+            raise OSError(errno.ECHILD, "the name supervisor did not take its listener")
+    finally:
+        ours.close()
+    return pid
+
+
+def _serve(sock: socket.socket, spec: Mapping[str, object]) -> None:
+    """The supervisor process: never returns."""
+    try:
+        _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+        for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE):
+            signal.signal(number, signal.SIG_IGN)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # the kernel's output pipes must close when the kernel does
+            os.dup2(null, fd)
+        keep = sock.fileno()
+        os.closerange(3, keep)
+        os.closerange(keep + 1, 1 << 16)
+        os.chdir("/")
+        supervisor = Supervisor(spec)
+        sock.send(str(os.getpid()).encode())
+        _, fds, _, _ = socket.recv_fds(sock, 4, 1)
+        if not fds:
+            os._exit(1)
+        supervisor.listen(fds[0])
+        sock.send(b"K")
+        sock.close()
+        supervisor.run()
+    finally:
+        os._exit(0)
+
+
+class _Call:
+    """One notification: the target thread, and the fds opened for it (closed after)."""
+
+    def __init__(self, nid: int, tid: int) -> None:
+        self.nid, self.tid, self.fds, self.status = nid, tid, list[int](), b""
+
+    def keep(self, fd: int) -> int:
+        self.fds.append(fd)
+        return fd
+
+    def field(self, name: bytes) -> int:
+        """Tgid or Umask from /proc/TID/status: read once, only when needed (~12 us)."""
+        if not self.status:
+            fd = os.open(f"/proc/{self.tid}/status", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self.status = os.read(fd, 8192)
+            finally:
+                os.close(fd)
+        start = self.status.index(b"\n" + name + b":") + len(name) + 2
+        return int(self.status[start : self.status.index(b"\n", start)], 8 if name == b"Umask" else 10)
+
+
+_Parent = tuple[int, bytes, bool, os.stat_result]  # folder (O_PATH), name, ended in "/", its stat
+
+
+class Supervisor:
+    """Answers the notifications of a listener for a vault; see the module docstring."""
+
+    def __init__(self, spec: Mapping[str, object]) -> None:
+        info = os.stat(str(spec["vault"]))
+        self.vault = (info.st_dev, info.st_ino)
+        self.names = {"anywhere": list(spec["anywhere"]), "at_root": list(spec["at_root"])}  # type: ignore[call-overload]
+        self.proc_dev = os.stat("/proc").st_dev
+        self.syscalls = _syscalls()
+        self.listener = -1
+
+    def listen(self, listener: int) -> None:
+        self.listener = listener
+        try:  # 6.6+: a wake-up hands over the CPU (the kernel waits for the answer anyway)
+            fcntl.ioctl(listener, _SET_FLAGS, _FD_SYNC_WAKE_UP)
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        """Serve until no filtered process is left."""
+        poller = select.poll()
+        poller.register(self.listener, select.POLLIN)
+        while True:
+            for _, events in poller.poll():
+                if events & select.POLLIN:
+                    self.serve_one()
+                elif events & (select.POLLHUP | select.POLLERR):
+                    return
+
+    def serve_one(self) -> None:
+        buffer = bytearray(_NOTIF.size)  # zeroed, or the kernel says EINVAL
+        try:
+            fcntl.ioctl(self.listener, _RECV, buffer, True)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.EINTR):  # the target was killed meanwhile
+                return
+            raise
+        nid, tid, _, nr, _, _, *args = _NOTIF.unpack(buffer)
+        call = _Call(nid, tid)
+        try:
+            _, operation, shape = self.syscalls[nr]
+            values = [_CONSTANTS[c] if c in _CONSTANTS else args[int(c)] for c in shape]
+            if getattr(self, "_" + operation)(call, *values) is None:
+                self._answer(nid, 0, 0)
+        except OSError as exc:
+            self._answer(nid, 0, exc.errno or errno.EPERM)
+        except Exception:  # a bug must neither leave the target waiting nor let it through
+            self._answer(nid, 0, errno.EPERM)
+        finally:
+            for fd in call.fds:
+                os.close(fd)
+
+    def _answer(self, nid: int, value: int, error: int) -> None:
+        try:
+            fcntl.ioctl(self.listener, _SEND, _RESP.pack(nid, value, -error, 0))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the target is gone
+                raise
+
+    def _valid(self, call: _Call) -> None:
+        """After opening /proc/TID/...: TID is still the waiting thread, not a reused number."""
+        fcntl.ioctl(self.listener, _ID_VALID, struct.pack("=Q", call.nid))
+
+    def _send_fd(self, nid: int, fd: int, flags: int) -> bool:
+        """Install `fd` (then closed here) in the target as its syscall's result."""
+        try:
+            newfd_flags = os.O_CLOEXEC if flags & os.O_CLOEXEC else 0
+            fcntl.ioctl(self.listener, _ADDFD_IOC, _ADDFD.pack(nid, _ADDFD_FLAG_SEND, fd, 0, newfd_flags))
+        finally:
+            os.close(fd)
+        return True
+
+    # -- reading the target ---------------------------------------------------------------
+    def _read(self, call: _Call, address: int, size: int = 4096, string: bool = True) -> bytes:
+        """`size` bytes at `address` in the target, or the string there (up to PATH_MAX)."""
+        mem = self._proc(call, "mem", os.O_RDONLY | os.O_CLOEXEC)
+        try:  # a read into an unmapped page stops short there: a string may end before one
+            out = os.pread(mem, size, address) if address else b""
+        except OSError:
+            out = b""
+        if string and b"\0" in out:
+            return out[: out.index(b"\0")]
+        if len(out) < size or string:
+            raise OSError(errno.EFAULT if len(out) < size else errno.ENAMETOOLONG, "bad address or path")
+        return out
+
+    def _proc(self, call: _Call, what: str, flags: int = _PATH) -> int:
+        fd = call.keep(os.open(f"/proc/{call.tid}/{what}", flags))
+        self._valid(call)
+        return fd
+
+    def _parent(self, call: _Call, dirfd: int, path: bytes, start: int | None = None) -> _Parent:
+        """The folder the last component of `path` goes in, that name, whether the path
+        ended in "/", the folder's stat. `start`: where a relative path begins (a symlink's
+        folder), else the target's dirfd or cwd."""
+        if not path:
+            raise OSError(errno.ENOENT, "empty path")
+        for prefix, into in (
+            (b"/proc/self/", "/proc/{g}/"),
+            (b"/proc/thread-self/", "/proc/{g}/task/{t}/"),
+            (b"/dev/fd/", "/proc/{g}/fd/"),
+        ):  # they mean the target, not us
+            if path.startswith(prefix) or path == prefix[:-1]:
+                path = into.format(g=call.field(b"Tgid"), t=call.tid).encode() + path[len(prefix) :]
+                break
+        head, _, name = path.rstrip(b"/").rpartition(b"/")
+        dirfd = ctypes.c_int32(dirfd & 0xFFFFFFFF).value
+        if path.startswith(b"/"):
+            base = self._proc(call, "root")
+        elif start is not None:
+            base = start
+        elif dirfd == AT_FDCWD:
+            base = self._proc(call, "cwd")
+        else:
+            try:
+                base = self._proc(call, f"fd/{dirfd}")
+            except FileNotFoundError:
+                raise OSError(errno.EBADF, "bad dirfd") from None
+        parent = call.keep(os.open(head.lstrip(b"/") or b".", _PATH | os.O_DIRECTORY, dir_fd=base))
+        info = os.fstat(parent)
+        if info.st_dev == self.proc_dev:  # in /proc only the target's own entries: never ours
+            own, where = f"/proc/{call.field(b'Tgid')}", os.readlink(f"/proc/self/fd/{parent}")
+            if where != own and not where.startswith(own + "/"):
+                raise OSError(errno.EACCES, "another process's /proc entry")
+        return parent, name or b".", path.endswith(b"/"), info
+
+    def _where(self, fd: int, info: os.stat_result) -> int:
+        """2: the vault root, 1: in the vault, 0: outside. By inode, walking `..` up."""
+        key = (info.st_dev, info.st_ino)
+        if key == self.vault:
+            return 2
+        current = os.dup(fd)
+        try:
+            for _ in range(4096):
+                up = os.open(b"..", _PATH | os.O_DIRECTORY, dir_fd=current)
+                os.close(current)
+                current, info = up, os.fstat(up)
+                if (info.st_dev, info.st_ino) == self.vault:
+                    return 1
+                if (info.st_dev, info.st_ino) == key:
+                    return 0  # the root: its `..` is itself
+                key = (info.st_dev, info.st_ino)
+        except OSError:
+            pass  # a folder removed while walked: in the vault, to be safe
+        finally:
+            os.close(current)
+        return 1
+
+    def _check(self, parent: int, info: os.stat_result, name: bytes) -> int:
+        where = self._where(parent, info)
+        if refused(name, where, self.names):
+            raise OSError(errno.EPERM, "a protected vault name")
+        return where
+
+    # -- the operations, done here as the target asked ------------------------------------
+    def _open(self, call: _Call, dirfd: int, address: int, flags: int, mode: int) -> bool:
+        path, flags, start = self._read(call, address), flags & 0xFFFFFFFF, None
+        for _ in range(40):  # final symlinks are followed here: O_CREAT would make their target
+            parent, name, slash, info = self._parent(call, dirfd, path, start)
+            if info.st_dev == self.proc_dev:  # nothing is made in /proc: /dev/stdout and the like
+                fd = os.open(name, flags & ~os.O_CREAT | os.O_CLOEXEC, dir_fd=parent)
+                return self._send_fd(call.nid, fd, flags)
+            self._check(parent, info, name)
+            if slash:
+                raise OSError(errno.EISDIR, "a folder")
+            try:
+                found = os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode
+            except FileNotFoundError:
+                found = 0
+            if stat.S_ISLNK(found) and not flags & (os.O_NOFOLLOW | os.O_EXCL):
+                path, start = os.readlink(name, dir_fd=parent), parent
+                continue
+            if stat.S_ISFIFO(found) or stat.S_ISCHR(found):
+                # May wait (a FIFO, for its other end): in a thread of its own, on this inode.
+                node = os.open(name, _PATH | os.O_NOFOLLOW, dir_fd=parent)
+                threading.Thread(target=self._open_node, args=(call.nid, node, flags), daemon=True).start()
+                return True
+            if not found:
+                os.umask(call.field(b"Umask"))  # the kernel applies it (or a default ACL)
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC, mode & 0o7777, dir_fd=parent)
+            return self._send_fd(call.nid, fd, flags)
+        raise OSError(errno.ELOOP, "too many symlinks")
+
+    def _open_node(self, nid: int, node: int, flags: int) -> None:
+        try:
+            reopen = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW) | os.O_CLOEXEC | os.O_NOCTTY
+            self._send_fd(nid, os.open(f"/proc/self/fd/{node}", reopen), flags)
+        except OSError as exc:
+            self._answer(nid, 0, exc.errno or errno.EPERM)
+        finally:
+            os.close(node)
+
+    def _mkdir(self, call: _Call, dirfd: int, address: int, mode: int) -> None:
+        parent, name, slash, info = self._parent(call, dirfd, self._read(call, address))
+        self._check(parent, info, name)
+        os.umask(call.field(b"Umask"))
+        os.mkdir(name + (b"/" if slash else b""), mode & 0o7777, dir_fd=parent)
+
+    def _mknod(self, call: _Call, dirfd: int, address: int, mode: int, device: int) -> None:
+        parent, name, _, info = self._parent(call, dirfd, self._read(call, address))
+        self._check(parent, info, name)
+        os.umask(call.field(b"Umask"))
+        os.mknod(name, mode & 0xFFFF, device & 0xFFFFFFFF, dir_fd=parent)
+
+    def _symlink(self, call: _Call, target: int, dirfd: int, address: int) -> None:
+        content = self._read(call, target)
+        parent, name, _, info = self._parent(call, dirfd, self._read(call, address))
+        self._check(parent, info, name)
+        os.symlink(content, name, dir_fd=parent)
+
+    def _link(self, call: _Call, olddir: int, old: int, newdir: int, new: int, flags: int) -> None:
+        source = self._read(call, old) if old or not flags & AT_EMPTY_PATH else b""
+        if not source and flags & AT_EMPTY_PATH:  # flink(): the fd itself
+            src, src_name = self._proc(call, f"fd/{ctypes.c_int32(olddir & 0xFFFFFFFF).value}"), b""
+        else:
+            src, src_name, _, _ = self._parent(call, olddir, source)
+        parent, name, _, info = self._parent(call, newdir, self._read(call, new))
+        self._check(parent, info, name)
+        _libc_call("linkat", src, src_name, parent, name, flags & 0xFFFFFFFF)
+
+    def _rename(self, call: _Call, olddir: int, old: int, newdir: int, new: int, flags: int) -> None:
+        src, src_name, _, src_info = self._parent(call, olddir, self._read(call, old))
+        dst, dst_name, _, dst_info = self._parent(call, newdir, self._read(call, new))
+        into = self._check(dst, dst_info, dst_name)
+        # An exchange puts something new under both names; a plain rename under dst only.
+        back = self._check(src, src_info, src_name) if flags & RENAME_EXCHANGE else self._where(src, src_info)
+        if (into > 0) != (back > 0):
+            raise OSError(errno.EXDEV, "across the vault's edge")  # mv and shutil.move copy instead
+        _libc_call("renameat2", src, src_name, dst, dst_name, flags & 0xFFFFFFFF)
+
+    def _bind(self, call: _Call, sockfd: int, address: int, size: int) -> None:
+        if not 0 < size <= 128:
+            raise OSError(errno.EINVAL, "bad address length")
+        raw = self._read(call, address, size, string=False)
+        pidfd = call.keep(_checked(_libc.syscall(_PIDFD_OPEN, call.field(b"Tgid"), 0)))
+        self._valid(call)
+        sock = call.keep(_checked(_libc.syscall(_PIDFD_GETFD, pidfd, sockfd & 0xFFFFFFFF, 0)))
+        if struct.unpack_from("=H", raw)[0] != socket.AF_UNIX or size <= 2 or raw[2] == 0:
+            return _libc_call("bind", sock, raw, size)  # no name made: bound as asked
+        path = raw[2:].split(b"\0", 1)[0]
+        parent, name, _, info = self._parent(call, AT_FDCWD, path)
+        self._check(parent, info, name)
+        os.umask(call.field(b"Umask"))
+        # Bound by the note's own path, from the note's folder: getsockname() gives it back,
+        # and multiprocessing connects to what it says. bind has no *at(), so the path is
+        # resolved once more; the folder it names must still be the one decided on (only a
+        # sibling kernel of the vault could swap it meanwhile: this one's calls wait here).
+        os.fchdir(self._proc(call, "cwd"))
+        try:
+            _libc_call("bind", sock, raw, size)
+            now = os.stat(os.path.dirname(path) or b".")
+            if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
+                os.unlink(path)
+                raise OSError(errno.EPERM, "the folder changed while the socket was bound")
+        finally:
+            os.chdir("/")
+
+
+def _checked(value: int) -> int:
+    if value < 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    return int(value)
+
+
+def _libc_call(function: str, *args: object) -> None:
+    _checked(getattr(_libc, function)(*args))
