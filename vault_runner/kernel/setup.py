@@ -123,6 +123,24 @@ def __vault_runner_setup(settings):
             import torch
             torch.manual_seed(seed)
     return device
+def __vault_runner_retry_interrupted():
+    # Under the name supervisor (name_supervisor.py), a signal with a Python handler that
+    # comes before the supervisor has taken a call interrupts it: mkdir and the like then
+    # raise InterruptedError, which they do not on a local disk. Retried as Python retries
+    # open() (PEP 475): the handler has run by then, and one that raises still ends the call.
+    # In every kernel (a fork template runs this before it knows its forks' sandbox).
+    import functools, os
+    def retrying(call):
+        @functools.wraps(call)
+        def retried(*args, **kwargs):
+            while True:
+                try:
+                    return call(*args, **kwargs)
+                except InterruptedError:
+                    pass
+        return retried
+    for name in ("mkdir", "rename", "replace", "link", "symlink", "mkfifo", "mknod"):
+        setattr(os, name, retrying(getattr(os, name)))
 def __vault_runner_register_setup():
     import sys, types
     module = types.ModuleType("%s", "vault_runner's per-note kernel setup")
@@ -132,7 +150,8 @@ __vault_runner_cap_streams(%d)
 __vault_runner_cap_figures(%d)
 __vault_runner_cell_warnings()
 __vault_runner_register_setup()
-del __vault_runner_cap_streams, __vault_runner_cap_figures, __vault_runner_cell_warnings
+__vault_runner_retry_interrupted()
+del __vault_runner_cap_streams, __vault_runner_cap_figures, __vault_runner_cell_warnings, __vault_runner_retry_interrupted
 del __vault_runner_setup, __vault_runner_register_setup
 """
 
