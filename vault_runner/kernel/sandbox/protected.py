@@ -14,7 +14,10 @@ How each tier keeps them, whether or not they exist yet:
   of its own at ``proj/.git``, where git on the host looks;
 - one that does not exist yet cannot be created in the Landlock tier without mounts where its
   parent is not granted (the vault root, a folder holding a protected entry); everywhere else
-  no mount or Landlock rule can refuse a *name* in a folder the kernel may write, so the
+  no mount or Landlock rule can refuse a *name* in a folder the kernel may write, so every
+  sandboxed kernel's calls that make a name go to its supervisor (name_supervisor.py, where
+  `names_supervised`), which refuses these names (`names_spec`) as they are made;
+- behind it, and alone where there is none (no seccomp user notification), the
   `ProtectedGuard` watches the vault while the kernel lives: a protected name that appears
   is moved out of the vault into vault-runner's quarantine folder at once (nothing is ever
   deleted: what cannot be moved stays, and the note says so loudly), then the kernel is

@@ -1,5 +1,6 @@
 """The seccomp filters of a sandboxed kernel: `network: false` (no connection out of the
-sandbox, by any socket), and the hardening every sandboxed kernel gets (below).
+sandbox, by any socket), the hardening every sandboxed kernel gets, and the name filter of
+its name supervisor (below).
 
 Standard library only: the launcher (launch.py, run by path with ``-I -S``) loads this file
 and applies the filter just before it execs the kernel, so nothing of the note's runs
@@ -40,6 +41,10 @@ with EPERM it refuses:
   process of its user); its own limits stay its to set;
 - io_uring (ENOSYS: its operations pass any filter) and ``openat2`` (ENOSYS: its mode is in
   memory; libc's ``open`` does not use it), and syscalls of another ABI.
+
+The name filter (`install_names_filter`, after the hardening filter where the name
+supervisor works) traps every call that makes a name and hands it to the supervisor of
+name_supervisor.py, which makes it or refuses it: a filter cannot read the path.
 
 What it costs a note with `network: false`: Python code that hands data between processes
 over a *connected* unix socket (multiprocessing managers and the forkserver, DataLoader
