@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -112,6 +113,14 @@ def page_edge():  # a path that ends right before an unmapped page; EFAULT past 
 
 
 os.makedirs("sub/deep", exist_ok=True)
+# Every name made in these folders, however briefly (a check that undoes what it made is
+# no refusal): inotify's IN_CREATE events, read at the end.
+IN_CREATE = 0x100
+watch = libc.inotify_init1(os.O_NONBLOCK)
+watched = {}
+for folder in (".", "sub", "sub/deep", "race"):
+    os.makedirs(folder, exist_ok=True)
+    watched[libc.inotify_add_watch(watch, folder.encode(), IN_CREATE)] = folder
 allowed("open(w), root and subfolder", lambda: (write("a.txt"), write("sub/deep/b.txt")))
 allowed("open(a), O_EXCL", lambda: (open("a.txt", "a").close(), os.close(os.open("ex", os.O_CREAT | os.O_EXCL | 1))))
 allowed("os.makedirs", lambda: os.makedirs("m/n/o/p"))
@@ -178,6 +187,69 @@ git = subprocess.run(["git", "init", "-q", "sub/deep"], capture_output=True, tex
 results["git init"] = git.returncode
 
 
+def unsearchable_on_the_way_up():  # where the way up from a folder cannot be walked
+    os.makedirs(os.path.join(outside, "A", "B", "repo", ".git"))
+    below = os.open(os.path.join(outside, "A", "B"), os.O_RDONLY | os.O_DIRECTORY)
+    os.chmod(os.path.join(outside, "A"), 0o600)  # chmod makes no name: the supervisor never sees it
+    try:
+        os.rename("repo", os.path.join(VAULT, "repo2"), src_dir_fd=below)
+    finally:
+        os.chmod(os.path.join(outside, "A"), 0o700)
+
+
+refused("rename from a folder whose way up cannot be walked", unsearchable_on_the_way_up)
+
+
+def bind_while_the_cwd_flips(seconds=1.0):  # bind(".git") from outside, a thread flipping the cwd into the vault
+    away = tempfile.mkdtemp()
+    fds = os.open(away, os.O_RDONLY), os.open(VAULT, os.O_RDONLY)
+    stop = threading.Event()
+
+    def flip():
+        while not stop.is_set():
+            for fd in fds:
+                os.fchdir(fd)
+
+    thread = threading.Thread(target=flip)
+    thread.start()
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            with socket.socket(socket.AF_UNIX) as sock:
+                try:
+                    sock.bind(".git")
+                except OSError:
+                    pass
+            for folder in (away, "/"):
+                try:
+                    os.unlink(os.path.join(folder, ".git"))
+                except OSError:
+                    pass
+    finally:
+        stop.set()
+        thread.join()
+        os.chdir(VAULT)
+
+
+allowed("binds while a thread flips the cwd", bind_while_the_cwd_flips)
+
+
+def proc_fifo_blocks_nothing_else():  # the same FIFO, opened by its /proc/self/fd link
+    node = os.open("sub/fifo", os.O_PATH)
+    opened = []
+    writer = threading.Thread(target=lambda: opened.append(os.open(f"/proc/self/fd/{node}", os.O_CREAT | os.O_WRONLY)))
+    writer.start()
+    time.sleep(0.2)
+    os.mkdir("sub/while-proc-fifo-waits")
+    reader = os.open("sub/fifo", os.O_RDONLY | os.O_NONBLOCK)
+    writer.join(5)
+    assert opened and not writer.is_alive()
+    os.close(reader)
+
+
+allowed("a FIFO opened by its /proc link blocks nothing else", proc_fifo_blocks_nothing_else)
+
+
 def race(seconds=2.0):
     buffer = ctypes.create_string_buffer(b"race/.gix")
     os.makedirs("race", exist_ok=True)
@@ -206,4 +278,18 @@ def race(seconds=2.0):
 
 
 results["race"] = race()
+events = b""
+try:
+    while True:
+        events += os.read(watch, 65536)
+except BlockingIOError:
+    pass
+made, offset = [], 0
+while offset < len(events):  # struct inotify_event: wd, mask, cookie, len, name
+    wd, _, _, size = struct.unpack_from("iIII", events, offset)
+    name = events[offset + 16 : offset + 16 + size].rstrip(b"\0").decode(errors="replace")
+    protected = (".git", ".obsidian", *(("vault-runner.toml",) if watched[wd] == "." else ()))
+    made += [f"{watched[wd]}/{name}"] if name.lower().rstrip(". ") in protected else []
+    offset += 16 + size
+results["made, however briefly"] = made
 print(json.dumps(results))

@@ -20,16 +20,16 @@ own): no folder made outside carries a ``.git`` in, and ``mv`` and ``shutil.move
 instead. It serves one call at a time, so no rename can move a folder across the edge while
 a decision about it is made.
 
-The supervisor is a process of its own, started by the kernel process right before it
-filters itself (`supervise`, last step of the launcher or of a forked kernel), so it has the
-kernel's mounts, Landlock domain, credentials, capabilities and hardening filter: emulating
-a call can do nothing the kernel could not. Only the name filter is not its. It is
-non-dumpable (the kernel can neither trace it nor open its /proc files), in a session of its
-own (no signal to the kernel's group reaches it), and holds nothing of the kernel's but the
-listener. With Yama (ptrace_scope 1) the kernel names it as its tracer
-(PR_SET_PTRACER): reading /proc/TID/mem needs ptrace access. If it dies, every call it would
-have served fails with ENOSYS: the kernel can stop it, never get past it. It ends when no
-filtered process is left (the listener hangs up).
+The supervisor is the process that started the kernel (the launcher, or a fork template's
+child): `supervise` forks, the child goes on as the kernel, filtered, and the parent serves.
+So it has the kernel's mounts, Landlock domain, credentials, capabilities and hardening
+filter: emulating a call can do nothing the kernel could not. Only the name filter is not
+its. It is every note process's ancestor, as Yama (ptrace_scope 1) wants of whoever reads
+/proc/PID/mem; it is non-dumpable (the kernel can neither trace it nor open its /proc
+files) and holds nothing of the kernel's but the listener. It keeps the pid whoever
+started the kernel knows, passes the signals it gets on to the kernel's process group and
+exits as the kernel does; if it dies, the kernel is killed (PR_SET_PDEATHSIG) and every call
+it would have served fails with ENOSYS: the kernel can stop it, never get past it.
 
 Standard library only: the launcher loads it by path (launch.py).
 """
@@ -39,6 +39,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import gc
 import os
 import select
 import signal
@@ -52,7 +53,9 @@ __all__ = ("Supervisor", "refused", "supervise", "trapped")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-_PR_SET_DUMPABLE, _PR_SET_PTRACER = 4, 0x59616D61
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE = 1, 4
+# What whoever started the kernel may send it, through this process: passed on.
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 _NOTIF = struct.Struct("=QIIiIQ6Q")  # struct seccomp_notif: id, pid, flags, seccomp_data
 _RESP = struct.Struct("=QqiI")  # struct seccomp_notif_resp: id, val, error, flags
 _ADDFD = struct.Struct("=QIIII")  # struct seccomp_notif_addfd: id, flags, srcfd, newfd, newfd_flags
@@ -111,7 +114,7 @@ def trapped(machine: str | None = None) -> dict[int, int | None]:
 
 
 def _bare(name: bytes) -> bytes:
-    return name.rstrip(b". ").lower()
+    return name.decode(errors="surrogateescape").rstrip(". ").casefold().encode(errors="surrogateescape")
 
 
 def refused(name: bytes, where: int, names: Mapping[str, list[str]]) -> bool:
@@ -123,70 +126,94 @@ def refused(name: bytes, where: int, names: Mapping[str, list[str]]) -> bool:
     return (where > 0 and bare in anywhere) or (where == 2 and bare in at_root)
 
 
-def supervise(spec: Mapping[str, object], install: Callable[[Mapping[int, int | None]], int]) -> int:
-    """Start this process's supervisor, then filter this process with `install` (seccomp.py
-    `install_names_filter`): from then on every name it, or anything it forks or execs,
-    makes is the supervisor's to make or refuse. `spec`: {"vault": path, "anywhere": [...],
-    "at_root": [...]}. Call it single-threaded, after every other limit (mounts,
-    capabilities, Landlock, hardening). Returns the supervisor's pid; OSError if it cannot
-    be set up (fail closed: the kernel must not start)."""
+def supervise(spec: Mapping[str, object], install: Callable[[Mapping[int, int | None]], int]) -> None:
+    """Fork: the child returns, filtered by `install` (seccomp.py `install_names_filter`), to
+    go on as the kernel; every name it, or anything it forks or execs, makes is then this
+    process's to make or refuse, and this process never returns: it serves, forwards the
+    signals it gets to the kernel's process group, and exits as the kernel does. `spec`:
+    {"vault": path, "anywhere": [...], "at_root": [...]}. Call it single-threaded, after every
+    other limit (mounts, capabilities, Landlock, hardening): the supervisor has them all.
+
+    The supervisor is the kernel's parent, so an ancestor of every process the note starts:
+    Yama (ptrace_scope 1) lets only ancestors read /proc/PID/mem. It keeps the pid whoever
+    started the kernel knows (jupyter_client, the fork template), and its process group;
+    the kernel leads a group of its own (signals come to it once, forwarded). A kernel that
+    cannot be filtered exits 126 and so does this process: no kernel runs without it."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    middle = os.fork()
-    if middle == 0:  # a grandchild serves: no child of the kernel's waits to be reaped by it
-        code = 1
+    parent = os.getpid()
+    kernel = os.fork()
+    if kernel == 0:
         try:
             ours.close()
-            os.setsid()
-            if os.fork() == 0:
-                _serve(theirs, spec)
-            code = 0
-        finally:
-            os._exit(code)
+            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:  # the supervisor died before prctl
+                os._exit(126)
+            os.setpgid(0, 0)
+            listener = install(trapped())
+            try:
+                socket.send_fds(theirs, [b"L"], [listener])
+            finally:
+                os.close(listener)  # only the supervisor may hold it: whoever has it answers
+            if theirs.recv(1) != b"K":  # non-dumpable, serving: the note may run
+                os._exit(126)
+            theirs.close()
+            return
+        except BaseException as exc:
+            os.write(2, f"vault-runner: the kernel's name supervisor could not be set up: {exc}\n".encode())
+            os._exit(126)
     theirs.close()
+    status = 126 << 8
     try:
-        os.waitpid(middle, 0)
-        reply = ours.recv(32)
-        if not reply.isdigit():
-            raise OSError(errno.ECHILD, "the name supervisor did not start")
-        pid = int(reply)
-        # Yama (ptrace_scope 1) lets only ancestors read /proc/PID/mem, unless named here.
-        _libc.prctl(_PR_SET_PTRACER, pid, 0, 0, 0)  # EINVAL without Yama: nothing to do
-        listener = install(trapped())
-        try:
-            socket.send_fds(ours, [b"L"], [listener])
-        finally:
-            os.close(listener)  # only the supervisor may hold it: whoever has it answers
-        if ours.recv(1) != b"K":
-            raise OSError(errno.ECHILD, "the name supervisor did not take its listener")
-    finally:
-        ours.close()
-    return pid
-
-
-def _serve(sock: socket.socket, spec: Mapping[str, object]) -> None:
-    """The supervisor process: never returns."""
-    try:
-        _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
-        for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE):
+        for number in _FORWARDED:  # a fork template's handlers, or KeyboardInterrupt: none here
             signal.signal(number, signal.SIG_IGN)
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):  # the kernel's output pipes must close when the kernel does
-            os.dup2(null, fd)
-        keep = sock.fileno()
-        os.closerange(3, keep)
-        os.closerange(keep + 1, 1 << 16)
+        signal.set_wakeup_fd(-1)
+        _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+        # A fork of the kernel (of a template with torch loaded): a collection would touch
+        # every object, copying the pages it shares with the kernel. It makes no cycles.
+        gc.disable()
+        gc.freeze()
         os.chdir("/")
         supervisor = Supervisor(spec)
-        sock.send(str(os.getpid()).encode())
-        _, fds, _, _ = socket.recv_fds(sock, 4, 1)
-        if not fds:
-            os._exit(1)
-        supervisor.listen(fds[0])
-        sock.send(b"K")
-        sock.close()
-        supervisor.run()
+        _, fds, _, _ = socket.recv_fds(ours, 4, 1)
+        if fds:
+            supervisor.listen(fds[0])
+            ours.send(b"K")
+            ours.close()
+            _close_all_but(fds[0], 0, 1, 2)  # the template's or launcher's: the kernel's now
+            status = supervisor.run(kernel)
+        else:
+            status = os.waitpid(kernel, 0)[1]
+    except BaseException as exc:
+        os.write(2, f"vault-runner: the kernel's name supervisor failed: {exc!r}\n".encode())
+        _signal_group(kernel, signal.SIGKILL)
     finally:
-        os._exit(0)
+        _exit_as(status)
+
+
+def _close_all_but(*keep: int) -> None:
+    """Close every descriptor of this process but `keep`."""
+    fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+    for fd in fds:
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _signal_group(kernel: int, number: int) -> None:
+    try:
+        os.killpg(kernel, number)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _exit_as(status: int) -> None:
+    """Exit as a child that ended with wait status `status` did."""
+    if os.WIFSIGNALED(status):
+        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+        os.kill(os.getpid(), os.WTERMSIG(status))
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
 
 
 class _Call:
@@ -232,16 +259,28 @@ class Supervisor:
         except OSError:
             pass
 
-    def run(self) -> None:
-        """Serve until no filtered process is left."""
+    def run(self, kernel: int) -> int:
+        """Serve until `kernel` exits; its wait status. Signals for this process go to the
+        kernel's process group (an interrupt, a termination)."""
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        for number in _FORWARDED:
+            signal.signal(number, lambda got, _: _signal_group(kernel, got))
         poller = select.poll()
         poller.register(self.listener, select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
         while True:
-            for _, events in poller.poll():
-                if events & select.POLLIN:
+            pid, status = os.waitpid(kernel, os.WNOHANG)
+            if pid:
+                return status
+            for fd, events in poller.poll():
+                if fd == wake_r:
+                    _drain(wake_r)
+                elif events & select.POLLIN:
                     self.serve_one()
                 elif events & (select.POLLHUP | select.POLLERR):
-                    return
+                    poller.unregister(self.listener)  # no filtered process left
 
     def serve_one(self) -> None:
         buffer = bytearray(_NOTIF.size)  # zeroed, or the kernel says EINVAL
@@ -340,8 +379,9 @@ class Supervisor:
                 raise OSError(errno.EACCES, "another process's /proc entry")
         return parent, name or b".", path.endswith(b"/"), info
 
-    def _where(self, fd: int, info: os.stat_result) -> int:
-        """2: the vault root, 1: in the vault, 0: outside. By inode, walking `..` up."""
+    def _where(self, fd: int, info: os.stat_result) -> int | None:
+        """2: the vault root, 1: in the vault, 0: outside, None: unknown (a folder on the way
+        up the note may not search, or removed meanwhile). By inode, walking `..` up."""
         key = (info.st_dev, info.st_ino)
         if key == self.vault:
             return 2
@@ -357,14 +397,14 @@ class Supervisor:
                     return 0  # the root: its `..` is itself
                 key = (info.st_dev, info.st_ino)
         except OSError:
-            pass  # a folder removed while walked: in the vault, to be safe
+            pass  # the note decides who may search its folders: never a way out of the check
         finally:
             os.close(current)
-        return 1
+        return None
 
-    def _check(self, parent: int, info: os.stat_result, name: bytes) -> int:
+    def _check(self, parent: int, info: os.stat_result, name: bytes) -> int | None:
         where = self._where(parent, info)
-        if refused(name, where, self.names):
+        if refused(name, 1 if where is None else where, self.names):
             raise OSError(errno.EPERM, "a protected vault name")
         return where
 
@@ -374,6 +414,8 @@ class Supervisor:
         for _ in range(40):  # final symlinks are followed here: O_CREAT would make their target
             parent, name, slash, info = self._parent(call, dirfd, path, start)
             if info.st_dev == self.proc_dev:  # nothing is made in /proc: /dev/stdout and the like
+                if stat.S_ISFIFO(os.stat(name, dir_fd=parent).st_mode):  # the link's file
+                    return self._open_in_thread(call, os.open(name, _PATH, dir_fd=parent), flags)
                 fd = os.open(name, flags & ~os.O_CREAT | os.O_CLOEXEC, dir_fd=parent)
                 return self._send_fd(call.nid, fd, flags)
             self._check(parent, info, name)
@@ -387,15 +429,21 @@ class Supervisor:
                 path, start = os.readlink(name, dir_fd=parent), parent
                 continue
             if stat.S_ISFIFO(found) or stat.S_ISCHR(found):
-                # May wait (a FIFO, for its other end): in a thread of its own, on this inode.
-                node = os.open(name, _PATH | os.O_NOFOLLOW, dir_fd=parent)
-                threading.Thread(target=self._open_node, args=(call.nid, node, flags), daemon=True).start()
-                return True
-            if not found:
-                os.umask(call.field(b"Umask"))  # the kernel applies it (or a default ACL)
+                return self._open_in_thread(call, os.open(name, _PATH | os.O_NOFOLLOW, dir_fd=parent), flags)
+            os.umask(call.field(b"Umask"))  # the kernel applies it (or a default ACL), if it makes one
             fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC, mode & 0o7777, dir_fd=parent)
             return self._send_fd(call.nid, fd, flags)
         raise OSError(errno.ELOOP, "too many symlinks")
+
+    def _open_in_thread(self, call: _Call, node: int, flags: int) -> bool:
+        """Open `node` (O_PATH) as asked in a thread of its own: a FIFO waits for its other
+        end, a device may too, and the note's other calls must not wait behind it."""
+        try:
+            threading.Thread(target=self._open_node, args=(call.nid, node, flags), daemon=True).start()
+        except BaseException:
+            os.close(node)
+            raise
+        return True
 
     def _open_node(self, nid: int, node: int, flags: int) -> None:
         try:
@@ -440,7 +488,7 @@ class Supervisor:
         into = self._check(dst, dst_info, dst_name)
         # An exchange puts something new under both names; a plain rename under dst only.
         back = self._check(src, src_info, src_name) if flags & RENAME_EXCHANGE else self._where(src, src_info)
-        if (into > 0) != (back > 0):
+        if into is None or back is None or (into > 0) != (back > 0):
             raise OSError(errno.EXDEV, "across the vault's edge")  # mv and shutil.move copy instead
         _libc_call("renameat2", src, src_name, dst, dst_name, flags & 0xFFFFFFFF)
 
@@ -453,23 +501,36 @@ class Supervisor:
         sock = call.keep(_checked(_libc.syscall(_PIDFD_GETFD, pidfd, sockfd & 0xFFFFFFFF, 0)))
         if struct.unpack_from("=H", raw)[0] != socket.AF_UNIX or size <= 2 or raw[2] == 0:
             return _libc_call("bind", sock, raw, size)  # no name made: bound as asked
-        path = raw[2:].split(b"\0", 1)[0]
-        parent, name, _, info = self._parent(call, AT_FDCWD, path)
+        parent, name, _, info = self._parent(call, AT_FDCWD, raw[2:].split(b"\0", 1)[0])
         self._check(parent, info, name)
         os.umask(call.field(b"Umask"))
-        # Bound by the note's own path, from the note's folder: getsockname() gives it back,
-        # and multiprocessing connects to what it says. bind has no *at(), so the path is
-        # resolved once more; the folder it names must still be the one decided on (only a
-        # sibling kernel of the vault could swap it meanwhile: this one's calls wait here).
-        os.fchdir(self._proc(call, "cwd"))
+        # bind has no *at(): it resolves a path. Given the folder decided on, by its real path
+        # (no symlink, no /proc link, nothing the note's cwd or fds can change meanwhile;
+        # getsockname() then says where it is from any folder, which multiprocessing needs).
+        # Only a name made meanwhile could change where that path leads, and this kernel's
+        # wait here; the folder is checked again once bound.
+        folder = os.readlink(f"/proc/self/fd/{parent}").encode()
+        full = folder.rstrip(b"/") + b"/" + name
+        if not folder.startswith(b"/") or len(full) > 107:  # unreachable from here, or too long:
+            os.fchdir(parent)  # the name alone, from that folder
+            full = name
         try:
-            _libc_call("bind", sock, raw, size)
-            now = os.stat(os.path.dirname(path) or b".")
+            short = struct.pack("=H", socket.AF_UNIX) + full
+            _libc_call("bind", sock, short, len(short))
+            now = os.stat(os.path.dirname(full) or b".")
             if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
-                os.unlink(path)
+                os.unlink(full)
                 raise OSError(errno.EPERM, "the folder changed while the socket was bound")
         finally:
             os.chdir("/")
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _checked(value: int) -> int:
