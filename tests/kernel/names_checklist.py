@@ -145,6 +145,55 @@ allowed("a FIFO waiting blocks nothing else", fifo_blocks_nothing_else)
 allowed("the note's umask", umask_kept)
 allowed("O_CLOEXEC kept, and its absence", cloexec_kept)
 allowed("a path ending at an unmapped page", page_edge)
+
+
+def replaced_from_outside():  # a file written in the temp folder, then moved in: a file holds no name
+    fd, made = tempfile.mkstemp()
+    os.close(fd)
+    os.replace(made, "from-temp.txt")
+
+
+def flags_as_asked():  # F_GETFL shows what the note asked, on a new file and an existing one
+    import fcntl
+
+    for _ in range(2):
+        fd = os.open("flags.txt", os.O_CREAT | os.O_WRONLY | os.O_APPEND)
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_NOFOLLOW | os.O_APPEND) == os.O_APPEND
+        os.close(fd)
+
+
+def netlink_pid():  # an automatically bound netlink socket takes the note's pid, as natively
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW) as sock:
+        sock.bind((0, 0))
+        assert sock.getsockname()[0] == os.getpid()
+
+
+def fifo_open_interrupted():  # a signal the note catches ends a FIFO's open that waits
+    import signal
+
+    class Late(Exception):
+        pass
+
+    def late(*_):
+        raise Late
+
+    old = signal.signal(signal.SIGALRM, late)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    started = time.monotonic()
+    try:
+        open("sub/fifo", "w")
+    except Late:
+        assert time.monotonic() - started < 5
+    else:
+        raise AssertionError("opened with no reader")
+    finally:
+        signal.signal(signal.SIGALRM, old)
+
+
+allowed("a file made outside, then os.replace'd in", replaced_from_outside)
+allowed("O_NOFOLLOW shows only where asked", flags_as_asked)
+allowed("netlink autobind", netlink_pid)
+allowed("a signal interrupts a FIFO open", fifo_open_interrupted)
 allowed("numpy.save", lambda: __import__("numpy").save("arr.npy", __import__("numpy").arange(3)))
 
 write("x")

@@ -54,19 +54,32 @@ def notes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     yield from forked_notes(Notes, request, tmp_path_factory)  # type: ignore[misc]
 
 
-# Note A's attack on the template (its parent) and on the spares (its siblings).
+# Note A's attack on the template (its parent, or its supervisor's: name_supervisor.py) and
+# on the spares (the template's other descendants: each kernel and its supervisor).
 ATTACK = r"""
 import ctypes, json, os, signal, sys
-me, template = os.getpid(), os.getppid()
-siblings = []
+def status(pid, field):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+me, mine = os.getpid(), [os.getpid(), os.getppid()]
+template = os.getppid()
+while status(template, "Seccomp_filters") and template > 1:  # the template has no filter of its own
+    template = status(template, "PPid")
+    mine.append(template)
+parents = {}
 for pid in os.listdir("/proc"):
-    if pid.isdigit() and int(pid) not in (me, template):
-        try:
-            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == template:
-            siblings.append(int(pid))
+    try:
+        parents[int(pid)] = status(pid, "PPid")
+    except (OSError, ValueError):
+        continue
+def below(pid):
+    while pid in parents and pid > 1:
+        pid = parents[pid]
+        if pid == template:
+            return True
+    return False
+siblings = [pid for pid in parents if pid not in mine and below(pid)]
 libc = ctypes.CDLL(None, use_errno=True)
 def mem(pid):
     try:

@@ -296,7 +296,7 @@ def apply_hardening(names: dict | None = None) -> None:
     seccomp = _sibling("seccomp")
     seccomp.apply_hardening()
     if names is not None:
-        _sibling("name_supervisor").supervise(names, seccomp.install_names_filter)
+        _sibling("name_supervisor").supervise(names, seccomp)  # only the kernel returns
 
 
 def enter_own_devices(hide: dict | None = None) -> None:

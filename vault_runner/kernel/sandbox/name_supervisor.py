@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import gc
 import os
 import select
@@ -47,70 +46,22 @@ import socket
 import stat
 import struct
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
 
-__all__ = ("Supervisor", "refused", "supervise", "trapped")
+__all__ = ("Supervisor", "refused", "supervise")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _PR_SET_PDEATHSIG, _PR_SET_DUMPABLE = 1, 4
 # What whoever started the kernel may send it, through this process: passed on.
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-_NOTIF = struct.Struct("=QIIiIQ6Q")  # struct seccomp_notif: id, pid, flags, seccomp_data
-_RESP = struct.Struct("=QqiI")  # struct seccomp_notif_resp: id, val, error, flags
-_ADDFD = struct.Struct("=QIIII")  # struct seccomp_notif_addfd: id, flags, srcfd, newfd, newfd_flags
-_ADDFD_FLAG_SEND, _FD_SYNC_WAKE_UP = 2, 1
-
-
-def _ioc(direction: int, nr: int, size: int) -> int:  # _IOC of asm-generic (x86-64, arm64)
-    return direction << 30 | size << 16 | ord("!") << 8 | nr
-
-
-_RECV, _SEND, _ID_VALID = _ioc(3, 0, _NOTIF.size), _ioc(3, 1, _RESP.size), _ioc(1, 2, 8)
-_ADDFD_IOC, _SET_FLAGS = _ioc(1, 3, _ADDFD.size), _ioc(1, 4, 8)
 AT_FDCWD, AT_EMPTY_PATH, RENAME_EXCHANGE = -100, 0x1000, 2
 _PATH = os.O_PATH | os.O_CLOEXEC
 _PIDFD_OPEN, _PIDFD_GETFD = 434, 438  # the same on every architecture
 
-# The syscalls that make a name: numbers (x86_64, aarch64; "-": none there), the operation,
-# its arguments ("F" AT_FDCWD, "Z" 0, "C" creat's flags, a digit the syscall's argument).
-_MACHINES = ("x86_64", "aarch64")
-_SYSCALLS = """
-open      2   -   open    F012
-creat     85  -   open    F0C1
-openat    257 56  open    0123
-mkdir     83  -   mkdir   F01
-mkdirat   258 34  mkdir   012
-mknod     133 -   mknod   F012
-mknodat   259 33  mknod   0123
-symlink   88  -   symlink 0F1
-symlinkat 266 36  symlink 012
-link      86  -   link    F0F1Z
-linkat    265 37  link    01234
-rename    82  -   rename  F0F1Z
-renameat  264 38  rename  0123Z
-renameat2 316 276 rename  01234
-bind      49  200 bind    012
-"""
-_TABLE = [line.split() for line in _SYSCALLS.strip().splitlines()]
-_CONSTANTS = {"F": AT_FDCWD, "Z": 0, "C": os.O_CREAT | os.O_WRONLY | os.O_TRUNC}
-
-
-def _machine() -> str:
-    machine = os.uname().machine.lower()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
-
-
-def _syscalls(machine: str | None = None) -> dict[int, tuple[str, str, str]]:
-    """Syscall number -> (name, operation, arguments) on `machine` (this one by default)."""
-    column = 1 + _MACHINES.index(machine or _machine())
-    return {int(row[column]): (row[0], row[3], row[4]) for row in _TABLE if row[column] != "-"}
-
-
-def trapped(machine: str | None = None) -> dict[int, int | None]:
-    """For seccomp.py `names_program`: each syscall number to trap, with the index of the
-    flags argument that makes it a creation (O_CREAT: open, openat), else None (always)."""
-    return {nr: {"open": 1, "openat": 2}.get(name) for nr, (name, _, _) in _syscalls(machine).items()}
+_CONSTANTS = {"F": AT_FDCWD, "Z": 0, "C": os.O_CREAT | os.O_WRONLY | os.O_TRUNC}  # in seccomp.py's table
 
 
 def _bare(name: bytes) -> bytes:
@@ -126,9 +77,9 @@ def refused(name: bytes, where: int, names: Mapping[str, list[str]]) -> bool:
     return (where > 0 and bare in anywhere) or (where == 2 and bare in at_root)
 
 
-def supervise(spec: Mapping[str, object], install: Callable[[Mapping[int, int | None]], int]) -> None:
-    """Fork: the child returns, filtered by `install` (seccomp.py `install_names_filter`), to
-    go on as the kernel; every name it, or anything it forks or execs, makes is then this
+def supervise(spec: Mapping[str, object], seccomp: ModuleType) -> None:
+    """Fork: the child returns, filtered by seccomp.py's `install_names_filter`, to go on as
+    the kernel; every name it, or anything it forks or execs, makes is then this
     process's to make or refuse, and this process never returns: it serves, forwards the
     signals it gets to the kernel's process group, and exits as the kernel does. `spec`:
     {"vault": path, "anywhere": [...], "at_root": [...]}. Call it single-threaded, after every
@@ -149,7 +100,7 @@ def supervise(spec: Mapping[str, object], install: Callable[[Mapping[int, int | 
             if os.getppid() != parent:  # the supervisor died before prctl
                 os._exit(126)
             os.setpgid(0, 0)
-            listener = install(trapped())
+            listener = seccomp.install_names_filter()
             try:
                 socket.send_fds(theirs, [b"L"], [listener])
             finally:
@@ -173,10 +124,10 @@ def supervise(spec: Mapping[str, object], install: Callable[[Mapping[int, int | 
         gc.disable()
         gc.freeze()
         os.chdir("/")
-        supervisor = Supervisor(spec)
+        supervisor = Supervisor(spec, seccomp.name_calls())
         _, fds, _, _ = socket.recv_fds(ours, 4, 1)
         if fds:
-            supervisor.listen(fds[0])
+            supervisor.listener = seccomp.Listener(fds[0])
             ours.send(b"K")
             ours.close()
             _close_all_but(fds[0], 0, 1, 2)  # the template's or launcher's: the kernel's now
@@ -244,20 +195,13 @@ _Parent = tuple[int, bytes, bool, os.stat_result]  # folder (O_PATH), name, ende
 class Supervisor:
     """Answers the notifications of a listener for a vault; see the module docstring."""
 
-    def __init__(self, spec: Mapping[str, object]) -> None:
+    def __init__(self, spec: Mapping[str, object], calls: Mapping[int, tuple[str, str, str]]) -> None:
         info = os.stat(str(spec["vault"]))
         self.vault = (info.st_dev, info.st_ino)
         self.names = {"anywhere": list(spec["anywhere"]), "at_root": list(spec["at_root"])}  # type: ignore[call-overload]
         self.proc_dev = os.stat("/proc").st_dev
-        self.syscalls = _syscalls()
-        self.listener = -1
-
-    def listen(self, listener: int) -> None:
-        self.listener = listener
-        try:  # 6.6+: a wake-up hands over the CPU (the kernel waits for the answer anyway)
-            fcntl.ioctl(listener, _SET_FLAGS, _FD_SYNC_WAKE_UP)
-        except OSError:
-            pass
+        self.syscalls = calls  # number -> (name, operation, arguments): seccomp.py `name_calls`
+        self.listener: Any = None  # seccomp.py's Listener
 
     def run(self, kernel: int) -> int:
         """Serve until `kernel` exits; its wait status. Signals for this process go to the
@@ -268,7 +212,7 @@ class Supervisor:
         for number in _FORWARDED:
             signal.signal(number, lambda got, _: _signal_group(kernel, got))
         poller = select.poll()
-        poller.register(self.listener, select.POLLIN)
+        poller.register(self.listener.fd, select.POLLIN)
         poller.register(wake_r, select.POLLIN)
         while True:
             pid, status = os.waitpid(kernel, os.WNOHANG)
@@ -280,47 +224,36 @@ class Supervisor:
                 elif events & select.POLLIN:
                     self.serve_one()
                 elif events & (select.POLLHUP | select.POLLERR):
-                    poller.unregister(self.listener)  # no filtered process left
+                    poller.unregister(self.listener.fd)  # no filtered process left
 
     def serve_one(self) -> None:
-        buffer = bytearray(_NOTIF.size)  # zeroed, or the kernel says EINVAL
-        try:
-            fcntl.ioctl(self.listener, _RECV, buffer, True)
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.EINTR):  # the target was killed meanwhile
-                return
-            raise
-        nid, tid, _, nr, _, _, *args = _NOTIF.unpack(buffer)
+        taken = self.listener.receive()
+        if taken is None:  # the target was killed meanwhile
+            return
+        nid, tid, nr, args = taken
         call = _Call(nid, tid)
         try:
             _, operation, shape = self.syscalls[nr]
             values = [_CONSTANTS[c] if c in _CONSTANTS else args[int(c)] for c in shape]
             if getattr(self, "_" + operation)(call, *values) is None:
-                self._answer(nid, 0, 0)
+                self.listener.answer(nid, 0)
         except OSError as exc:
-            self._answer(nid, 0, exc.errno or errno.EPERM)
+            self.listener.answer(nid, exc.errno or errno.EPERM)
         except Exception:  # a bug must neither leave the target waiting nor let it through
-            self._answer(nid, 0, errno.EPERM)
+            self.listener.answer(nid, errno.EPERM)
         finally:
             for fd in call.fds:
                 os.close(fd)
 
-    def _answer(self, nid: int, value: int, error: int) -> None:
-        try:
-            fcntl.ioctl(self.listener, _SEND, _RESP.pack(nid, value, -error, 0))
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:  # ENOENT: the target is gone
-                raise
-
     def _valid(self, call: _Call) -> None:
         """After opening /proc/TID/...: TID is still the waiting thread, not a reused number."""
-        fcntl.ioctl(self.listener, _ID_VALID, struct.pack("=Q", call.nid))
+        if not self.listener.waiting(call.nid):
+            raise OSError(errno.ENOENT, "the target is gone")
 
     def _send_fd(self, nid: int, fd: int, flags: int) -> bool:
         """Install `fd` (then closed here) in the target as its syscall's result."""
         try:
-            newfd_flags = os.O_CLOEXEC if flags & os.O_CLOEXEC else 0
-            fcntl.ioctl(self.listener, _ADDFD_IOC, _ADDFD.pack(nid, _ADDFD_FLAG_SEND, fd, 0, newfd_flags))
+            self.listener.send_fd(nid, fd, bool(flags & os.O_CLOEXEC))
         finally:
             os.close(fd)
         return True
@@ -373,10 +306,10 @@ class Supervisor:
                 raise OSError(errno.EBADF, "bad dirfd") from None
         parent = call.keep(os.open(head.lstrip(b"/") or b".", _PATH | os.O_DIRECTORY, dir_fd=base))
         info = os.fstat(parent)
-        if info.st_dev == self.proc_dev:  # in /proc only the target's own entries: never ours
-            own, where = f"/proc/{call.field(b'Tgid')}", os.readlink(f"/proc/self/fd/{parent}")
-            if where != own and not where.startswith(own + "/"):
-                raise OSError(errno.EACCES, "another process's /proc entry")
+        if info.st_dev == self.proc_dev:  # the note's /proc entries, or others', never ours
+            where = os.readlink(f"/proc/self/fd/{parent}").split("/")
+            if len(where) > 2 and where[2].isdigit() and _tgid(int(where[2])) == os.getpid():
+                raise OSError(errno.EACCES, "the supervisor's own /proc entry")
         return parent, name or b".", path.endswith(b"/"), info
 
     def _where(self, fd: int, info: os.stat_result) -> int | None:
@@ -411,13 +344,12 @@ class Supervisor:
     # -- the operations, done here as the target asked ------------------------------------
     def _open(self, call: _Call, dirfd: int, address: int, flags: int, mode: int) -> bool:
         path, flags, start = self._read(call, address), flags & 0xFFFFFFFF, None
+        if flags & os.O_DIRECTORY:  # with O_CREAT (O_TMPFILE holds it too), as the kernel says
+            raise OSError(errno.EINVAL, "O_CREAT with O_DIRECTORY")
         for _ in range(40):  # final symlinks are followed here: O_CREAT would make their target
             parent, name, slash, info = self._parent(call, dirfd, path, start)
             if info.st_dev == self.proc_dev:  # nothing is made in /proc: /dev/stdout and the like
-                if stat.S_ISFIFO(os.stat(name, dir_fd=parent).st_mode):  # the link's file
-                    return self._open_in_thread(call, os.open(name, _PATH, dir_fd=parent), flags)
-                fd = os.open(name, flags & ~os.O_CREAT | os.O_CLOEXEC, dir_fd=parent)
-                return self._send_fd(call.nid, fd, flags)
+                return self._open_existing(call, os.open(name, _PATH, dir_fd=parent), flags)
             self._check(parent, info, name)
             if slash:
                 raise OSError(errno.EISDIR, "a folder")
@@ -428,31 +360,68 @@ class Supervisor:
             if stat.S_ISLNK(found) and not flags & (os.O_NOFOLLOW | os.O_EXCL):
                 path, start = os.readlink(name, dir_fd=parent), parent
                 continue
-            if stat.S_ISFIFO(found) or stat.S_ISCHR(found):
-                return self._open_in_thread(call, os.open(name, _PATH | os.O_NOFOLLOW, dir_fd=parent), flags)
-            os.umask(call.field(b"Umask"))  # the kernel applies it (or a default ACL), if it makes one
-            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC, mode & 0o7777, dir_fd=parent)
+            if found:
+                if flags & os.O_EXCL:
+                    raise OSError(errno.EEXIST, "exists")
+                if flags & os.O_NOFOLLOW:  # as asked, and it shows in F_GETFL as natively
+                    asked = flags & ~(os.O_CREAT | os.O_EXCL) | os.O_NOCTTY | os.O_CLOEXEC
+                    return self._send_fd(call.nid, os.open(name, asked, dir_fd=parent), flags)
+                return self._open_existing(call, os.open(name, _PATH | os.O_NOFOLLOW, dir_fd=parent), flags)
+            os.umask(call.field(b"Umask"))  # the kernel applies it (or a default ACL)
+            try:  # O_EXCL: never through a symlink made meanwhile (F_GETFL does not show it)
+                fd = os.open(name, flags | os.O_EXCL | os.O_NOCTTY | os.O_CLOEXEC, mode & 0o7777, dir_fd=parent)
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+                continue  # made meanwhile (by a sibling kernel): looked at again
             return self._send_fd(call.nid, fd, flags)
         raise OSError(errno.ELOOP, "too many symlinks")
 
-    def _open_in_thread(self, call: _Call, node: int, flags: int) -> bool:
-        """Open `node` (O_PATH) as asked in a thread of its own: a FIFO waits for its other
-        end, a device may too, and the note's other calls must not wait behind it."""
+    def _open_existing(self, call: _Call, node: int, flags: int) -> bool:
+        """Open the file `node` (O_PATH, closed here) as asked, through its /proc link: that
+        inode, no other. A FIFO waits for its other end, a device may: in a thread of its
+        own, so that the note's other calls do not wait behind it."""
         try:
-            threading.Thread(target=self._open_node, args=(call.nid, node, flags), daemon=True).start()
-        except BaseException:
-            os.close(node)
-            raise
-        return True
-
-    def _open_node(self, nid: int, node: int, flags: int) -> None:
-        try:
-            reopen = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW) | os.O_CLOEXEC | os.O_NOCTTY
-            self._send_fd(nid, os.open(f"/proc/self/fd/{node}", reopen), flags)
-        except OSError as exc:
-            self._answer(nid, 0, exc.errno or errno.EPERM)
+            if stat.S_ISFIFO(os.fstat(node).st_mode) or stat.S_ISCHR(os.fstat(node).st_mode):
+                threading.Thread(target=self._open_node, args=(call, node, flags), daemon=True).start()
+                node = -1  # the thread's now
+                return True
+            return self._send_fd(call.nid, os.open(f"/proc/self/fd/{node}", _reopened(flags)), flags)
         finally:
+            if node >= 0:
+                os.close(node)
+
+    def _open_node(self, call: _Call, node: int, flags: int) -> None:
+        """A FIFO's or device's open, which may wait: a signal the note catches meanwhile
+        interrupts it (EINTR), as it would the kernel's own open; what opens later is closed."""
+        lock, state = threading.Lock(), {"fd": -1, "error": 0, "done": False, "abandoned": False}
+
+        def opening() -> None:
+            try:
+                fd, error = os.open(f"/proc/self/fd/{node}", _reopened(flags)), 0
+            except OSError as exc:
+                fd, error = -1, exc.errno or errno.EPERM
+            with lock:
+                if state["abandoned"] and fd >= 0:
+                    os.close(fd)
+                state.update(fd=fd, error=error, done=True)
             os.close(node)
+
+        opener = threading.Thread(target=opening, daemon=True)
+        opener.start()
+        while True:
+            opener.join(0.05)
+            with lock:
+                if state["done"]:
+                    break
+                if _signalled(call.tid) or not self.listener.waiting(call.nid):
+                    state["abandoned"] = True
+                    self.listener.answer(call.nid, errno.EINTR)
+                    return
+        if state["fd"] >= 0:
+            self._send_fd(call.nid, state["fd"], flags)
+        else:
+            self.listener.answer(call.nid, state["error"])
 
     def _mkdir(self, call: _Call, dirfd: int, address: int, mode: int) -> None:
         parent, name, slash, info = self._parent(call, dirfd, self._read(call, address))
@@ -461,35 +430,47 @@ class Supervisor:
         os.mkdir(name + (b"/" if slash else b""), mode & 0o7777, dir_fd=parent)
 
     def _mknod(self, call: _Call, dirfd: int, address: int, mode: int, device: int) -> None:
-        parent, name, _, info = self._parent(call, dirfd, self._read(call, address))
+        parent, name, slash, info = self._parent(call, dirfd, self._read(call, address))
         self._check(parent, info, name)
         os.umask(call.field(b"Umask"))
-        os.mknod(name, mode & 0xFFFF, device & 0xFFFFFFFF, dir_fd=parent)
+        os.mknod(_slashed(name, slash), mode & 0xFFFF, device & 0xFFFFFFFF, dir_fd=parent)
 
     def _symlink(self, call: _Call, target: int, dirfd: int, address: int) -> None:
         content = self._read(call, target)
-        parent, name, _, info = self._parent(call, dirfd, self._read(call, address))
+        parent, name, slash, info = self._parent(call, dirfd, self._read(call, address))
         self._check(parent, info, name)
-        os.symlink(content, name, dir_fd=parent)
+        os.symlink(content, _slashed(name, slash), dir_fd=parent)
 
     def _link(self, call: _Call, olddir: int, old: int, newdir: int, new: int, flags: int) -> None:
         source = self._read(call, old) if old or not flags & AT_EMPTY_PATH else b""
         if not source and flags & AT_EMPTY_PATH:  # flink(): the fd itself
             src, src_name = self._proc(call, f"fd/{ctypes.c_int32(olddir & 0xFFFFFFFF).value}"), b""
         else:
-            src, src_name, _, _ = self._parent(call, olddir, source)
-        parent, name, _, info = self._parent(call, newdir, self._read(call, new))
+            src, src_name, src_slash, _ = self._parent(call, olddir, source)
+            src_name = _slashed(src_name, src_slash)
+        parent, name, slash, info = self._parent(call, newdir, self._read(call, new))
         self._check(parent, info, name)
-        _libc_call("linkat", src, src_name, parent, name, flags & 0xFFFFFFFF)
+        _libc_call("linkat", src, src_name, parent, _slashed(name, slash), flags & 0xFFFFFFFF)
 
     def _rename(self, call: _Call, olddir: int, old: int, newdir: int, new: int, flags: int) -> None:
-        src, src_name, _, src_info = self._parent(call, olddir, self._read(call, old))
-        dst, dst_name, _, dst_info = self._parent(call, newdir, self._read(call, new))
+        src, src_name, src_slash, src_info = self._parent(call, olddir, self._read(call, old))
+        dst, dst_name, dst_slash, dst_info = self._parent(call, newdir, self._read(call, new))
+        moved = os.stat(src_name, dir_fd=src, follow_symlinks=False).st_mode  # ENOENT first, as natively
         into = self._check(dst, dst_info, dst_name)
+        exchange = flags & RENAME_EXCHANGE
         # An exchange puts something new under both names; a plain rename under dst only.
-        back = self._check(src, src_info, src_name) if flags & RENAME_EXCHANGE else self._where(src, src_info)
-        if into is None or back is None or (into > 0) != (back > 0):
-            raise OSError(errno.EXDEV, "across the vault's edge")  # mv and shutil.move copy instead
+        back = self._check(src, src_info, src_name) if exchange else self._where(src, src_info)
+        # A folder made outside may hold a .git: none comes in (a file holds no name). Where
+        # the way up cannot be walked, the vault may be on either side.
+        if stat.S_ISDIR(moved) and _entering(into, back):
+            raise OSError(errno.EXDEV, "a folder into the vault")  # mv and shutil.move copy instead
+        if (
+            exchange
+            and _entering(back, into)
+            and stat.S_ISDIR(os.stat(dst_name, dir_fd=dst, follow_symlinks=False).st_mode)
+        ):
+            raise OSError(errno.EXDEV, "a folder into the vault")
+        src_name, dst_name = _slashed(src_name, src_slash), _slashed(dst_name, dst_slash)
         _libc_call("renameat2", src, src_name, dst, dst_name, flags & 0xFFFFFFFF)
 
     def _bind(self, call: _Call, sockfd: int, address: int, size: int) -> None:
@@ -499,10 +480,21 @@ class Supervisor:
         pidfd = call.keep(_checked(_libc.syscall(_PIDFD_OPEN, call.field(b"Tgid"), 0)))
         self._valid(call)
         sock = call.keep(_checked(_libc.syscall(_PIDFD_GETFD, pidfd, sockfd & 0xFFFFFFFF, 0)))
-        if struct.unpack_from("=H", raw)[0] != socket.AF_UNIX or size <= 2 or raw[2] == 0:
+        family = struct.unpack_from("=H", raw)[0] if size >= 2 else 0
+        if family == socket.AF_NETLINK and size >= 12 and struct.unpack_from("=I", raw, 4)[0] == 0:
+            # Bound "automatically": the kernel would give the caller's pid, not ours.
+            try:
+                mine = raw[:4] + struct.pack("=I", call.field(b"Tgid")) + raw[8:]
+                return _libc_call("bind", sock, mine, size)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+        if family != socket.AF_UNIX or size <= 2 or raw[2] == 0:
             return _libc_call("bind", sock, raw, size)  # no name made: bound as asked
-        parent, name, _, info = self._parent(call, AT_FDCWD, raw[2:].split(b"\0", 1)[0])
+        parent, name, slash, info = self._parent(call, AT_FDCWD, raw[2:].split(b"\0", 1)[0])
         self._check(parent, info, name)
+        if slash:
+            raise OSError(errno.ENOENT, "a socket's name ends in /")
         os.umask(call.field(b"Umask"))
         # bind has no *at(): it resolves a path. Given the folder decided on, by its real path
         # (no symlink, no /proc link, nothing the note's cwd or fds can change meanwhile;
@@ -523,6 +515,44 @@ class Supervisor:
                 raise OSError(errno.EPERM, "the folder changed while the socket was bound")
         finally:
             os.chdir("/")
+
+
+def _slashed(name: bytes, slash: bool) -> bytes:
+    """The name as given: a trailing "/" makes the kernel's own errors (ENOTDIR ...)."""
+    return name + b"/" if slash else name
+
+
+def _entering(into: int | None, back: int | None) -> bool:
+    """Whether something goes from `back` (where it was) into the vault (`into`)."""
+    return (into is None or into > 0) and (back is None or back == 0)
+
+
+def _reopened(flags: int) -> int:
+    """How an existing file is opened again through its /proc link, as the note asked."""
+    return flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW) | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def _tgid(tid: int) -> int:
+    """The process of thread `tid`; this process's own where it cannot be told."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return os.getpid()
+
+
+def _signalled(tid: int) -> bool:
+    """Whether thread `tid` has a signal pending that it catches and does not block."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as handle:
+            fields = dict(line.split(b":\t", 1) for line in handle.read().splitlines() if b":\t" in line)
+        pending = int(fields[b"SigPnd"], 16) | int(fields[b"ShdPnd"], 16)
+        return bool(pending & ~int(fields[b"SigBlk"], 16) & int(fields[b"SigCgt"], 16))
+    except (OSError, KeyError, ValueError):
+        return False
 
 
 def _drain(fd: int) -> None:

@@ -58,19 +58,22 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import struct
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable
 
 __all__ = (
     "ARCHES",
+    "Listener",
     "apply_hardening",
     "apply_no_network",
     "hardening_program",
     "install_names_filter",
+    "name_calls",
     "names_program",
     "no_network_program",
     "supported",
@@ -135,6 +138,37 @@ _MODE_CALLS: dict[str, dict[int, int]] = {
 }
 _NAMESPACE_CALLS = {"x86_64": (272, 56), "aarch64": (97, 220)}  # unshare, clone
 _PRLIMIT64 = {"x86_64": 302, "aarch64": 261}
+
+
+# The calls that make a name, for the name filter and its supervisor (name_supervisor.py):
+# numbers (x86_64, aarch64; "-": none there), the operation, its arguments ("F" AT_FDCWD,
+# "Z" 0, "C" creat's flags, a digit the syscall's argument). open and openat make one only
+# with O_CREAT in their flags (argument 1, 2).
+_NAME_CALLS = """
+open      2   -   open    F012
+creat     85  -   open    F0C1
+openat    257 56  open    0123
+mkdir     83  -   mkdir   F01
+mkdirat   258 34  mkdir   012
+mknod     133 -   mknod   F012
+mknodat   259 33  mknod   0123
+symlink   88  -   symlink 0F1
+symlinkat 266 36  symlink 012
+link      86  -   link    F0F1Z
+linkat    265 37  link    01234
+rename    82  -   rename  F0F1Z
+renameat  264 38  rename  0123Z
+renameat2 316 276 rename  01234
+bind      49  200 bind    012
+"""
+_CREATE_FLAGS = {"open": 1, "openat": 2}
+
+
+def name_calls(machine: str | None = None) -> dict[int, tuple[str, str, str]]:
+    """Syscall number -> (name, operation, arguments) of the calls that make a name."""
+    column = 1 + list(ARCHES).index(machine or _machine())
+    rows = [line.split() for line in _NAME_CALLS.strip().splitlines()]
+    return {int(row[column]): (row[0], row[3], row[4]) for row in rows if row[column] != "-"}
 
 
 def _machine() -> str:
@@ -265,12 +299,12 @@ def hardening_program(machine: str | None = None) -> bytes:
     return p.assemble()
 
 
-def names_program(trapped: Mapping[int, int | None], machine: str | None = None) -> bytes:
-    """The filter that hands every call making a name to the supervisor (name_supervisor.py):
-    `trapped` maps a syscall number to the index of its flags argument when only calls with
-    O_CREAT there make one (open, openat), else to None."""
+def names_program(machine: str | None = None) -> bytes:
+    """The filter that hands every call making a name (`name_calls`) to the supervisor of
+    name_supervisor.py; open and openat only with O_CREAT."""
     p = _Program()
     p.prologue(ARCHES[machine or _machine()][0], "nosys")
+    trapped = {nr: _CREATE_FLAGS.get(name) for nr, (name, _, _) in name_calls(machine).items()}
     for number, flags in sorted(trapped.items()):
         p.op(_JEQ, number, "notify" if flags is None else f"create{flags}", 0)
     p.op(_RET, _RET_ALLOW)
@@ -301,13 +335,13 @@ def apply_hardening() -> None:
     _apply(hardening_program)
 
 
-def install_names_filter(trapped: Mapping[int, int | None]) -> int:
+def install_names_filter() -> int:
     """`names_program` on this process (and all it later forks or execs); the descriptor of
     its listener, from which the supervisor takes each trapped call. WAIT_KILLABLE_RECV: once
     the supervisor holds a call, no signal can restart it (a folder made twice, EEXIST)."""
     if not supported():
         raise OSError(errno.ENOSYS, f"no seccomp filter for this machine ({os.uname().machine})")
-    program = names_program(trapped)
+    program = names_program()
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = _Fprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
     libc = ctypes.CDLL(None, use_errno=True)
@@ -319,6 +353,58 @@ def install_names_filter(trapped: Mapping[int, int | None]) -> int:
     if listener < 0:
         raise OSError(ctypes.get_errno(), "seccomp(SECCOMP_FILTER_FLAG_NEW_LISTENER) failed")
     return int(listener)
+
+
+class Listener:
+    """The supervisor's end of the name filter: the calls it takes, and its answers
+    (linux/seccomp.h: SECCOMP_IOCTL_NOTIF_*)."""
+
+    _NOTIF = struct.Struct("=QIIiIQ6Q")  # struct seccomp_notif: id, pid, flags, seccomp_data
+    _RESP = struct.Struct("=QqiI")  # struct seccomp_notif_resp: id, val, error, flags
+    _ADDFD = struct.Struct("=QIIII")  # struct seccomp_notif_addfd: id, flags, srcfd, newfd, newfd_flags
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        ioc = lambda way, nr, size: way << 30 | size << 16 | ord("!") << 8 | nr  # noqa: E731 - _IOC, asm-generic
+        self._recv, self._send = ioc(3, 0, self._NOTIF.size), ioc(3, 1, self._RESP.size)
+        self._id_valid, self._addfd = ioc(1, 2, 8), ioc(1, 3, self._ADDFD.size)
+        try:  # 6.6+: a wake-up hands over the CPU (the kernel waits for the answer anyway)
+            fcntl.ioctl(fd, ioc(1, 4, 8), 1)  # SECCOMP_IOCTL_NOTIF_SET_FLAGS, FD_SYNC_WAKE_UP
+        except OSError:
+            pass
+
+    def receive(self) -> tuple[int, int, int, list[int]] | None:
+        """(id, thread, syscall number, arguments) of the next call; None if it is gone."""
+        buffer = bytearray(self._NOTIF.size)  # zeroed, or the kernel says EINVAL
+        try:
+            fcntl.ioctl(self.fd, self._recv, buffer, True)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.EINTR):
+                return None
+            raise
+        nid, tid, _, nr, _, _, *args = self._NOTIF.unpack(buffer)
+        return nid, tid, nr, args
+
+    def answer(self, nid: int, error: int) -> None:
+        """The call's result: 0, or -`error`."""
+        try:
+            fcntl.ioctl(self.fd, self._send, self._RESP.pack(nid, 0, -error, 0))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # the target is gone
+                raise
+
+    def waiting(self, nid: int) -> bool:
+        """Whether call `nid` still waits (its thread was not killed, its number not reused)."""
+        try:
+            fcntl.ioctl(self.fd, self._id_valid, struct.pack("=Q", nid))
+        except OSError:
+            return False
+        return True
+
+    def send_fd(self, nid: int, fd: int, cloexec: bool) -> None:
+        """A copy of `fd` in the target, returned as the call's result (ADDFD_FLAG_SEND)."""
+        flags = os.O_CLOEXEC if cloexec else 0
+        fcntl.ioctl(self.fd, self._addfd, self._ADDFD.pack(nid, 2, fd, 0, flags))
 
 
 def _apply(make: Callable[[], bytes]) -> None:
