@@ -22,7 +22,8 @@ from tests.kernel.forked_notes import ForkedNotes, forked_notes
 from vault_runner.kernel.fork.common import fork_disabled_reason
 from vault_runner.kernel.fork.forked import ForkedKernelManager
 from vault_runner.kernel.fork.session import ForkedSession
-from vault_runner.kernel.sandbox.launch import landlock_abi
+from vault_runner.kernel.sandbox.launch import CAP_SYS_ADMIN, landlock_abi
+from vault_runner.kernel.sandbox.probe import probe
 
 pytestmark = [
     pytest.mark.kernel,
@@ -151,6 +152,32 @@ def test_a_kernel_cannot_touch_the_template_or_its_siblings(notes: Notes) -> Non
         assert notes.run(b, "import json, sys; print(json.dumps(sys.copyright.startswith('Copyright')))") is True
     finally:
         b.shutdown()
+
+
+CAPABILITIES = r"""
+import json, os
+def status(pid, field):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return line.split()[1]
+template = os.getppid()
+while int(status(template, "Seccomp_filters")) and template > 1:
+    template = int(status(template, "PPid"))
+print(json.dumps({"template": int(status(template, "CapEff"), 16), "mine": int(status(os.getpid(), "CapEff"), 16)}))
+"""
+
+
+def test_a_landlock_template_keeps_only_the_capability_its_forks_mount_with(notes: Notes) -> None:
+    # It runs outside Landlock, in a user namespace of its own, so that each fork can make
+    # its own mounts before it applies the ruleset: CAP_SYS_ADMIN there, nothing else.
+    if notes.tier != "landlock" or not probe().landlock_mounts:
+        pytest.skip("only the Landlock tier with its own mounts has such a template")
+    a = notes.session()
+    try:
+        seen = notes.run(a, CAPABILITIES)
+    finally:
+        a.shutdown()
+    assert seen == {"template": 1 << CAP_SYS_ADMIN, "mine": 0}, seen
 
 
 # Note A looks for the other kernels' keys in every file it can read under the runtime

@@ -68,6 +68,7 @@ def test_a_note_makes_no_protected_name_and_all_else_it_makes(
     assert result["git init"] != 0
     assert result["race"][".git made"] == 0 and result["race"]["attempts"] > 100, result["race"]
     assert result["made, however briefly"] == []  # inotify heard no protected name made
+    assert result["file moved in"] in ("moved", "EXDEV")  # EXDEV: the tier's temp folder is a mount
     # The host's view: nothing made, so the guard never had to act.
     assert protected_in(root) == before
     assert GUARD_SAID not in json.dumps([o for b in report.blocks for o in b.outputs])
@@ -109,6 +110,27 @@ def test_a_note_with_a_busy_signal_handler_never_sees_an_interrupted_mkdir(
     assert not report.blocks[0].failed, outputs
     text = "".join(o.get("text", "") for o in outputs if o.get("name") == "stdout")
     assert int(text.split()[-1]) > 100, text
+
+
+def test_the_checklist_through_the_launcher_alone(tmp_path: Path) -> None:
+    # No sandbox tier around it: the supervisor's own answers, on one filesystem (a file
+    # moves in from outside the vault; a folder gets EXDEV from the supervisor itself).
+    supervised()
+    vault = tmp_path / "vault"
+    vault.mkdir()
+    done = subprocess.run(
+        [*launcher(vault), sys.executable, str(Path(__file__).parent / "names_checklist.py"), str(vault)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {what: error for what, error in result["allowed"].items() if error} == {}
+    assert {what: got for what, got in result["refused"].items() if got not in ("EPERM", "EXDEV")} == {}
+    assert result["file moved in"] == "moved"
+    assert result["race"][".git made"] == 0 and result["made, however briefly"] == []
+    assert protected_in(vault) == set()
 
 
 LIFECYCLE = """

@@ -13,7 +13,7 @@ SPEC is a JSON object:
   drop_caps  drop every capability (root in the Landlock tier)
   no_new_privs  set PR_SET_NO_NEW_PRIVS (always with landlock)
   namespace  {"shm_size": ..., "readonly": [...], "pinned": [...]}: a mount namespace first (mounts.py)
-  keep_caps  a fork template's (no landlock): keep the capabilities of its namespace's own
+  keep_caps  a fork template's (no landlock): keep CAP_SYS_ADMIN of its namespace's own
              user namespace ("user" in namespace), for its forks' mounts (enter_kernel_domain)
   pty_broker  fork the pty helper of ptys.py before Landlock (Landlock without mounts)
   no_network    the seccomp filter of `network: false` (seccomp.py, loaded by path), last
@@ -246,14 +246,21 @@ class _CapData(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
-def drop_capabilities() -> None:
-    """Leave root's capabilities behind (raw I/O, ptrace, mounts ...), also across exec."""
+CAP_SYS_ADMIN = 21
+
+
+def drop_capabilities(keep: int | None = None) -> None:
+    """Leave root's capabilities behind (raw I/O, ptrace, mounts ...), also across exec; all
+    but `keep` (a capability's number), where given."""
     libc = _libc()
     for cap in range(64):
-        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP; EINVAL past the last capability
+        if cap != keep:
+            libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP; EINVAL past the last capability
     libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
     header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
     data = (_CapData * 2)()
+    if keep is not None:
+        data[keep // 32].effective = data[keep // 32].permitted = 1 << (keep % 32)
     if libc.capset(ctypes.byref(header), data) != 0:
         raise OSError(ctypes.get_errno(), "capset failed")
 
@@ -277,6 +284,8 @@ def apply(spec: dict) -> None:
     keep = namespace is not None and namespace.get("user") and spec.get("keep_caps")
     if (spec.get("drop_caps") or namespace is not None) and not keep:
         drop_capabilities()  # also the new namespace's: no mount can be undone
+    elif keep:
+        drop_capabilities(keep=CAP_SYS_ADMIN)  # all its forks' mounts need, nothing more
     if spec.get("pty_broker"):
         _sibling("ptys").start_broker()  # no /dev/pts of its own: ptys come from a helper (ptys.py)
     if spec.get("landlock") is not None:
