@@ -80,8 +80,6 @@ __all__ = (
 )
 
 _PR_SET_NO_NEW_PRIVS = 38
-_PR_SET_SECCOMP = 22
-_SECCOMP_MODE_FILTER = 2
 _RET_ALLOW = 0x7FFF0000
 _RET_ERRNO = 0x00050000
 _RET_USER_NOTIF = 0x7FC00000
@@ -339,20 +337,7 @@ def install_names_filter() -> int:
     """`names_program` on this process (and all it later forks or execs); the descriptor of
     its listener, from which the supervisor takes each trapped call. WAIT_KILLABLE_RECV: once
     the supervisor holds a call, no signal can restart it (a folder made twice, EEXIST)."""
-    if not supported():
-        raise OSError(errno.ENOSYS, f"no seccomp filter for this machine ({os.uname().machine})")
-    program = names_program()
-    buffer = ctypes.create_string_buffer(program, len(program))
-    fprog = _Fprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-    flags = _FILTER_FLAG_NEW_LISTENER | _FILTER_FLAG_WAIT_KILLABLE_RECV
-    listener = libc.syscall(_SECCOMP_SYSCALL[_machine()], _SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(fprog))
-    if listener < 0:
-        raise OSError(ctypes.get_errno(), "seccomp(SECCOMP_FILTER_FLAG_NEW_LISTENER) failed")
-    return int(listener)
+    return _apply(names_program, _FILTER_FLAG_NEW_LISTENER | _FILTER_FLAG_WAIT_KILLABLE_RECV)
 
 
 class Listener:
@@ -407,17 +392,21 @@ class Listener:
         fcntl.ioctl(self.fd, self._addfd, self._ADDFD.pack(nid, 2, fd, 0, flags))
 
 
-def _apply(make: Callable[[], bytes]) -> None:
+def _apply(make: Callable[[], bytes], flags: int = 0) -> int:
+    """Put the filter `make` builds on this process, by seccomp(2) with `flags`; its result
+    (a listener's descriptor with NEW_LISTENER)."""
     if not supported():
         raise OSError(errno.ENOSYS, f"no seccomp filter for this machine ({os.uname().machine})")
     program = make()
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = _Fprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+    libc.syscall.restype = ctypes.c_long
     # Without no_new_privs a filter needs CAP_SYS_ADMIN; with it, exec cannot gain privileges
     # (a setuid binary would otherwise run unfiltered).
-    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) != 0:
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP) failed")
+    done = libc.syscall(_SECCOMP_SYSCALL[_machine()], _SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(fprog))
+    if done < 0:
+        raise OSError(ctypes.get_errno(), "seccomp(SECCOMP_SET_MODE_FILTER) failed")
+    return int(done)
