@@ -376,7 +376,7 @@ class Sandbox:
         for folder in self._pinned():
             args += ["--bind", str(folder), str(folder)]
         # Protected entries (protected.py) that exist, at any depth: read-only. Those made
-        # later are the guard's: no mount can refuse a name in a writable folder.
+        # later are the name supervisor's (and the guard's): no mount can refuse a name.
         for protected in self.protected:
             if protected.exists() and not protected.is_symlink():
                 args += ["--ro-bind", str(protected), str(protected)]

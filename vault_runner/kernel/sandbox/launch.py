@@ -44,12 +44,14 @@ __all__ = (
     "main",
     "own_devices_work",
     "set_non_dumpable",
+    "supervise_names",
 )
 
 # Landlock (linux/landlock.h). Syscall numbers are the same on every architecture.
 _SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_DUMPABLE = 4
+_PR_SET_PDEATHSIG = 1
 _CREATE_RULESET_VERSION = 1
 _RULE_PATH_BENEATH = 1
 _RULE_NET_PORT = 2
@@ -301,11 +303,105 @@ def apply(spec: dict) -> None:
 def apply_hardening(names: dict | None = None) -> None:
     """seccomp.py's hardening filter: no setuid/setgid file, no user namespace of the
     kernel's own; then, with `names`, the supervisor of the names it makes
-    (name_supervisor.py). Last, right before the kernel (a forked one: once its domain is set)."""
-    seccomp = _sibling("seccomp")
-    seccomp.apply_hardening()
+    (`supervise_names`). Last, right before the kernel (a forked one: once its domain is set)."""
+    _sibling("seccomp").apply_hardening()
     if names is not None:
-        _sibling("name_supervisor").supervise(names, seccomp)  # only the kernel returns
+        supervise_names(names)  # only the kernel returns
+
+
+def supervise_names(names: dict) -> None:
+    """Fork: the child returns, filtered by seccomp.py's `install_names_filter`, to go on as
+    the kernel; every name it, or anything it forks or execs, makes is then this process's
+    to make or refuse (name_supervisor.py), and this process never returns: it serves,
+    passes the signals it gets on to the kernel's process group, and exits as the kernel
+    does. `names`: {"vault": path, "anywhere": [...], "at_root": [...]}. Call it
+    single-threaded, after every other limit (mounts, capabilities, Landlock, hardening):
+    the supervisor has them all.
+
+    The supervisor is the kernel's parent, so an ancestor of every process the note starts:
+    Yama (ptrace_scope 1) lets only ancestors read /proc/PID/mem. It keeps the pid whoever
+    started the kernel knows (jupyter_client, the fork template), and its process group;
+    the kernel leads a group of its own (signals come to it once, passed on). A kernel that
+    cannot be filtered exits 126 and so does this process: no kernel runs without it."""
+    # Imported here: the launcher of a kernel without a supervisor starts without them.
+    import gc
+    import signal
+    import socket
+
+    seccomp, served = _sibling("seccomp"), _sibling("name_supervisor")
+    libc = _libc()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    parent = os.getpid()
+    kernel = os.fork()
+    if kernel == 0:
+        try:
+            ours.close()
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:  # the supervisor died before prctl
+                os._exit(126)
+            os.setpgid(0, 0)
+            listener = seccomp.install_names_filter()
+            try:
+                socket.send_fds(theirs, [b"L"], [listener])
+            finally:
+                os.close(listener)  # only the supervisor may hold it: whoever has it answers
+            if theirs.recv(1) != b"K":  # non-dumpable, serving: the note may run
+                os._exit(126)
+            theirs.close()
+            return
+        except BaseException as exc:
+            os.write(2, f"vault-runner: the kernel's name supervisor could not be set up: {exc}\n".encode())
+            os._exit(126)
+    theirs.close()
+    status = 126 << 8
+    try:
+        for number in served.FORWARDED:  # a fork template's handlers, or KeyboardInterrupt: none here
+            signal.signal(number, signal.SIG_IGN)
+        signal.set_wakeup_fd(-1)
+        libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+        # A fork of the kernel (of a template with torch loaded): a collection would touch
+        # every object, copying the pages it shares with the kernel. It makes no cycles.
+        gc.disable()
+        gc.freeze()
+        os.chdir("/")
+        supervisor = served.Supervisor(names, seccomp.name_calls())
+        _, fds, _, _ = socket.recv_fds(ours, 4, 1)
+        if fds:
+            supervisor.listener = seccomp.Listener(fds[0])
+            ours.send(b"K")
+            ours.close()
+            _close_all_but(fds[0], 0, 1, 2)  # the template's or launcher's: the kernel's now
+            status = supervisor.run(kernel)
+        else:
+            status = os.waitpid(kernel, 0)[1]
+    except BaseException as exc:
+        os.write(2, f"vault-runner: the kernel's name supervisor failed: {exc!r}\n".encode())
+        try:
+            os.killpg(kernel, signal.SIGKILL)
+        except OSError:
+            pass
+    finally:
+        _exit_as(status)
+
+
+def _close_all_but(*keep: int) -> None:
+    """Close every descriptor of this process but `keep`."""
+    for fd in sorted(int(fd) for fd in os.listdir("/proc/self/fd")):
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _exit_as(status: int) -> None:
+    """Exit as a child that ended with wait status `status` did."""
+    import signal
+
+    if os.WIFSIGNALED(status):
+        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+        os.kill(os.getpid(), os.WTERMSIG(status))
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
 
 
 def enter_own_devices(hide: dict | None = None) -> None:

@@ -181,7 +181,7 @@ def enter(spec: dict) -> None:
         _mount(libc, path, path, None, _MS_BIND | _MS_REC)
     for path in spec.get("readonly", []):
         if os.path.islink(path) or not os.path.exists(path):
-            continue  # made after the launch was planned: nothing to cover (the guard watches)
+            continue  # made after the launch was planned: nothing to cover (protected.py)
         _mount(libc, path, path, None, _MS_BIND | _MS_REC)
         _mount(libc, None, path, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _kept_flags(path))
     if spec.get("hide"):

@@ -21,7 +21,8 @@ instead. It serves one call at a time, so no rename can move a folder across the
 a decision about it is made.
 
 The supervisor is the process that started the kernel (the launcher, or a fork template's
-child): `supervise` forks, the child goes on as the kernel, filtered, and the parent serves.
+child): launch.py `apply_hardening` forks, the child goes on as the kernel, filtered, and
+the parent serves.
 So it has the kernel's mounts, Landlock domain, credentials, capabilities and hardening
 filter: emulating a call can do nothing the kernel could not. Only the name filter is not
 its. It is every note process's ancestor, as Yama (ptrace_scope 1) wants of whoever reads
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import gc
+import fcntl
 import os
 import select
 import signal
@@ -47,16 +48,14 @@ import stat
 import struct
 import threading
 from collections.abc import Mapping
-from types import ModuleType
 from typing import Any
 
-__all__ = ("Supervisor", "refused", "supervise")
+__all__ = ("FORWARDED", "Supervisor", "refused")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE = 1, 4
 # What whoever started the kernel may send it, through this process: passed on.
-_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 AT_FDCWD, AT_EMPTY_PATH, RENAME_EXCHANGE = -100, 0x1000, 2
 _PATH = os.O_PATH | os.O_CLOEXEC
 _PIDFD_OPEN, _PIDFD_GETFD = 434, 438  # the same on every architecture
@@ -77,81 +76,6 @@ def refused(name: bytes, where: int, names: Mapping[str, list[str]]) -> bool:
     return (where > 0 and bare in anywhere) or (where == 2 and bare in at_root)
 
 
-def supervise(spec: Mapping[str, object], seccomp: ModuleType) -> None:
-    """Fork: the child returns, filtered by seccomp.py's `install_names_filter`, to go on as
-    the kernel; every name it, or anything it forks or execs, makes is then this
-    process's to make or refuse, and this process never returns: it serves, forwards the
-    signals it gets to the kernel's process group, and exits as the kernel does. `spec`:
-    {"vault": path, "anywhere": [...], "at_root": [...]}. Call it single-threaded, after every
-    other limit (mounts, capabilities, Landlock, hardening): the supervisor has them all.
-
-    The supervisor is the kernel's parent, so an ancestor of every process the note starts:
-    Yama (ptrace_scope 1) lets only ancestors read /proc/PID/mem. It keeps the pid whoever
-    started the kernel knows (jupyter_client, the fork template), and its process group;
-    the kernel leads a group of its own (signals come to it once, forwarded). A kernel that
-    cannot be filtered exits 126 and so does this process: no kernel runs without it."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    parent = os.getpid()
-    kernel = os.fork()
-    if kernel == 0:
-        try:
-            ours.close()
-            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            if os.getppid() != parent:  # the supervisor died before prctl
-                os._exit(126)
-            os.setpgid(0, 0)
-            listener = seccomp.install_names_filter()
-            try:
-                socket.send_fds(theirs, [b"L"], [listener])
-            finally:
-                os.close(listener)  # only the supervisor may hold it: whoever has it answers
-            if theirs.recv(1) != b"K":  # non-dumpable, serving: the note may run
-                os._exit(126)
-            theirs.close()
-            return
-        except BaseException as exc:
-            os.write(2, f"vault-runner: the kernel's name supervisor could not be set up: {exc}\n".encode())
-            os._exit(126)
-    theirs.close()
-    status = 126 << 8
-    try:
-        for number in _FORWARDED:  # a fork template's handlers, or KeyboardInterrupt: none here
-            signal.signal(number, signal.SIG_IGN)
-        signal.set_wakeup_fd(-1)
-        _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
-        # A fork of the kernel (of a template with torch loaded): a collection would touch
-        # every object, copying the pages it shares with the kernel. It makes no cycles.
-        gc.disable()
-        gc.freeze()
-        os.chdir("/")
-        supervisor = Supervisor(spec, seccomp.name_calls())
-        _, fds, _, _ = socket.recv_fds(ours, 4, 1)
-        if fds:
-            supervisor.listener = seccomp.Listener(fds[0])
-            ours.send(b"K")
-            ours.close()
-            _close_all_but(fds[0], 0, 1, 2)  # the template's or launcher's: the kernel's now
-            status = supervisor.run(kernel)
-        else:
-            status = os.waitpid(kernel, 0)[1]
-    except BaseException as exc:
-        os.write(2, f"vault-runner: the kernel's name supervisor failed: {exc!r}\n".encode())
-        _signal_group(kernel, signal.SIGKILL)
-    finally:
-        _exit_as(status)
-
-
-def _close_all_but(*keep: int) -> None:
-    """Close every descriptor of this process but `keep`."""
-    fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
-    for fd in fds:
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
 def _signal_group(kernel: int, number: int) -> None:
     try:
         os.killpg(kernel, number)
@@ -159,19 +83,11 @@ def _signal_group(kernel: int, number: int) -> None:
         pass
 
 
-def _exit_as(status: int) -> None:
-    """Exit as a child that ended with wait status `status` did."""
-    if os.WIFSIGNALED(status):
-        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
-        os.kill(os.getpid(), os.WTERMSIG(status))
-    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
-
-
 class _Call:
     """One notification: the target thread, and the fds opened for it (closed after)."""
 
     def __init__(self, nid: int, tid: int) -> None:
-        self.nid, self.tid, self.fds, self.status = nid, tid, list[int](), b""
+        self.nid, self.tid, self.fds, self.status = nid, tid, list[int](), dict[bytes, bytes]()
 
     def keep(self, fd: int) -> int:
         self.fds.append(fd)
@@ -179,14 +95,8 @@ class _Call:
 
     def field(self, name: bytes) -> int:
         """Tgid or Umask from /proc/TID/status: read once, only when needed (~12 us)."""
-        if not self.status:
-            fd = os.open(f"/proc/{self.tid}/status", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                self.status = os.read(fd, 8192)
-            finally:
-                os.close(fd)
-        start = self.status.index(b"\n" + name + b":") + len(name) + 2
-        return int(self.status[start : self.status.index(b"\n", start)], 8 if name == b"Umask" else 10)
+        self.status = self.status or _status(self.tid)
+        return int(self.status[name], 8 if name == b"Umask" else 10)
 
 
 _Parent = tuple[int, bytes, bool, os.stat_result]  # folder (O_PATH), name, ended in "/", its stat
@@ -209,7 +119,7 @@ class Supervisor:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        for number in _FORWARDED:
+        for number in FORWARDED:
             signal.signal(number, lambda got, _: _signal_group(kernel, got))
         poller = select.poll()
         poller.register(self.listener.fd, select.POLLIN)
@@ -306,11 +216,19 @@ class Supervisor:
                 raise OSError(errno.EBADF, "bad dirfd") from None
         parent = call.keep(os.open(head.lstrip(b"/") or b".", _PATH | os.O_DIRECTORY, dir_fd=base))
         info = os.fstat(parent)
-        if info.st_dev == self.proc_dev:  # the note's /proc entries, or others', never ours
-            where = os.readlink(f"/proc/self/fd/{parent}").split("/")
-            if len(where) > 2 and where[2].isdigit() and _tgid(int(where[2])) == os.getpid():
-                raise OSError(errno.EACCES, "the supervisor's own /proc entry")
+        self._not_ours(parent, info)
         return parent, name or b".", path.endswith(b"/"), info
+
+    def _not_ours(self, fd: int, info: os.stat_result) -> None:
+        """In /proc, the note's entries or others', never this process's own (its listener
+        and memory are there); no other procfs, where "self" is this process too."""
+        if info.st_dev != self.proc_dev:
+            if _is_procfs(fd):
+                raise OSError(errno.EACCES, "a procfs other than /proc")
+            return
+        where = os.readlink(f"/proc/self/fd/{fd}").split("/")
+        if len(where) > 2 and where[2].isdigit() and _tgid(int(where[2])) == os.getpid():
+            raise OSError(errno.EACCES, "the supervisor's own /proc entry")
 
     def _where(self, fd: int, info: os.stat_result) -> int | None:
         """2: the vault root, 1: in the vault, 0: outside, None: unknown (a folder on the way
@@ -349,7 +267,9 @@ class Supervisor:
         for _ in range(40):  # final symlinks are followed here: O_CREAT would make their target
             parent, name, slash, info = self._parent(call, dirfd, path, start)
             if info.st_dev == self.proc_dev:  # nothing is made in /proc: /dev/stdout and the like
-                return self._open_existing(call, os.open(name, _PATH, dir_fd=parent), flags)
+                node = call.keep(os.open(name, _PATH, dir_fd=parent))
+                self._not_ours(node, os.fstat(node))
+                return self._open_existing(call, os.dup(node), flags)
             self._check(parent, info, name)
             if slash:
                 raise OSError(errno.EISDIR, "a folder")
@@ -363,9 +283,8 @@ class Supervisor:
             if found:
                 if flags & os.O_EXCL:
                     raise OSError(errno.EEXIST, "exists")
-                if flags & os.O_NOFOLLOW:  # as asked, and it shows in F_GETFL as natively
-                    asked = flags & ~(os.O_CREAT | os.O_EXCL) | os.O_NOCTTY | os.O_CLOEXEC
-                    return self._send_fd(call.nid, os.open(name, asked, dir_fd=parent), flags)
+                if stat.S_ISLNK(found):
+                    raise OSError(errno.ELOOP, "O_NOFOLLOW on a symlink")
                 return self._open_existing(call, os.open(name, _PATH | os.O_NOFOLLOW, dir_fd=parent), flags)
             os.umask(call.field(b"Umask"))  # the kernel applies it (or a default ACL)
             try:  # O_EXCL: never through a symlink made meanwhile (F_GETFL does not show it)
@@ -382,11 +301,19 @@ class Supervisor:
         inode, no other. A FIFO waits for its other end, a device may: in a thread of its
         own, so that the note's other calls do not wait behind it."""
         try:
-            if stat.S_ISFIFO(os.fstat(node).st_mode) or stat.S_ISCHR(os.fstat(node).st_mode):
-                threading.Thread(target=self._open_node, args=(call, node, flags), daemon=True).start()
-                node = -1  # the thread's now
-                return True
-            return self._send_fd(call.nid, os.open(f"/proc/self/fd/{node}", _reopened(flags)), flags)
+            mode = os.fstat(node).st_mode
+            if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+                try:  # O_NONBLOCK: a lease another holds says EWOULDBLOCK, it does not wait here
+                    fd = os.open(f"/proc/self/fd/{node}", _reopened(flags) | os.O_NONBLOCK)
+                except BlockingIOError:
+                    pass
+                else:
+                    if not flags & os.O_NONBLOCK:
+                        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+                    return self._send_fd(call.nid, fd, flags)
+            threading.Thread(target=self._open_node, args=(call, node, flags), daemon=True).start()
+            node = -1  # the thread's now
+            return True
         finally:
             if node >= 0:
                 os.close(node)
@@ -418,10 +345,13 @@ class Supervisor:
                     state["abandoned"] = True
                     self.listener.answer(call.nid, errno.EINTR)
                     return
-        if state["fd"] >= 0:
-            self._send_fd(call.nid, state["fd"], flags)
-        else:
-            self.listener.answer(call.nid, state["error"])
+        try:
+            if state["fd"] >= 0:
+                self._send_fd(call.nid, state["fd"], flags)
+            else:
+                self.listener.answer(call.nid, state["error"])
+        except OSError:
+            pass  # the note's thread is gone meanwhile
 
     def _mkdir(self, call: _Call, dirfd: int, address: int, mode: int) -> None:
         parent, name, slash, info = self._parent(call, dirfd, self._read(call, address))
@@ -496,25 +426,46 @@ class Supervisor:
         if slash:
             raise OSError(errno.ENOENT, "a socket's name ends in /")
         os.umask(call.field(b"Umask"))
-        # bind has no *at(): it resolves a path. Given the folder decided on, by its real path
-        # (no symlink, no /proc link, nothing the note's cwd or fds can change meanwhile;
-        # getsockname() then says where it is from any folder, which multiprocessing needs).
-        # Only a name made meanwhile could change where that path leads, and this kernel's
-        # wait here; the folder is checked again once bound.
-        folder = os.readlink(f"/proc/self/fd/{parent}").encode()
-        full = folder.rstrip(b"/") + b"/" + name
-        if not folder.startswith(b"/") or len(full) > 107:  # unreachable from here, or too long:
-            os.fchdir(parent)  # the name alone, from that folder
-            full = name
+        # bind has no *at(): it resolves a path. The folder decided on, by its real path where
+        # that path leads to it through no symlink (getsockname() then says where the socket
+        # is from any folder, which multiprocessing needs); else the name alone, from it.
+        # Only a name made meanwhile could change where the path leads, and those wait here.
+        full = _plain_path(parent, info)
+        full = full + b"/" + name if full is not None and len(full) + len(name) < 107 else None
+        if full is None:
+            os.fchdir(parent)
         try:
-            short = struct.pack("=H", socket.AF_UNIX) + full
-            _libc_call("bind", sock, short, len(short))
-            now = os.stat(os.path.dirname(full) or b".")
-            if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
-                os.unlink(full)
-                raise OSError(errno.EPERM, "the folder changed while the socket was bound")
+            address = struct.pack("=H", socket.AF_UNIX) + (full or name)
+            _libc_call("bind", sock, address, len(address))
         finally:
             os.chdir("/")
+        try:  # where it was decided, or nowhere
+            bound = stat.S_ISSOCK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
+        except OSError:
+            bound = False
+        if not bound:
+            if full is not None:
+                os.unlink(full)
+            raise OSError(errno.EPERM, "the folder changed while the socket was bound")
+
+
+def _plain_path(folder: int, info: os.stat_result) -> bytes | None:
+    """The absolute path of `folder` if it leads there through no symlink, else None."""
+    path = os.readlink(f"/proc/self/fd/{folder}").encode()
+    if not path.startswith(b"/"):
+        return None  # unreachable from this root
+    current = os.open(b"/", _PATH | os.O_DIRECTORY)
+    try:
+        for part in filter(None, path.split(b"/")):
+            step = os.open(part, _PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=current)
+            os.close(current)
+            current = step
+        found = os.fstat(current)
+    except OSError:
+        return None  # gone, or " (deleted)", or a symlink on the way
+    finally:
+        os.close(current)
+    return path.rstrip(b"/") if (found.st_dev, found.st_ino) == (info.st_dev, info.st_ino) else None
 
 
 def _slashed(name: bytes, slash: bool) -> bytes:
@@ -532,25 +483,37 @@ def _reopened(flags: int) -> int:
     return flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW) | os.O_NOCTTY | os.O_CLOEXEC
 
 
+def _is_procfs(fd: int) -> bool:
+    """Whether the folder `fd` is on a procfs (PROC_SUPER_MAGIC), whatever mount."""
+    buffer = ctypes.create_string_buffer(256)  # struct statfs; f_type first
+    if _libc.fstatfs(fd, buffer) != 0:
+        return True  # cannot tell: taken as one
+    return struct.unpack_from("l", buffer.raw)[0] == 0x9FA0
+
+
+def _status(tid: int) -> dict[bytes, bytes]:
+    """The fields of /proc/TID/status."""
+    with open(f"/proc/{tid}/status", "rb") as handle:
+        return {key: value.strip() for key, _, value in (line.partition(b":") for line in handle)}
+
+
 def _tgid(tid: int) -> int:
     """The process of thread `tid`; this process's own where it cannot be told."""
     try:
-        with open(f"/proc/{tid}/status", "rb") as handle:
-            for line in handle:
-                if line.startswith(b"Tgid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return os.getpid()
+        return int(_status(tid)[b"Tgid"])
+    except (OSError, KeyError, ValueError):
+        return os.getpid()
+
+
+_SIGNAL_FIELDS = (b"SigPnd", b"ShdPnd", b"SigBlk", b"SigCgt")
 
 
 def _signalled(tid: int) -> bool:
     """Whether thread `tid` has a signal pending that it catches and does not block."""
     try:
-        with open(f"/proc/{tid}/status", "rb") as handle:
-            fields = dict(line.split(b":\t", 1) for line in handle.read().splitlines() if b":\t" in line)
-        pending = int(fields[b"SigPnd"], 16) | int(fields[b"ShdPnd"], 16)
-        return bool(pending & ~int(fields[b"SigBlk"], 16) & int(fields[b"SigCgt"], 16))
+        status = _status(tid)
+        pending, shared, blocked, caught = (int(status[key], 16) for key in _SIGNAL_FIELDS)
+        return bool((pending | shared) & ~blocked & caught)
     except (OSError, KeyError, ValueError):
         return False
 
