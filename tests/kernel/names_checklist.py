@@ -243,6 +243,17 @@ outside = tempfile.mkdtemp()
 os.makedirs(os.path.join(outside, "repo", ".git"))
 refused("rename a folder holding .git into the vault", lambda: os.rename(os.path.join(outside, "repo"), "repo"))
 refused("shutil.move of it (copies, whose .git is refused)", lambda: shutil.move(os.path.join(outside, "repo"), "repo"))
+refused("a signal to the supervisor (Landlock ABI 6 scopes)", lambda: os.kill(os.getppid(), 0))
+refused("the vault's own folder renamed", lambda: os.rename(VAULT, VAULT + ".old"))
+
+
+def linked_through_a_symlink():  # linkat(AT_SYMLINK_FOLLOW): a hard link to what the symlink names
+    os.symlink("../a.txt", "sub/to-a")
+    checked(libc.linkat(-100, b"sub/to-a", -100, b"sub/hard-a", 0x400))
+    assert os.path.samefile("sub/hard-a", "a.txt") and not os.path.islink("sub/hard-a")
+
+
+allowed("a hard link through a symlink", linked_through_a_symlink)
 git = subprocess.run(["git", "init", "-q", "sub/deep"], capture_output=True, text=True)
 results["git init"] = git.returncode
 

@@ -340,6 +340,8 @@ def supervise_names(names: dict) -> None:
             if os.getppid() != parent:  # the supervisor died before prctl
                 os._exit(126)
             os.setpgid(0, 0)
+            if landlock_abi() >= 6:  # signals scoped (ABI 6): the note cannot stop its supervisor
+                enter_nested_domain()
             listener = seccomp.install_names_filter()
             try:
                 socket.send_fds(theirs, [b"L"], [listener])

@@ -56,7 +56,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 # What whoever started the kernel may send it, through this process: passed on.
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-AT_FDCWD, AT_EMPTY_PATH, RENAME_EXCHANGE = -100, 0x1000, 2
+AT_FDCWD, AT_EMPTY_PATH, AT_SYMLINK_FOLLOW, RENAME_EXCHANGE = -100, 0x1000, 0x400, 2
 _PATH = os.O_PATH | os.O_CLOEXEC
 _PIDFD_OPEN, _PIDFD_GETFD = 434, 438  # the same on every architecture
 
@@ -108,6 +108,14 @@ class Supervisor:
     def __init__(self, spec: Mapping[str, object], calls: Mapping[int, tuple[str, str, str]]) -> None:
         info = os.stat(str(spec["vault"]))
         self.vault = (info.st_dev, info.st_ino)
+        # The vault's folder and those above it, each by its name in the folder above (by
+        # inode): none is moved, and nothing takes its place (a tree of the note's at the path).
+        self.path_names = set()
+        path = os.path.realpath(str(spec["vault"]))
+        while path != "/":
+            up = os.stat(os.path.dirname(path))
+            self.path_names.add((up.st_dev, up.st_ino, os.path.basename(path).encode()))
+            path = os.path.dirname(path)
         self.names = {"anywhere": list(spec["anywhere"]), "at_root": list(spec["at_root"])}  # type: ignore[call-overload]
         self.proc_dev = os.stat("/proc").st_dev
         self.syscalls = calls  # number -> (name, operation, arguments): seccomp.py `name_calls`
@@ -301,7 +309,11 @@ class Supervisor:
         inode, no other. A FIFO waits for its other end, a device may: in a thread of its
         own, so that the note's other calls do not wait behind it."""
         try:
-            mode = os.fstat(node).st_mode
+            info = os.fstat(node)
+            mode = info.st_mode
+            terminal = stat.S_ISCHR(mode) and info.st_rdev == os.makedev(5, 0)
+            if terminal and (_tty(call.tid) is None or _tty(call.tid) != _tty(os.getpid())):
+                raise OSError(errno.ENXIO, "/dev/tty is the opener's terminal")  # and this one's is not the note's
             if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
                 try:  # O_NONBLOCK: a lease another holds says EWOULDBLOCK, it does not wait here
                     fd = os.open(f"/proc/self/fd/{node}", _reopened(flags) | os.O_NONBLOCK)
@@ -376,7 +388,18 @@ class Supervisor:
         if not source and flags & AT_EMPTY_PATH:  # flink(): the fd itself
             src, src_name = self._proc(call, f"fd/{ctypes.c_int32(olddir & 0xFFFFFFFF).value}"), b""
         else:
-            src, src_name, src_slash, _ = self._parent(call, olddir, source)
+            src, src_name, src_slash, src_info, start = *self._parent(call, olddir, source), None
+            for _ in range(40 if flags & AT_SYMLINK_FOLLOW else 0):  # a final symlink followed here,
+                if src_info.st_dev == self.proc_dev:  # as open follows it; in /proc, the note's link
+                    break
+                if not stat.S_ISLNK(os.stat(src_name, dir_fd=src, follow_symlinks=False).st_mode):
+                    flags &= ~AT_SYMLINK_FOLLOW
+                    break
+                source, start = os.readlink(src_name, dir_fd=src), src
+                src, src_name, src_slash, src_info = self._parent(call, olddir, source, start)
+            else:
+                if flags & AT_SYMLINK_FOLLOW:
+                    raise OSError(errno.ELOOP, "too many symlinks")
             src_name = _slashed(src_name, src_slash)
         parent, name, slash, info = self._parent(call, newdir, self._read(call, new))
         self._check(parent, info, name)
@@ -385,7 +408,11 @@ class Supervisor:
     def _rename(self, call: _Call, olddir: int, old: int, newdir: int, new: int, flags: int) -> None:
         src, src_name, src_slash, src_info = self._parent(call, olddir, self._read(call, old))
         dst, dst_name, dst_slash, dst_info = self._parent(call, newdir, self._read(call, new))
-        moved = os.stat(src_name, dir_fd=src, follow_symlinks=False).st_mode  # ENOENT first, as natively
+        moved = os.stat(src_name, dir_fd=src, follow_symlinks=False)  # ENOENT first, as natively
+        for folder, entry in ((src_info, src_name), (dst_info, dst_name)):
+            if (folder.st_dev, folder.st_ino, entry) in self.path_names:
+                raise OSError(errno.EBUSY, "the vault's folder, or one above it")
+        moved = moved.st_mode
         into = self._check(dst, dst_info, dst_name)
         exchange = flags & RENAME_EXCHANGE
         # An exchange puts something new under both names; a plain rename under dst only.
@@ -495,6 +522,15 @@ def _status(tid: int) -> dict[bytes, bytes]:
     """The fields of /proc/TID/status."""
     with open(f"/proc/{tid}/status", "rb") as handle:
         return {key: value.strip() for key, _, value in (line.partition(b":") for line in handle)}
+
+
+def _tty(pid: int) -> int | None:
+    """The controlling terminal of `pid` (0: none; None: cannot be told)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return int(handle.read().rsplit(b")", 1)[1].split()[4])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _tgid(tid: int) -> int:
