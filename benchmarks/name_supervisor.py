@@ -75,8 +75,8 @@ print(json.dumps(out))
 """
 
 
-def run(kind: str, args: list[str]) -> dict:
-    with tempfile.TemporaryDirectory() as folder:
+def run(kind: str, args: list[str], where: str | None = None) -> dict:
+    with tempfile.TemporaryDirectory(dir=where) as folder:
         spec = {"none": None, "hardening": {"harden": True}}.get(
             kind, {"harden": True, "names": names_spec(Path(folder))}
         )
@@ -91,6 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=3000)
     parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--dir", default=None, help="where the files go (default: the temp folder; /dev/shm: no disk)")
     options = parser.parse_args()
     if not names_supervised():
         sys.exit("no name supervisor on this machine (seccomp user notification): nothing to measure")
@@ -98,16 +99,18 @@ def main() -> None:
     samples: dict[str, dict[str, list[float]]] = {k: {} for k in kinds}
     for _ in range(3):  # interleaved: machine noise hits every kind alike
         for kind in kinds:
-            for key, value in run(kind, [str(options.files), "0", "0"]).items():
+            for key, value in run(kind, [str(options.files), "0", "0"], options.dir).items():
                 samples[kind].setdefault(key, []).append(value)
-    print(f"{options.files} operations each; median of 3 runs, microseconds per operation")
+    print(
+        f"{options.files} operations each in {options.dir or tempfile.gettempdir()}; median of 3 runs, microseconds per operation"
+    )
     print(f"{'workload':<14}" + "".join(f"{k:>13}" for k in kinds) + f"{'ratio':>10}")
     for key in samples["none"]:
         medians = [statistics.median(samples[k][key]) * 1e6 for k in kinds]
         print(f"{key:<14}" + "".join(f"{m:>13.1f}" for m in medians) + f"{medians[2] / medians[0]:>9.1f}x")
     print(f"\nos.mkdir interrupted by a signal handler ({options.seconds:g} s each, supervised)")
     for rate in (10, 1000, 10000):
-        share = run("supervised", ["0", str(options.seconds), str(rate)])["interrupted"]
+        share = run("supervised", ["0", str(options.seconds), str(rate)], options.dir)["interrupted"]
         print(f"  SIGALRM at {rate:>6} Hz: {share:.2%} of calls raised InterruptedError")
 
 

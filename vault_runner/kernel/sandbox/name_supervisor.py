@@ -87,7 +87,7 @@ class _Call:
     """One notification: the target thread, and the fds opened for it (closed after)."""
 
     def __init__(self, nid: int, tid: int) -> None:
-        self.nid, self.tid, self.fds, self.status = nid, tid, list[int](), dict[bytes, bytes]()
+        self.nid, self.tid, self.fds, self.status = nid, tid, list[int](), b""
 
     def keep(self, fd: int) -> int:
         self.fds.append(fd)
@@ -96,7 +96,7 @@ class _Call:
     def field(self, name: bytes) -> int:
         """Tgid or Umask from /proc/TID/status: read once, only when needed (~12 us)."""
         self.status = self.status or _status(self.tid)
-        return int(self.status[name], 8 if name == b"Umask" else 10)
+        return int(_field(self.status, name), 8 if name == b"Umask" else 10)
 
 
 _Parent = tuple[int, bytes, bool, os.stat_result]  # folder (O_PATH), name, ended in "/", its stat
@@ -518,10 +518,19 @@ def _is_procfs(fd: int) -> bool:
     return struct.unpack_from("l", buffer.raw)[0] == 0x9FA0
 
 
-def _status(tid: int) -> dict[bytes, bytes]:
-    """The fields of /proc/TID/status."""
+def _status(tid: int) -> bytes:
+    """/proc/TID/status."""
     with open(f"/proc/{tid}/status", "rb") as handle:
-        return {key: value.strip() for key, _, value in (line.partition(b":") for line in handle)}
+        return handle.read()
+
+
+def _field(status: bytes, name: bytes) -> bytes:
+    """One field of a /proc/TID/status (KeyError where there is none)."""
+    start = status.find(b"\n" + name + b":")
+    if start < 0:
+        raise KeyError(name)
+    start += len(name) + 2
+    return status[start : status.find(b"\n", start)].strip()
 
 
 def _tty(pid: int) -> int | None:
@@ -536,7 +545,7 @@ def _tty(pid: int) -> int | None:
 def _tgid(tid: int) -> int:
     """The process of thread `tid`; this process's own where it cannot be told."""
     try:
-        return int(_status(tid)[b"Tgid"])
+        return int(_field(_status(tid), b"Tgid"))
     except (OSError, KeyError, ValueError):
         return os.getpid()
 
@@ -548,7 +557,7 @@ def _signalled(tid: int) -> bool:
     """Whether thread `tid` has a signal pending that it catches and does not block."""
     try:
         status = _status(tid)
-        pending, shared, blocked, caught = (int(status[key], 16) for key in _SIGNAL_FIELDS)
+        pending, shared, blocked, caught = (int(_field(status, key), 16) for key in _SIGNAL_FIELDS)
         return bool((pending | shared) & ~blocked & caught)
     except (OSError, KeyError, ValueError):
         return False
