@@ -357,7 +357,8 @@ def supervise_names(names: dict) -> None:
     theirs.close()
     status = 126 << 8
     try:
-        for number in served.FORWARDED:  # a fork template's handlers, or KeyboardInterrupt: none here
+        # A fork template's handlers, or KeyboardInterrupt: none here; no stop from a terminal.
+        for number in (*served.FORWARDED, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(number, signal.SIG_IGN)
         signal.set_wakeup_fd(-1)
         libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
