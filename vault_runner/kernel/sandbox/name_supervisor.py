@@ -40,6 +40,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import select
 import signal
@@ -71,9 +72,15 @@ def refused(name: bytes, where: int, names: Mapping[str, list[str]]) -> bool:
     """Whether `name` may not be made in a folder `where` (2 the vault root, 1 in the vault,
     0 outside). `names`: protected.py's, {"anywhere": [...], "at_root": [...]}."""
     bare = _bare(name)
-    anywhere = {_bare(n.encode()) for n in names["anywhere"]}
-    at_root = {_bare(n.encode()) for n in names["at_root"]}
-    return (where > 0 and bare in anywhere) or (where == 2 and bare in at_root)
+    return (where > 0 and bare in _bare_all(tuple(names["anywhere"]))) or (
+        where == 2 and bare in _bare_all(tuple(names["at_root"]))
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _bare_all(names: tuple[str, ...]) -> frozenset[bytes]:
+    """The protected names as compared, folded once (refused() runs on every name made)."""
+    return frozenset(_bare(n.encode()) for n in names)
 
 
 def _signal_group(kernel: int, number: int) -> None:
@@ -312,7 +319,8 @@ class Supervisor:
             info = os.fstat(node)
             mode = info.st_mode
             terminal = stat.S_ISCHR(mode) and info.st_rdev == os.makedev(5, 0)
-            if terminal and (_tty(call.tid) is None or _tty(call.tid) != _tty(os.getpid())):
+            theirs = _tty(call.tid) if terminal else 0
+            if terminal and (theirs is None or theirs != _tty(os.getpid())):
                 raise OSError(errno.ENXIO, "/dev/tty is the opener's terminal")  # and this one's is not the note's
             if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
                 try:  # O_NONBLOCK: a lease another holds says EWOULDBLOCK, it does not wait here
